@@ -1,0 +1,413 @@
+"""Backbone adapters: the one place that knows how a Hugging Face causal LM is laid out.
+
+An adapter exposes, for a loaded `*ForCausalLM`, its token (and position) embeddings, its
+decoder layers, its final norm, its LM head and its position encoding, and runs layers i..j on
+hidden states with or without a KV cache, by calling the model's own modules (no copies of HF
+modelling code). Families:
+
+- `LlamaLikeAdapter`: Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text).
+  Rotary embeddings from the model's `rotary_emb` (Gemma3: one per layer type), sliding
+  windows per layer (`config.layer_types`, or every layer for Mistral), Gemma's scaled
+  embeddings live in its embedding module, Gemma's `(1 + w)` RMSNorm convention and final
+  logit soft-capping are reported to the heads.
+- `GPT2Adapter`: learned absolute positions, LayerNorm, Conv1D projections.
+
+Attention masks are always built here, explicitly, from token positions: HF's SDPA path given
+no mask and fewer queries than keys silently crops the keys, which would be wrong for KV
+recomputation and speculative verification. The pinned transformers (5.17) calls decoder
+layers with `past_key_values=`; that detail lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import EETuneError
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+GPT2_LIKE = ("gpt2",)
+SUPPORTED_MODEL_TYPES = LLAMA_LIKE + GPT2_LIKE
+
+
+class LayerCache:
+    """Per-layer key/value cache; each layer may hold a different number of positions.
+
+    It is duck-typed to what HF attention modules call (`update(k, v, layer_idx)` returns the
+    full keys and values of that layer). Alongside the keys it keeps each cached slot's token
+    position (-1 for padding), from which the adapter builds the attention mask.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.positions: list[torch.Tensor | None] = [None] * num_layers
+
+    def length(self, layer: int) -> int:
+        k = self.keys[layer]
+        return 0 if k is None else k.shape[2]
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def add_positions(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """Append the positions of the tokens about to be cached at `layer`; return all of them."""
+        old = self.positions[layer]
+        self.positions[layer] = positions if old is None else torch.cat([old, positions], dim=1)
+        return self.positions[layer]
+
+    def crop(self, layer: int, length: int) -> None:
+        """Keep only the first `length` cached slots of `layer` (rejected speculative tokens)."""
+        if self.keys[layer] is None:
+            return
+        self.keys[layer] = self.keys[layer][:, :, :length]
+        self.values[layer] = self.values[layer][:, :, :length]
+        self.positions[layer] = self.positions[layer][:, :length]
+
+    # Methods some HF code paths query on a cache object.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length(layer_idx)
+
+    def is_compileable(self) -> bool:  # pragma: no cover - HF introspection only
+        return False
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, Q, K): key j visible to query i iff 0 <= k_j <= q_i (and within the
+    sliding window, q_i - k_j < window). Positions are -1 for padding slots."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    allowed = (k <= q) & (k >= 0)
+    if window is not None:
+        allowed &= (q - k) < window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+@dataclass
+class LayerContext:
+    """What every layer call of one forward step shares: token positions and rotary tables."""
+
+    positions: torch.Tensor  # (B, Q) long, -1 for padding
+    rope: dict | None  # layer type -> (cos, sin), or None for learned positions
+
+
+class Adapter:
+    """Common interface; subclasses fill in where things are in the HF module tree."""
+
+    family = "base"
+    norm_is_offset = False  # Gemma RMSNorm computes x * (1 + w): identity is w = 0
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        if self.config._attn_implementation not in ("eager", "sdpa"):
+            # Our explicit additive masks are what eager and SDPA attention take.
+            self.config._attn_implementation = "sdpa"
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    @property
+    def logit_softcap(self) -> float | None:
+        return getattr(self.config, "final_logit_softcapping", None)
+
+    def layer_window(self, i: int) -> int | None:
+        return None
+
+    def layer_type(self, i: int) -> str:
+        return "full_attention"
+
+    def mlp_block(self, i: int) -> list[nn.Module]:
+        """The modules that make up layer i's feed-forward residual branch, in order."""
+        raise NotImplementedError
+
+    # --- computation -----------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def context(self, hidden: torch.Tensor, positions: torch.Tensor) -> LayerContext:
+        return LayerContext(positions=positions, rope=None)
+
+    def logits(self, hidden_normed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Project normed hidden states to the vocabulary (with the model's soft-capping)."""
+        head = self.lm_head
+        w = head.weight if weight is None else weight
+        out = nn.functional.linear(hidden_normed, w, getattr(head, "bias", None))
+        cap = self.logit_softcap
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def call_layer(self, layer: nn.Module, kind: int, hidden: torch.Tensor, ctx: LayerContext,
+                   cache: LayerCache | None = None, cache_idx: int | None = None) -> torch.Tensor:
+        """Run one decoder layer module. `kind` is the backbone layer index whose attention type
+        (window, rotary table) applies; `cache_idx` is the slot of `cache` the layer writes to,
+        which must equal the layer's own `layer_idx` (HF attention indexes the cache by it)."""
+        q_pos = ctx.positions
+        if cache is not None:
+            k_pos = cache.add_positions(cache_idx, q_pos)
+        else:
+            k_pos = q_pos
+        mask = attention_mask(q_pos, k_pos, self.layer_window(kind), hidden.dtype)
+        out = self._call(layer, kind, hidden, ctx, mask, cache)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _call(self, layer, kind, hidden, ctx, mask, cache):
+        raise NotImplementedError
+
+    def run_layers(self, hidden: torch.Tensor, start: int, end: int, ctx: LayerContext,
+                   cache: LayerCache | None = None) -> torch.Tensor:
+        """Run backbone layers start..end-1 (0-based, end exclusive) on `hidden`."""
+        for i in range(start, end):
+            hidden = self.call_layer(self.layers[i], i, hidden, ctx, cache, i)
+        return hidden
+
+
+class LlamaLikeAdapter(Adapter):
+    family = "llama-like"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.norm_is_offset = self.config.model_type.startswith("gemma")
+        rotary = self.model.model.rotary_emb
+        self._rope_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
+
+    @property
+    def layers(self):
+        return self.model.model.layers
+
+    @property
+    def final_norm(self):
+        return self.model.model.norm
+
+    def layer_type(self, i):
+        types = getattr(self.config, "layer_types", None)
+        return types[i] if types else "full_attention"
+
+    def layer_window(self, i):
+        window = getattr(self.config, "sliding_window", None)
+        if window is None:
+            return None
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            return window if types[i] == "sliding_attention" else None
+        return window  # Mistral: every layer slides
+
+    def mlp_block(self, i):
+        layer = self.layers[i]
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma2/3: sandwich norms
+            return [layer.pre_feedforward_layernorm, layer.mlp, layer.post_feedforward_layernorm]
+        return [layer.post_attention_layernorm, layer.mlp]
+
+    def embed(self, input_ids, positions):
+        return self.model.model.embed_tokens(input_ids)
+
+    def context(self, hidden, positions):
+        pos = positions.clamp(min=0)
+        rotary = self.model.model.rotary_emb
+        if self._rope_by_type:
+            rope = {t: rotary(hidden, pos, t) for t in set(self.config.layer_types)}
+        else:
+            rope = {"*": rotary(hidden, pos)}
+        return LayerContext(positions=positions, rope=rope)
+
+    def _call(self, layer, kind, hidden, ctx, mask, cache):
+        rope = ctx.rope[self.layer_type(kind)] if self._rope_by_type else ctx.rope["*"]
+        return layer(hidden, attention_mask=mask, position_ids=ctx.positions.clamp(min=0),
+                     past_key_values=cache, use_cache=cache is not None, position_embeddings=rope)
+
+
+class GPT2Adapter(Adapter):
+    family = "gpt2"
+
+    @property
+    def layers(self):
+        return self.model.transformer.h
+
+    @property
+    def final_norm(self):
+        return self.model.transformer.ln_f
+
+    def mlp_block(self, i):
+        layer = self.layers[i]
+        return [layer.ln_2, layer.mlp]
+
+    def embed(self, input_ids, positions):
+        t = self.model.transformer
+        return t.wte(input_ids) + t.wpe(positions.clamp(min=0))
+
+    def _call(self, layer, kind, hidden, ctx, mask, cache):
+        return layer(hidden, past_key_values=cache, attention_mask=mask, use_cache=cache is not None)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """Pick the adapter for a loaded HF causal LM, or refuse it with a one-line reason."""
+    model_type = getattr(model.config, "model_type", "?")
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if model_type in LLAMA_LIKE:
+        return LlamaLikeAdapter(model)
+    if model_type in GPT2_LIKE:
+        return GPT2Adapter(model)
+    raise EETuneError(
+        f"unsupported architecture {arch!r} (model_type {model_type!r}): eetune supports causal LMs "
+        f"of types {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def check_supported_config(config) -> None:
+    """Refuse an unsupported or non-causal architecture before any weights are loaded."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = (getattr(config, "architectures", None) or [model_type])[0]
+        raise EETuneError(
+            f"unsupported architecture {arch!r} (model_type {model_type!r}): eetune needs a decoder-only "
+            f"causal LM of type {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash that identifies the backbone weights, independent of fp32/bf16 loading.
+
+    For every tensor (sorted by name): its name, shape, and up to 4096 evenly strided values
+    rounded to bf16. Cheap (milliseconds for 100M+ parameters) and sensitive to any different
+    checkpoint, fine-tune or architecture.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not torch.is_floating_point(t):
+            continue
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(torch.bfloat16).view(torch.int16)
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(sample.cpu().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+DEFAULT_ALIAS = "smollm2-135m"
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise EETuneError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16")
+    return table[dtype]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import os
+    import socket
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_backbone(source: str, dtype: str | torch.dtype = "fp32", revision: str | None = None,
+                  trust_remote_code: bool = False, device: str | torch.device = "cpu") -> Adapter:
+    """Load a causal LM and wrap it in its adapter, frozen and in eval mode.
+
+    `source` is a local HF directory, a `.gguf` file (converted once and cached), a hub id
+    (needs the network, or a copy in the local HF cache), or the alias `smollm2-135m` for the
+    embedded default. Unsupported architectures are refused before any weights load.
+    """
+    import os
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import defaults
+
+    torch_dtype = _resolve_dtype(dtype)
+    recorded = source
+    if source == DEFAULT_ALIAS:
+        path = str(defaults.default_model_dir())
+    elif source.endswith(".gguf"):
+        if not Path(source).is_file():
+            raise EETuneError(f"model file not found: {source}: give an existing .gguf file")
+        path = str(defaults.converted_gguf_dir(Path(source)))
+        recorded = str(Path(source).resolve())
+    elif os.path.isdir(source):
+        if not Path(source, "config.json").is_file():
+            raise EETuneError(f"{source} has no config.json: give a Hugging Face model directory")
+        path = source
+        recorded = str(Path(source).resolve())
+    elif source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1):
+        raise EETuneError(f"model path not found: {source}: give an existing directory, a .gguf file, "
+                          f"a hub id or '{DEFAULT_ALIAS}'")
+    else:
+        path = source  # hub id
+        try:
+            AutoConfig.from_pretrained(source, revision=revision, local_files_only=True)
+        except Exception:
+            if not _hub_reachable():
+                raise EETuneError(
+                    f"model {source!r} is neither a local path nor in the local Hugging Face cache, and the hub "
+                    f"is unreachable (offline): pass a local directory, a .gguf file or '{DEFAULT_ALIAS}'") from None
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except EETuneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - turn HF's multi-line errors into one line
+        raise EETuneError(f"cannot read the model config of {source!r}: {str(e).splitlines()[0]}") from None
+    check_supported_config(config)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    adapter = adapter_for(model)
+    adapter.source = recorded
+    adapter.revision = revision
+    adapter.model_path = path
+    return adapter
+
+
+def load_tokenizer(adapter: Adapter):
+    """The tokenizer that belongs to a backbone loaded by `load_backbone`."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(adapter.model_path, revision=getattr(adapter, "revision", None))
+    if tok.pad_token is None:  # batching needs one; padded slots are masked out anyway
+        pad_id = getattr(adapter.config, "pad_token_id", None)
+        tok.pad_token = tok.convert_ids_to_tokens(pad_id) if pad_id is not None else tok.eos_token
+    return tok

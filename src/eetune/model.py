@@ -1,0 +1,197 @@
+"""`EarlyExitModel`: a frozen backbone plus exit heads, and the exits directory on disk.
+
+    from eetune import EarlyExitModel, load_backbone
+    backbone = load_backbone("smollm2-135m")
+    model = EarlyExitModel.convert(backbone, exit_layers=(10, 20), arch="mlp")
+    out = model(input_ids)                 # out.exit_logits[10], out.exit_logits[20]
+    out = model(input_ids, final=True)     # ... and out.final_logits (full depth)
+    model.save_pretrained("exits/")        # exit_config.json + exit_heads.safetensors
+    model = EarlyExitModel.from_pretrained("exits/")   # loads and checks the backbone
+
+Without `final=True` the trunk stops at the deepest exit: no layer past it runs. Only head
+parameters are trainable; the backbone is frozen and kept in eval mode.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbone import Adapter, LayerCache, fingerprint, load_backbone
+from .config import CONFIG_NAME, WEIGHTS_NAME, ExitConfig
+from .errors import EETuneError
+from .heads import ExitHead
+
+
+@dataclass
+class ExitOutput:
+    exit_logits: dict[int, torch.Tensor]  # exit layer (1-based) -> (B, T, V)
+    final_logits: torch.Tensor | None = None  # full-depth logits when asked for
+    exit_hidden: dict[int, torch.Tensor] | None = None  # trunk hidden states at each exit
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor,
+                        past: int = 0) -> torch.Tensor:
+    """Token positions (B, T): 0.. for real tokens, -1 for padding (left or right)."""
+    if attention_mask is None:
+        B, T = input_ids.shape
+        return torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+    pos = attention_mask.long().cumsum(-1) - 1 + past
+    return pos.masked_fill(attention_mask == 0, -1)
+
+
+class EarlyExitModel(nn.Module):
+    def __init__(self, backbone: Adapter, config: ExitConfig, heads: nn.ModuleList):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.heads = heads
+        # The backbone is held, not registered: parameters() and state_dict() are the heads only.
+        backbone.model.requires_grad_(False)
+        backbone.model.eval()
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def convert(cls, backbone: Adapter, exit_layers, arch: str = "norm", init: str = "copy",
+                output_embedding: str = "copy") -> "EarlyExitModel":
+        """Attach fresh exit heads (architecture augmentation, stage 1 of EE-Tuning)."""
+        config = ExitConfig(
+            exit_layers=tuple(exit_layers), num_layers=backbone.num_layers, arch=arch, init=init,
+            output_embedding=output_embedding, base_model=getattr(backbone, "source", ""),
+            revision=getattr(backbone, "revision", None), model_type=backbone.config.model_type,
+            backbone_fingerprint=fingerprint(backbone.model))
+        heads = nn.ModuleList(ExitHead(backbone, k, arch, init, output_embedding) for k in config.exit_layers)
+        return cls(backbone, config, heads)
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        return self.config.exit_layers
+
+    def head(self, layer: int) -> ExitHead:
+        return self.heads[self.config.exit_layers.index(layer)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.model.eval()  # the frozen trunk never leaves eval mode
+        return self
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                final: bool = False, return_hidden: bool = False) -> ExitOutput:
+        """Logits of every exit for every position (teacher-forced, no cache).
+
+        The trunk runs without gradient and stops at the deepest exit unless `final` asks for
+        the full-depth logits too; gradients reach the heads only.
+        """
+        bb = self.backbone
+        positions = positions_from_mask(attention_mask, input_ids)
+        with torch.no_grad():
+            h = bb.embed(input_ids, positions)
+            ctx = bb.context(h, positions)
+        done, hiddens, logits = 0, {}, {}
+        for head in self.heads:
+            with torch.no_grad():
+                h = bb.run_layers(h, done, head.layer, ctx)
+            done = head.layer
+            hiddens[head.layer] = h
+            logits[head.layer] = head(h, ctx)
+        final_logits = None
+        if final:
+            with torch.no_grad():
+                h = bb.run_layers(h, done, bb.num_layers, ctx)
+                final_logits = bb.logits(bb.final_norm(h))
+        return ExitOutput(logits, final_logits, hiddens if return_hidden else None)
+
+    # --- parameters --------------------------------------------------------------------------
+    def parameter_counts(self) -> dict:
+        trainable = sum(p.numel() for p in self.heads.parameters() if p.requires_grad)
+        heads_total = sum(p.numel() for p in self.heads.parameters())
+        backbone = sum(p.numel() for p in self.backbone.model.parameters())
+        per_exit = {h.layer: sum(p.numel() for p in h.parameters()) for h in self.heads}
+        return {"trainable": trainable, "heads": heads_total, "frozen_backbone": backbone, "per_exit": per_exit}
+
+    # --- the exits directory -----------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write exit_config.json and exit_heads.safetensors atomically: a temporary sibling
+        directory is filled, then renamed over `directory`. An existing directory is replaced
+        only if it is an exits directory (or empty)."""
+        directory = Path(directory)
+        check_output_dir(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "eetune": "exit_heads"})
+            (tmp / CONFIG_NAME).write_text(self.config.to_json())
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, backbone: Adapter | None = None,
+                        dtype: str | torch.dtype = "fp32", device: str = "cpu") -> "EarlyExitModel":
+        """Load an exits directory onto `backbone` (default: the base model its config names),
+        refusing a backbone whose weights differ from the ones the exits were made for."""
+        directory = Path(directory)
+        config = ExitConfig.load(directory)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise EETuneError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}: re-create it with `eetune convert`")
+        if backbone is None:
+            if not config.base_model:
+                raise EETuneError(f"{directory}/{CONFIG_NAME} names no base model: pass the backbone explicitly")
+            backbone = load_backbone(config.base_model, dtype=dtype, revision=config.revision, device=device)
+        if backbone.num_layers != config.num_layers:
+            raise EETuneError(f"backbone has {backbone.num_layers} layers but the exits in {directory} were made for "
+                              f"{config.num_layers}: load them on their base model {config.base_model!r}")
+        fp = fingerprint(backbone.model)
+        if config.backbone_fingerprint and fp != config.backbone_fingerprint:
+            raise EETuneError(f"backbone weights do not match the exits in {directory} (fingerprint {fp} != "
+                              f"{config.backbone_fingerprint}): load them on their base model {config.base_model!r}")
+        heads = nn.ModuleList(ExitHead(backbone, k, config.arch, "copy", config.output_embedding)
+                              for k in config.exit_layers)
+        state = load_file(str(weights))
+        missing, unexpected = heads.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise EETuneError(f"{weights} does not match its config (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}): re-create the exits directory")
+        heads.to(device=next(backbone.model.parameters()).device)
+        return cls(backbone, config, heads)
+
+    def new_cache(self) -> LayerCache:
+        return LayerCache(self.backbone.num_layers)
+
+
+def is_exits_dir(directory: Path) -> bool:
+    return (directory / CONFIG_NAME).is_file()
+
+
+def check_output_dir(directory: Path) -> None:
+    """An output path may be new, empty, or an exits directory (then replaced); nothing else."""
+    directory = Path(directory)
+    if directory.exists():
+        if not directory.is_dir():
+            raise EETuneError(f"output {directory} exists and is a file: choose a new directory")
+        if any(directory.iterdir()) and not is_exits_dir(directory):
+            raise EETuneError(f"output directory {directory} exists and is not an exits directory: "
+                              f"choose a new or empty directory")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` into place as `target`, replacing an old `target` without a moment in which
+    a half-written directory is visible under that name."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, target)

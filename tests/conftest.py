@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny randomly initialised models of every supported family, built from
+configs (no weights, no network)."""
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config,
+                          LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+
+from eetune.backbone import adapter_for
+
+V, H, L = 97, 32, 4
+COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
+
+
+def tiny_config(family: str):
+    if family == "llama":
+        return LlamaConfig(**COMMON)
+    if family == "mistral":
+        return MistralConfig(**COMMON, sliding_window=6)
+    if family == "qwen2":
+        return Qwen2Config(**COMMON)
+    if family == "qwen3":
+        return Qwen3Config(**COMMON, head_dim=8)
+    if family == "gemma":
+        return GemmaConfig(**COMMON, head_dim=8)
+    if family == "gemma2":
+        return Gemma2Config(**COMMON, head_dim=8, sliding_window=6, attn_implementation="eager")
+    if family == "gemma3":
+        return Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=6, sliding_window_pattern=2)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=V, n_embd=H, n_layer=L, n_head=4, n_positions=256, initializer_range=0.1,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2"]
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_backbone(family: str, seed: int = 0):
+    bb = adapter_for(tiny_model(family, seed))
+    bb.source, bb.revision, bb.model_path = f"tiny-{family}", None, None
+    return bb
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny Llama saved as a Hugging Face directory (what `--model DIR` takes)."""
+    model = tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    return path

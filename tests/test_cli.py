@@ -1,0 +1,120 @@
+"""The `eetune` CLI: every verb's --help, convert/info/evaluate on a tiny model directory, and
+bad input (one line, exit code 2, nothing written)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from eetune.cli import build_parser, main
+
+
+def verbs():
+    parser = build_parser()
+    return sorted(parser._subparsers._group_actions[0].choices)
+
+
+@pytest.mark.parametrize("verb", verbs())
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    assert "usage: eetune " + verb in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "eetune.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "convert" in out.stdout
+
+
+def test_convert_info_evaluate(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "exits"
+    assert main(["convert", "--model", str(tiny_model_dir), "--exits", "0.5,1.0", "--arch", "mlp",
+                 "--output-embedding", "shared", "--out", str(out)]) == 0
+    assert "exits after layers [2, 4] of 4" in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["exit_layers"] == [2, 4] and info["config"]["arch"] == "mlp"
+    assert info["parameters"]["trainable"] > 0 and info["parameters"]["frozen_backbone"] > 0
+    assert main(["info", str(out)]) == 0
+    assert "trainable (heads)" in capsys.readouterr().out
+
+
+def test_evaluate_on_text_file(tiny_model_dir, tmp_path, capsys):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    # a word-level tokenizer inside the vocabulary of the tiny model
+    vocab = {f"w{i}": i for i in range(96)}
+    vocab["[EOS]"] = 96
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="[EOS]").save_pretrained(tiny_model_dir)
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 96}" for i in range(400)))
+    out = tmp_path / "exits"
+    assert main(["convert", "--model", str(tiny_model_dir), "--exits", "1,3", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", str(text), "--seq-len", "32", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert set(m["exits"]) == {"1", "3"} and m["tokens"] == 12 * 31
+    assert all(v["ce"] > 0 and 0 <= v["agreement"] <= 1 for v in m["exits"].values())
+
+
+def _bad(argv, capsys, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("eetune: error:") and match in err, err
+
+
+@pytest.mark.parametrize("exits,match", [("0", "exit layer 0 is invalid"), ("5", "beyond the model's depth"),
+                                         ("2,2", "duplicate exit layers"), ("a", "cannot read exit layer")])
+def test_convert_bad_exits(tiny_model_dir, tmp_path, capsys, exits, match):
+    out = tmp_path / "exits"
+    _bad(["convert", "--model", str(tiny_model_dir), "--exits", exits, "--out", str(out)], capsys, match)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+def test_convert_unknown_arch_is_usage_error(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "--model", str(tiny_model_dir), "--exits", "1", "--arch", "attention",
+              "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "invalid choice: 'attention'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_convert_missing_model_path(tmp_path, capsys):
+    _bad(["convert", "--model", str(tmp_path / "nope"), "--exits", "1", "--out", str(tmp_path / "x")], capsys,
+         "not found")
+    assert not (tmp_path / "x").exists()
+
+
+def test_convert_refuses_foreign_output_dir(tiny_model_dir, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "a.txt").write_text("keep")
+    _bad(["convert", "--model", str(tiny_model_dir), "--exits", "1", "--out", str(foreign)], capsys,
+         "not an exits directory")
+    assert [p.name for p in foreign.iterdir()] == ["a.txt"]
+
+
+def test_convert_refuses_non_causal_model(tmp_path, capsys):
+    from transformers import BertConfig, BertForMaskedLM
+    BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    _bad(["convert", "--model", str(tmp_path / "bert"), "--exits", "1", "--out", str(tmp_path / "x")], capsys,
+         "unsupported architecture 'BertForMaskedLM'")
+
+
+def test_hub_id_offline_fails_at_once(tmp_path, capsys, monkeypatch):
+    import time
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    t = time.time()
+    _bad(["convert", "--model", "someone/some-model", "--exits", "1", "--out", str(tmp_path / "x")], capsys,
+         "unreachable (offline)")
+    assert time.time() - t < 10
+
+
+def test_info_on_non_exits_dir(tmp_path, capsys):
+    _bad(["info", str(tmp_path)], capsys, "is not an exits directory")
