@@ -63,3 +63,24 @@ def tiny_model_dir(tmp_path):
     path = tmp_path / "tiny-llama"
     model.save_pretrained(path)
     return path
+
+
+def peaky_backbone(family: str, seed: int = 0, scale: float = 6.0):
+    """A tiny backbone whose LM head is scaled up so that its (and its copied exits')
+    distributions are peaked: confident early exits and accepted drafts actually happen."""
+    bb = tiny_backbone(family, seed)
+    with torch.no_grad():
+        bb.lm_head.weight.mul_(scale)
+    return bb
+
+
+def word_tokenizer(vocab_size: int = V):
+    """A word-level tokenizer over the tiny vocabulary: 'w0' .. 'w95' and '[EOS]' = 96."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)}
+    vocab["[EOS]"] = vocab_size - 1
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="[EOS]", pad_token="w0")

@@ -35,43 +35,72 @@ SUPPORTED_MODEL_TYPES = LLAMA_LIKE + GPT2_LIKE
 
 
 class LayerCache:
-    """Per-layer key/value cache; each layer may hold a different number of positions.
+    """Per-layer key/value cache; each layer may hold a different number of slots.
 
-    It is duck-typed to what HF attention modules call (`update(k, v, layer_idx)` returns the
-    full keys and values of that layer). Alongside the keys it keeps each cached slot's token
-    position (-1 for padding), from which the adapter builds the attention mask.
+    Buffers are preallocated and grown by doubling (gpt-fast style: writes land in place, no
+    per-token concatenation). It is duck-typed to what HF attention modules call
+    (`update(k, v, layer_idx)` returns all keys and values of that layer). Beside the keys it
+    keeps each slot's token position (-1 for padding or an invalidated slot); the adapter builds
+    attention masks from those positions, so slot order never matters and a rejected
+    speculative token can be dropped from one batch row by invalidating its slot.
     """
 
     def __init__(self, num_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.positions: list[torch.Tensor | None] = [None] * num_layers
+        self.pos: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
 
     def length(self, layer: int) -> int:
-        k = self.keys[layer]
-        return 0 if k is None else k.shape[2]
+        return self.lengths[layer]
 
-    def update(self, key, value, layer_idx, cache_kwargs=None):
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = key, value
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=2)
-        return self.keys[layer_idx], self.values[layer_idx]
+    @staticmethod
+    def _grow(buf: torch.Tensor | None, need: int, dim: int, like: torch.Tensor, fill=0) -> torch.Tensor:
+        if buf is not None and buf.shape[dim] >= need:
+            return buf
+        cap = max(64, 2 * need)
+        shape = list(like.shape)
+        shape[dim] = cap
+        new = torch.full(shape, fill, dtype=like.dtype, device=like.device)
+        if buf is not None:
+            old = buf.shape[dim]
+            new.narrow(dim, 0, old).copy_(buf)
+        return new
 
     def add_positions(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
-        """Append the positions of the tokens about to be cached at `layer`; return all of them."""
-        old = self.positions[layer]
-        self.positions[layer] = positions if old is None else torch.cat([old, positions], dim=1)
-        return self.positions[layer]
+        """Record the positions of the tokens about to be cached at `layer` (called before the
+        layer's attention calls `update`); return the positions of all its slots."""
+        n0, n = self.lengths[layer], positions.shape[1]
+        self.pos[layer] = self._grow(self.pos[layer], n0 + n, 1, positions, fill=-1)
+        self.pos[layer][:, n0:n0 + n] = positions
+        return self.pos[layer][:, :n0 + n]
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        n0, n = self.lengths[layer_idx], key.shape[2]
+        self.keys[layer_idx] = self._grow(self.keys[layer_idx], n0 + n, 2, key)
+        self.values[layer_idx] = self._grow(self.values[layer_idx], n0 + n, 2, value)
+        self.keys[layer_idx][:, :, n0:n0 + n] = key
+        self.values[layer_idx][:, :, n0:n0 + n] = value
+        self.lengths[layer_idx] = n0 + n
+        return self.keys[layer_idx][:, :, :n0 + n], self.values[layer_idx][:, :, :n0 + n]
+
+    def positions(self, layer: int) -> torch.Tensor | None:
+        p = self.pos[layer]
+        return None if p is None else p[:, :self.lengths[layer]]
 
     def crop(self, layer: int, length: int) -> None:
-        """Keep only the first `length` cached slots of `layer` (rejected speculative tokens)."""
-        if self.keys[layer] is None:
+        """Keep only the first `length` slots of `layer` (e.g. rejected speculative tokens)."""
+        self.lengths[layer] = min(self.lengths[layer], length)
+
+    def invalidate_after(self, layer: int, last_valid: torch.Tensor) -> None:
+        """Per batch row, mask out every slot whose position exceeds `last_valid[row]`, then
+        drop trailing slots that no row uses any more."""
+        p = self.positions(layer)
+        if p is None:
             return
-        self.keys[layer] = self.keys[layer][:, :, :length]
-        self.values[layer] = self.values[layer][:, :, :length]
-        self.positions[layer] = self.positions[layer][:, :length]
+        p.masked_fill_(p > last_valid[:, None], -1)
+        used = (p >= 0).any(0).nonzero()
+        self.lengths[layer] = int(used[-1]) + 1 if used.numel() else 0
 
     # Methods some HF code paths query on a cache object.
     def get_seq_length(self, layer_idx: int = 0) -> int:

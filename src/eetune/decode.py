@@ -1,0 +1,538 @@
+"""The decoding engine: full, early-exit (with KV recomputation) and self-speculative decoding.
+
+Plain functions over an `EarlyExitModel` and a per-layer `LayerCache` (layers may hold different
+numbers of slots), in the spirit of gpt-fast:
+
+- `prefill`: the prompt through every layer (and through `layer` exits, to fill their caches).
+- `early_exit_step`: one new token climbs the trunk; at each exit its confidence (max-prob,
+  margin or entropy) is compared with the threshold and the first confident exit emits it. The
+  token then stops: the layers above hold no keys/values for its position. Those are filled by
+  **KV recomputation**: pending tokens wait, each with its hidden state at the depth where it
+  stopped, and join the next token that climbs past that depth, in one batched pass. Because
+  the trunk's hidden states depend only on the tokens (never on exit decisions), every logit
+  equals that of a cache-free pass over the whole sequence.
+- `full_step`: the baseline, every layer, no heads.
+- `self_spec_round`: the draft exit proposes up to `draft_len` tokens (stopping when its
+  confidence falls below the threshold), the layers above it verify all of them in one pass
+  reusing the drafted tokens' shallow keys/values, the longest agreeing prefix is kept plus the
+  model's own next token. Greedy: identical to `full`. Sampling: the speculative-sampling
+  acceptance rule (accept with min(1, p/q), else resample from max(0, p - q)), so the output
+  follows the full model's distribution.
+
+Batches of prompts of different lengths are left-padded; padding slots carry position -1 and
+are masked. `generate()` is the entry point; it returns token ids, text and per-token
+statistics (exit layer, confidence, drafted/accepted counts).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbone import LayerCache
+from .errors import EETuneError
+
+MODES = ("full", "early-exit", "self-spec")
+CONFIDENCES = ("max-prob", "margin", "entropy")
+
+
+@dataclass
+class DecodeOptions:
+    mode: str = "full"  # full | early-exit | self-spec
+    max_new_tokens: int = 128  # tokens to generate per prompt (at most)
+    threshold: float = 0.9  # exit (or keep drafting) when confidence >= threshold; > 1 never exits
+    confidence: str = "max-prob"  # max-prob (the paper) | margin (top1 - top2) | entropy (1 - H/log V)
+    draft_len: int = 4  # self-spec: most tokens drafted per round
+    draft_exit: int | None = None  # self-spec: exit layer that drafts (default: the deepest exit)
+    temperature: float = 0.0  # 0: greedy; > 0: sampling
+    top_k: int = 0  # sampling: keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # sampling: nucleus mass
+    seed: int | None = None  # sampling: random seed (reproducible output)
+    eos_token_ids: tuple[int, ...] = ()  # generation of a row stops after one of these
+    record_logits: bool = False  # keep the logits used at every step (tests, analysis)
+
+    def validate(self, model) -> None:
+        if self.mode not in MODES:
+            raise EETuneError(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.confidence not in CONFIDENCES:
+            raise EETuneError(f"unknown confidence {self.confidence!r}: use one of {', '.join(CONFIDENCES)}")
+        if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0 and not math.isnan(self.threshold)):
+            raise EETuneError(f"threshold {self.threshold} is outside [0, inf): give e.g. 0.9 (> 1 never exits early)")
+        if self.max_new_tokens < 1:
+            raise EETuneError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.draft_len < 1:
+            raise EETuneError(f"--draft-len must be at least 1 (got {self.draft_len})")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise EETuneError("sampling options out of range: temperature >= 0, 0 < top-p <= 1, top-k >= 0")
+        if self.draft_exit is not None and self.draft_exit not in model.exit_layers:
+            raise EETuneError(f"draft exit {self.draft_exit} is not one of the exits {list(model.exit_layers)}")
+
+
+@dataclass
+class TokenStat:
+    token: int
+    exit_layer: int  # layer whose head produced it (num_layers for the full model)
+    confidence: float  # confidence at that exit (nan for `full`)
+    drafted: bool = False  # self-spec: token was a draft that verification accepted
+
+
+@dataclass
+class RowResult:
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    tokens: list[TokenStat] = field(default_factory=list)
+    text: str | None = None
+    finished_by: str = "length"  # length | eos | stop
+
+    @property
+    def mean_exit_layer(self) -> float:
+        return sum(t.exit_layer for t in self.tokens) / max(1, len(self.tokens))
+
+
+@dataclass
+class Generation:
+    rows: list[RowResult]
+    mode: str
+    seconds: float
+    num_layers: int
+    layer_token_passes: int = 0  # sum over layer calls of tokens processed (incl. recomputation, verification)
+    drafted: int = 0  # self-spec: tokens proposed
+    accepted: int = 0  # self-spec: proposals accepted
+    rounds: int = 0  # self-spec: draft/verify rounds
+    step_logits: list = field(default_factory=list)  # record_logits: (step, exit layer per row, logits (B, V))
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(r.ids) for r in self.rows)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def mean_layers_per_token(self) -> float:
+        """Mean depth at which generated tokens were produced (num_layers for `full`)."""
+        n = self.new_tokens
+        return sum(t.exit_layer for r in self.rows for t in r.tokens) / n if n else float("nan")
+
+    @property
+    def layer_passes_per_token(self) -> float:
+        """Decoder-layer token passes per generated token, recomputation and verification included."""
+        return self.layer_token_passes / self.new_tokens if self.new_tokens else float("nan")
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    def summary(self) -> dict:
+        return {"mode": self.mode, "new_tokens": self.new_tokens, "seconds": round(self.seconds, 4),
+                "tokens_per_s": round(self.tokens_per_s, 3), "mean_layers_per_token": self.mean_layers_per_token,
+                "layer_passes_per_token": self.layer_passes_per_token, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "num_layers": self.num_layers}
+
+
+# --- confidence and token choice ------------------------------------------------------------
+def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row confidence in [0, 1] of a (B, V) logits tensor."""
+    probs = logits.float().softmax(-1)
+    if kind == "max-prob":
+        return probs.amax(-1)
+    if kind == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    return 1.0 - ent / math.log(probs.shape[-1])
+
+
+def sampling_probs(logits: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
+    """The distribution tokens are drawn from: temperature, then top-k, then top-p."""
+    x = logits.float() / opts.temperature
+    if opts.top_k:
+        kth = x.topk(min(opts.top_k, x.shape[-1]), dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = x.softmax(-1)
+    if opts.top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        cum = sorted_p.cumsum(-1)
+        drop = (cum - sorted_p) >= opts.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def choose(logits: torch.Tensor, opts: DecodeOptions, gen: torch.Generator | None) -> torch.Tensor:
+    if opts.temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(sampling_probs(logits, opts), 1, generator=gen).squeeze(-1)
+
+
+def speculative_accept(p: torch.Tensor, q: list[torch.Tensor], drafts: list[int],
+                       gen: torch.Generator | None) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) for one row.
+
+    `p` (m + 1, V): the full model's distributions after each verified position; `q[i]` (V,):
+    the draft distribution draft i was sampled from. Draft i is kept with probability
+    min(1, p_i(x)/q_i(x)); at the first rejection a token is drawn from max(0, p_i - q_i)
+    (renormalised); if all are kept, one more is drawn from p_m. The emitted tokens are then
+    distributed exactly as if drawn from p one at a time. Returns accepted drafts + 1 token.
+    """
+    out = []
+    for i, tok in enumerate(drafts):
+        r = torch.rand((), generator=gen, device=p.device)
+        if r < torch.clamp(p[i, tok] / q[i][tok], max=1.0):
+            out.append(tok)
+            continue
+        resid = (p[i] - q[i]).clamp_min(0)
+        total = resid.sum()
+        dist = resid / total if total > 0 else p[i]
+        out.append(int(torch.multinomial(dist, 1, generator=gen)))
+        return out
+    out.append(int(torch.multinomial(p[len(drafts)], 1, generator=gen)))
+    return out
+
+
+# --- engine state ---------------------------------------------------------------------------
+class DecodeState:
+    """Caches and bookkeeping of one batch being decoded."""
+
+    def __init__(self, model, batch: int, device):
+        self.model = model
+        self.bb = model.backbone
+        L = self.bb.num_layers
+        self.cache = LayerCache(L)
+        # `layer` exits attend over their own cache (slot num_layers - 1, the copied block's index).
+        self.exit_caches = {h.layer: LayerCache(L) for h in model.heads if h.arch == "layer"}
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # position of the next token
+        # KV recomputation: tokens whose upper layers are missing, as (depth, hidden, positions).
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.layer_token_passes = 0
+
+    def run_layer(self, i: int, h: torch.Tensor, ctx) -> torch.Tensor:
+        self.layer_token_passes += h.shape[0] * h.shape[1]
+        return self.bb.call_layer(self.bb.layers[i], i, h, ctx, self.cache, i)
+
+    def exit_logits(self, layer: int, h: torch.Tensor, ctx, last_only: bool = True) -> torch.Tensor:
+        """Logits of exit `layer` for the last position of `h` (a `layer` exit first runs its
+        block over every position of `h`, filling its own cache)."""
+        head = self.model.head(layer)
+        if head.arch == "layer":
+            z = head.transform(h, ctx, self.exit_caches[layer])
+            return self.bb.logits(z[:, -1], head.out_weight())
+        return head(h[:, -1])
+
+    def final_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.bb.logits(self.bb.final_norm(h))
+
+
+def prefill(state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, exits_wanted=()):
+    """Run the (left-padded) prompts through every layer. Returns the full-depth logits of the
+    last position and each wanted exit's logits there, {layer: (B, V)} (evaluating a `layer`
+    exit also fills its own cache over the prompt)."""
+    bb = state.bb
+    h = bb.embed(ids, positions)
+    ctx = bb.context(h, positions)
+    exits = {}
+    for i in range(bb.num_layers):
+        if i in exits_wanted:
+            exits[i] = state.exit_logits(i, h, ctx)
+        h = state.run_layer(i, h, ctx)
+    state.next_pos = positions[:, -1] + 1
+    return state.final_logits(h[:, -1]), exits
+
+
+def full_step(state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+    """One token per row through every layer; full-depth logits (B, V)."""
+    bb = state.bb
+    pos = state.next_pos[:, None]
+    h = bb.embed(tokens[:, None], pos)
+    ctx = bb.context(h, pos)
+    for i in range(bb.num_layers):
+        h = state.run_layer(i, h, ctx)
+    state.next_pos = state.next_pos + 1
+    return state.final_logits(h[:, -1])
+
+
+def early_exit_step(state: DecodeState, tokens: torch.Tensor, opts: DecodeOptions, settled: torch.Tensor):
+    """One token per row climbs until every row not yet `settled` has found a confident exit.
+
+    Returns (logits used (B, V), exit layer per row (B,), confidence per row (B,)). Rows in
+    `settled` (finished rows) never hold the batch back. The climbing token stops at the exit
+    where the last row decided; it then waits in `state.pending` for its upper layers.
+    """
+    bb, model = state.bb, state.model
+    L = bb.num_layers
+    B = tokens.shape[0]
+    pos = state.next_pos[:, None]
+    h = bb.embed(tokens[:, None], pos)
+    ctx = bb.context(h, pos)
+    decided = settled.clone()
+    out_logits = torch.zeros(B, bb.vocab_size, dtype=h.dtype, device=h.device)
+    out_layer = torch.full((B,), L, dtype=torch.long, device=h.device)
+    out_conf = torch.full((B,), float("nan"), device=h.device)
+    exit_set = set(model.exit_layers)
+    state.next_pos = state.next_pos + 1
+    for i in range(L):
+        if i in exit_set:
+            logits = state.exit_logits(i, h, ctx)
+            conf = confidence(logits, opts.confidence)
+            take = ~decided & (conf >= opts.threshold)
+            out_logits[take], out_layer[take], out_conf[take] = logits[take], i, conf[take]
+            decided |= take
+            if bool(decided.all()):
+                state.pending.append((i, h, ctx.positions))
+                return out_logits, out_layer, out_conf
+        joiners = [p for p in state.pending if p[0] == i]
+        if joiners:  # KV recomputation: earlier exited tokens climb on with this one
+            state.pending = [p for p in state.pending if p[0] != i]
+            h = torch.cat([p[1] for p in joiners] + [h], dim=1)
+            ctx = bb.context(h, torch.cat([p[2] for p in joiners] + [ctx.positions], dim=1))
+        h = state.run_layer(i, h, ctx)
+    rest = ~decided
+    out_logits[rest] = state.final_logits(h[:, -1])[rest]
+    return out_logits, out_layer, out_conf
+
+
+def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOptions, settled: torch.Tensor,
+                    gen: torch.Generator | None):
+    """Draft with the draft exit, verify with the layers above it.
+
+    `tokens` (B,) is each row's newest token, not yet seen by any layer. Returns, per row, the
+    list of emitted tokens (accepted drafts, then the model's own token) and how many of them
+    were accepted drafts. Rejected drafts' slots are invalidated in every cache.
+    """
+    bb, model = state.bb, state.model
+    d = opts.draft_exit or max(model.exit_layers)
+    B = tokens.shape[0]
+    n0 = state.next_pos.clone()
+    hs, drafts, q_probs = [], [], []
+    proposing = ~settled
+    n_prop = torch.zeros(B, dtype=torch.long, device=tokens.device)
+    cur = tokens
+    head = model.head(d)
+    for step in range(opts.draft_len + 1):
+        pos = state.next_pos[:, None]
+        h = bb.embed(cur[:, None], pos)
+        ctx = bb.context(h, pos)
+        for i in range(d):
+            h = state.run_layer(i, h, ctx)
+        state.next_pos = state.next_pos + 1
+        hs.append((h, ctx.positions))
+        if step == opts.draft_len:
+            if head.arch == "layer":  # its own cache must hold every position that may be accepted
+                head.transform(h, ctx, state.exit_caches[d])
+            break
+        logits = state.exit_logits(d, h, ctx)
+        conf = confidence(logits, opts.confidence)
+        proposing = proposing & (conf >= opts.threshold)
+        if not bool(proposing.any()):
+            break
+        if opts.temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            q = sampling_probs(logits, opts)
+            nxt = torch.multinomial(q, 1, generator=gen).squeeze(-1)
+            q_probs.append(q)
+        n_prop += proposing.long()
+        drafts.append(nxt)
+        cur = nxt
+    m = len(drafts)
+    # Verify: every drafted position through the layers above the draft exit, in one pass.
+    h = torch.cat([x[0] for x in hs], dim=1)  # (B, m + 1, H) hidden states after layer d
+    vpos = torch.cat([x[1] for x in hs], dim=1)
+    ctx = bb.context(h, vpos)
+    for i in range(d, bb.num_layers):
+        h = state.run_layer(i, h, ctx)
+    final = state.final_logits(h)  # (B, m + 1, V)
+    emitted, n_acc = [], []
+    for b in range(B):
+        mb = int(n_prop[b])
+        row, acc = [], 0
+        if opts.temperature == 0:
+            target = final[b].argmax(-1)
+            while acc < mb and int(drafts[acc][b]) == int(target[acc]):
+                row.append(int(drafts[acc][b]))
+                acc += 1
+            row.append(int(target[acc]))
+        else:
+            row = speculative_accept(sampling_probs(final[b], opts), [q[b] for q in q_probs[:mb]],
+                                     [int(x[b]) for x in drafts[:mb]], gen)
+            acc = len(row) - 1
+        emitted.append(row)
+        n_acc.append(acc)
+    # Keep the slots of the accepted positions (n0 .. n0 + acc), drop the rest in every cache.
+    last_valid = n0 + torch.tensor(n_acc, device=n0.device)
+    for i in range(bb.num_layers):
+        state.cache.invalidate_after(i, last_valid)
+    for c in state.exit_caches.values():
+        c.invalidate_after(bb.num_layers - 1, last_valid)
+    state.next_pos = last_valid + 1
+    return emitted, n_acc, m, int(n_prop.sum())
+
+
+# --- the entry point ------------------------------------------------------------------------
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
+    pos = torch.full((len(prompts), T), -1, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        pos[b, T - len(p):] = torch.arange(len(p), device=device)
+    return ids, pos
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=None) -> Generation:
+    """Decode every prompt (lists of token ids) with `opts`; `on_tokens(row, tokens, stats)` is
+    called as tokens are emitted (streaming; returning False ends that row). Returns a `Generation` with ids and statistics."""
+    opts.validate(model)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise EETuneError("empty prompt: give at least one token of text")
+    bb = model.backbone
+    limit = getattr(bb.config, "max_position_embeddings", None) or getattr(bb.config, "n_positions", None)
+    longest = max(len(p) for p in prompts)
+    if limit is not None and longest + opts.max_new_tokens > limit:
+        raise EETuneError(f"prompt of {longest} tokens + {opts.max_new_tokens} new tokens exceeds the model's context "
+                          f"of {limit}: shorten the prompt or lower --max-new-tokens")
+    device = next(bb.model.parameters()).device
+    B, L = len(prompts), bb.num_layers
+    gen = None
+    if opts.temperature > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+    eos = set(opts.eos_token_ids)
+    rows = [RowResult(prompt_ids=list(p)) for p in prompts]
+    result = Generation(rows=rows, mode=opts.mode, seconds=0.0, num_layers=L)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    t0 = time.perf_counter()
+
+    def emit(b: int, toks: list[int], stats: list[TokenStat]) -> None:
+        r = rows[b]
+        if done[b]:
+            return
+        out, out_stats = [], []
+        for tok, st in zip(toks, stats):
+            r.ids.append(tok)
+            r.tokens.append(st)
+            out.append(tok)
+            out_stats.append(st)
+            if tok in eos:
+                r.finished_by = "eos"
+                done[b] = True
+                break
+            if len(r.ids) >= opts.max_new_tokens:
+                done[b] = True
+                break
+        if on_tokens is not None and out:
+            if on_tokens(b, out, out_stats) is False:  # the caller (stop strings) ends this row
+                r.finished_by = "stop"
+                done[b] = True
+
+    state = DecodeState(model, B, device)
+    ids, pos = _left_pad(prompts, 0, device)
+    use_exits = opts.mode == "early-exit"
+    if use_exits:
+        wanted = set(model.exit_layers)
+    elif opts.mode == "self-spec":  # a `layer` drafter attends over its own cache: fill it
+        d = opts.draft_exit or max(model.exit_layers)
+        wanted = {d} if model.head(d).arch == "layer" else set()
+    else:
+        wanted = set()
+    final, exits = prefill(state, ids, pos, wanted)
+    state.layer_token_passes = 0  # count the decoding phase only
+    # The first token: same rule as every later one.
+    logits, layer, conf = final, torch.full((B,), L, device=device), torch.full((B,), float("nan"), device=device)
+    if use_exits:
+        decided = torch.zeros(B, dtype=torch.bool, device=device)
+        logits = final.clone()
+        conf = conf.clone()
+        for k in model.exit_layers:
+            c = confidence(exits[k], opts.confidence)
+            take = ~decided & (c >= opts.threshold)
+            logits[take], layer[take], conf[take] = exits[k][take], k, c[take]
+            decided |= take
+    if opts.record_logits:
+        result.step_logits.append((0, layer.clone(), logits.clone()))
+    tok = choose(logits, opts, gen)
+    for b in range(B):
+        emit(b, [int(tok[b])], [TokenStat(int(tok[b]), int(layer[b]), float(conf[b]))])
+    step = 1
+    while not bool(done.all()):
+        if opts.mode == "full":
+            logits = full_step(state, tok)
+            tok = choose(logits, opts, gen)
+            if opts.record_logits:
+                result.step_logits.append((step, torch.full((B,), L), logits.clone()))
+            for b in range(B):
+                emit(b, [int(tok[b])], [TokenStat(int(tok[b]), L, float("nan"))])
+        elif opts.mode == "early-exit":
+            logits, layer, conf = early_exit_step(state, tok, opts, done)
+            tok = choose(logits, opts, gen)
+            if opts.record_logits:
+                result.step_logits.append((step, layer.clone(), logits.clone()))
+            for b in range(B):
+                emit(b, [int(tok[b])], [TokenStat(int(tok[b]), int(layer[b]), float(conf[b]))])
+        else:
+            emitted, n_acc, m, proposed = self_spec_round(state, tok, opts, done, gen)
+            result.rounds += 1
+            result.drafted += proposed
+            result.accepted += sum(a for b, a in enumerate(n_acc) if not done[b])
+            d = opts.draft_exit or max(model.exit_layers)
+            for b in range(B):
+                toks = emitted[b]
+                stats = [TokenStat(t, d, float("nan"), drafted=True) for t in toks[:-1]]
+                stats.append(TokenStat(toks[-1], L, float("nan")))
+                emit(b, toks, stats)
+            tok = torch.tensor([row[-1] for row in emitted], device=device)
+        step += 1
+    result.seconds = time.perf_counter() - t0
+    result.layer_token_passes = state.layer_token_passes
+    return result
+
+
+def generate_text(model, tokenizer, prompts: list[str], opts: DecodeOptions, chat: bool = False,
+                  stop: tuple[str, ...] = (), on_text=None) -> Generation:
+    """Text in, text out: tokenise (optionally through the chat template), decode, cut at stop
+    strings. `on_text(row, piece, stat)` streams each row's text, one token's piece at a time."""
+    if not prompts or any(not p.strip() for p in prompts):
+        raise EETuneError("empty prompt: give some text")
+    if chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise EETuneError("--chat needs a tokenizer with a chat template; this model has none: drop --chat")
+        ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for p in prompts]
+        ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
+    else:
+        ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if not opts.eos_token_ids:
+        eos = set()
+        for src in (getattr(model.backbone.config, "eos_token_id", None), tokenizer.eos_token_id):
+            if isinstance(src, int):
+                eos.add(src)
+            elif isinstance(src, (list, tuple)):
+                eos.update(src)
+        opts = DecodeOptions(**{**opts.__dict__, "eos_token_ids": tuple(sorted(eos))})
+    shown = [""] * len(prompts)
+    all_ids: list[list[int]] = [[] for _ in prompts]
+
+    def on_tokens(b, toks, stats):
+        for tok, st in zip(toks, stats):
+            all_ids[b].append(tok)
+            text = tokenizer.decode(all_ids[b], skip_special_tokens=True)
+            cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+            if on_text is not None and len(text) > len(shown[b]) and text.startswith(shown[b]):
+                on_text(b, text[len(shown[b]):], st)
+            shown[b] = text
+            if cut >= 0:
+                return False
+        return True
+
+    result = generate(model, ids, opts, on_tokens=on_tokens)
+    for b, r in enumerate(result.rows):
+        r.text = shown[b] if r.finished_by == "stop" else tokenizer.decode(r.ids, skip_special_tokens=True)
+    return result
