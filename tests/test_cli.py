@@ -118,3 +118,47 @@ def test_hub_id_offline_fails_at_once(tmp_path, capsys, monkeypatch):
 
 def test_info_on_non_exits_dir(tmp_path, capsys):
     _bad(["info", str(tmp_path)], capsys, "is not an exits directory")
+
+
+@pytest.fixture
+def tiny_exits(tiny_model_dir, tmp_path):
+    from conftest import word_tokenizer
+    word_tokenizer().save_pretrained(tiny_model_dir)
+    out = tmp_path / "gen-exits"
+    assert main(["convert", "--model", str(tiny_model_dir), "--exits", "1,3", "--arch", "mlp", "--out", str(out)]) == 0
+    return out
+
+
+def test_generate_json_and_stream(tiny_exits, capsys):
+    capsys.readouterr()
+    assert main(["generate", str(tiny_exits), "--prompt", "w1 w2 w3", "--prompt", "w4", "--mode", "self-spec",
+                 "--threshold", "0", "--max-new-tokens", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["rows"]) == 2 and all(len(r["ids"]) <= 6 for r in out["rows"])
+    assert out["summary"]["mode"] == "self-spec" and out["summary"]["drafted"] >= 0
+    assert main(["generate", str(tiny_exits), "--prompt", "w1 w2 w3", "--mode", "full", "--max-new-tokens", "6"]) == 0
+    full_text = capsys.readouterr().out.strip()
+    assert main(["generate", str(tiny_exits), "--prompt", "w1 w2 w3", "--mode", "early-exit", "--threshold", "2",
+                 "--max-new-tokens", "6", "--stream", "--show-exits"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == full_text and "\x1b[" not in captured.out  # not a terminal: plain text
+    assert "mean exit layer 4.0 of 4" in captured.err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--prompt", " "], "empty prompt"),
+    ([], "no prompt"),
+    (["--prompt", "w1", "--threshold", "-1"], "outside [0, inf)"),
+    (["--prompt", "w1", "--max-new-tokens", "0"], "at least 1"),
+    (["--prompt", "w1", "--mode", "fast"], "invalid choice: 'fast'"),
+    (["--prompt", "w1 " * 300], "exceeds the model's context"),
+    (["--prompt", "a", "--prompt", "b", "--stream"], "exactly one prompt"),
+])
+def test_generate_bad_input(tiny_exits, capsys, argv, match):
+    capsys.readouterr()
+    try:
+        code = main(["generate", str(tiny_exits), *argv])
+    except SystemExit as e:  # argparse-level errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and match in err, err

@@ -43,3 +43,27 @@ def test_untuned_exits_are_plausible_on_held_out_text(backbone, tmp_path):
     again = EarlyExitModel.from_pretrained(tmp_path / "e", backbone=backbone)
     assert again.config.base_model == "smollm2-135m"
     assert torch.equal(again(blocks[:1, :16]).exit_logits[20], model(blocks[:1, :16]).exit_logits[20])
+
+
+REAL_PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
+                "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""]
+
+
+def test_decoding_modes_agree_with_hf_generate_on_real_model(backbone):
+    from eetune.decode import DecodeOptions, generate
+    tok = load_tokenizer(backbone)
+    model = EarlyExitModel.convert(backbone, [10, 20], arch="mlp", output_embedding="shared")
+    prompts = [tok(p)["input_ids"] for p in REAL_PROMPTS]
+    n = 12
+    refs = []
+    for i, p in enumerate(prompts):
+        ref = backbone.model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        refs.append(ref)
+        assert generate(model, [p], DecodeOptions(mode="full", max_new_tokens=n)).rows[0].ids == ref
+        assert generate(model, [p], DecodeOptions(mode="early-exit", threshold=1.5, max_new_tokens=n)).rows[0].ids == ref
+        if i < 2:
+            assert generate(model, [p], DecodeOptions(mode="self-spec", threshold=0.0, draft_len=4,
+                                                      max_new_tokens=n)).rows[0].ids == ref
+    batch = generate(model, prompts, DecodeOptions(mode="early-exit", threshold=1.5, max_new_tokens=n))
+    assert [r.ids for r in batch.rows] == refs

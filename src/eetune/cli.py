@@ -121,16 +121,193 @@ def cmd_evaluate(args):
         print(format_metrics(metrics))
 
 
+# --- tune ----------------------------------------------------------------------------------
+def add_tune(sub):
+    p = sub.add_parser("tune", help="tune only the exit heads, backbone frozen (stage 2 of EE-Tuning)",
+                       description="Train the exit heads of an exits directory on text with the backbone frozen "
+                                   "and write the tuned exits directory. Under torchrun: DDP, or FSDP2 with --fsdp.")
+    p.add_argument("dir", help="exits directory to tune (from `eetune convert`, or an earlier tune)")
+    p.add_argument("--data", default="default",
+                   help="training text: default (BoolQ training passages), .txt/.jsonl/.json/.parquet/.csv file, "
+                        "or a folder of .txt; JSONL rows: text, instruction/response, prompt/completion or messages")
+    p.add_argument("--out", required=True, help="tuned exits directory to write (new, empty, or an exits directory)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
+    g.add_argument("--tokens", type=int, help="training tokens to see (instead of --steps)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per block (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per micro-batch per process (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="decay ends at lr x this (default 0.1)")
+    p.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps (default 0)")
+    p.add_argument("--decay", default="linear", choices=["linear", "cosine", "constant"], help="after warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default 1.0; 0 = off)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
+    p.add_argument("--seed", type=int, default=0, help="data-order seed (default 0)")
+    p.add_argument("--loss-weights", help="per-exit loss weights, e.g. 1,1 (default all 1)")
+    p.add_argument("--loss-weights-start", help="weights at step 0, ramped linearly to --loss-weights")
+    p.add_argument("--loss-weights-warmup", type=int, default=0, help="steps of that ramp (default 0)")
+    p.add_argument("--dynamic-weights", action="store_true",
+                   help="scale each token's loss by the exit's detached max-softmax probability (the paper's)")
+    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                   help="mix in KL to the final layer's distribution with weight ALPHA (needs the full forward)")
+    p.add_argument("--val-blocks", type=int, default=8, help="held-out validation blocks (default 8; 0 = none)")
+    p.add_argument("--max-blocks", type=int, default=None, help="cap on training blocks read")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: never)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --train-dir")
+    p.add_argument("--train-dir", default=None, help="logs and checkpoints (default OUT.train)")
+    p.add_argument("--cache-hidden", default=None, metavar="DIR",
+                   help="memory-mapped cache of the trunk's hidden states at the exits (later epochs and other "
+                        "head configurations on the same exits skip the backbone)")
+    p.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16"], help="cache storage (default bf16)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 over the backbone layers and heads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args):
+    import os
+
+    from .tune import TuneConfig, parse_weights, tune
+
+    cfg = TuneConfig(
+        data=args.data, steps=args.steps, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+        decay=args.decay, weight_decay=args.weight_decay, clip=args.clip, dtype=args.dtype, seed=args.seed,
+        loss_weights=parse_weights(args.loss_weights), loss_weights_start=parse_weights(args.loss_weights_start),
+        loss_weights_warmup=args.loss_weights_warmup, dynamic_weights=args.dynamic_weights, distill=args.distill,
+        val_blocks=args.val_blocks, max_blocks=args.max_blocks, eval_every=args.eval_every,
+        save_every=args.save_every, resume=args.resume, train_dir=args.train_dir, cache_hidden=args.cache_hidden,
+        cache_dtype=args.cache_dtype, fsdp=args.fsdp, progress=not args.no_progress and sys.stderr.isatty())
+    s = tune(args.dir, args.out, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = ", ".join(f"exit {k}: {v:.3f}" for k, v in s["val_loss"].items()) or "no validation"
+        print(f"wrote {args.out}: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_time_s']:.0f} s; "
+              f"validation CE {val}")
+
+
+# --- generate ------------------------------------------------------------------------------
+EXIT_COLOURS = ["32", "36", "33", "35", "34", "92", "96", "93"]  # ANSI: green, cyan, yellow, ...
+
+
+def add_generate(sub):
+    p = sub.add_parser("generate", help="decode with early exits (full | early-exit | self-spec)",
+                       description="Generate text with an exits directory: full-depth baseline, lossy early exit "
+                                   "by confidence (KV recomputation), or lossless self-speculative decoding.")
+    p.add_argument("dir", help="exits directory")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", help="a file whose whole content is one prompt")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    p.add_argument("--mode", default="early-exit", choices=["full", "early-exit", "self-spec"],
+                   help="decoding mode (default early-exit)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="exit / keep drafting when confidence >= this (default 0.9; > 1 never exits early)")
+    p.add_argument("--confidence", default="max-prob", choices=["max-prob", "margin", "entropy"],
+                   help="confidence measure (default max-prob, as the paper)")
+    p.add_argument("--draft-len", type=int, default=4, help="self-spec: most tokens drafted per round (default 4)")
+    p.add_argument("--draft-exit", type=int, default=None, help="self-spec: exit layer that drafts (default deepest)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    p.add_argument("--show-exits", action="store_true",
+                   help="colour each token by the exit that produced it (plain text when not a terminal)")
+    p.add_argument("--json", action="store_true", help="print text and per-token statistics as JSON")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args):
+    import math
+    from pathlib import Path
+
+    from .backbone import load_tokenizer
+    from .decode import DecodeOptions
+    from .model import EarlyExitModel
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        if not Path(args.prompt_file).is_file():
+            raise EETuneError(f"prompt file not found: {args.prompt_file}")
+        prompts.append(Path(args.prompt_file).read_text(encoding="utf-8"))
+    if not prompts:
+        raise EETuneError("no prompt: give --prompt TEXT or --prompt-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise EETuneError("empty prompt: give some text")
+    if args.stream and len(prompts) != 1:
+        raise EETuneError("--stream takes exactly one prompt")
+    model = EarlyExitModel.from_pretrained(args.dir)
+    opts = DecodeOptions(mode=args.mode, threshold=args.threshold, confidence=args.confidence,
+                         draft_len=args.draft_len, draft_exit=args.draft_exit, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    opts.validate(model)
+    tok = load_tokenizer(model.backbone)
+    colour = args.show_exits and sys.stdout.isatty()
+    L = model.backbone.num_layers
+    palette = {k: EXIT_COLOURS[i % len(EXIT_COLOURS)] for i, k in enumerate(model.exit_layers)}
+
+    def paint(piece, stat):
+        if not colour or stat.exit_layer >= L:
+            return piece
+        return f"\x1b[{palette[stat.exit_layer]}m{piece}\x1b[0m"
+
+    pieces = [[] for _ in prompts]
+
+    def on_text(b, piece, stat):
+        pieces[b].append(paint(piece, stat))
+        if args.stream and not args.json:
+            sys.stdout.write(pieces[b][-1])
+            sys.stdout.flush()
+
+    if colour:
+        legend = "  ".join(f"\x1b[{c}mexit {k}\x1b[0m" for k, c in palette.items())
+        print(f"legend: {legend}  final layer {L}", file=sys.stderr)
+    result = model.generate(prompts, tokenizer=tok, chat=args.chat, stop=tuple(args.stop), on_text=on_text, **{
+        k: v for k, v in opts.__dict__.items() if k != "record_logits"})
+    if args.json:
+        def num(x):
+            return None if isinstance(x, float) and math.isnan(x) else x
+        out = {"summary": {k: num(v) for k, v in result.summary().items()},
+               "rows": [{"prompt": p, "text": r.text, "ids": r.ids, "finished_by": r.finished_by,
+                         "tokens": [{"id": t.token, "exit_layer": t.exit_layer, "confidence": num(t.confidence),
+                                     "drafted": t.drafted} for t in r.tokens]}
+                        for p, r in zip(prompts, result.rows)]}
+        print(json.dumps(out, indent=2))
+        return
+    if args.stream:
+        print()
+    else:
+        for b, r in enumerate(result.rows):
+            if len(prompts) > 1:
+                print(f"--- prompt {b + 1}")
+            print("".join(pieces[b]) if colour else r.text)
+    s = result.summary()
+    extra = (f", {s['accepted']}/{s['drafted']} drafts accepted" if args.mode == "self-spec" else
+             f", mean exit layer {s['mean_layers_per_token']:.1f} of {L}")
+    print(f"[{args.mode}: {s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s{extra}]", file=sys.stderr)
+
+
 # --- entry point ---------------------------------------------------------------------------
-VERBS = [add_convert, add_info, add_evaluate]
+VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad arguments give one line (`eetune: error: ...`) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"eetune: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="eetune", description="Early-exit tuning and decoding for HF causal LMs.")
+    parser = _Parser(prog="eetune", description="Early-exit tuning and decoding for HF causal LMs.")
     parser.add_argument("--version", action="version", version=f"eetune {__version__}")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
     for add in VERBS:
         add(sub)
     return parser

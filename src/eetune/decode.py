@@ -536,3 +536,34 @@ def generate_text(model, tokenizer, prompts: list[str], opts: DecodeOptions, cha
     for b, r in enumerate(result.rows):
         r.text = shown[b] if r.finished_by == "stop" else tokenizer.decode(r.ids, skip_special_tokens=True)
     return result
+
+
+def custom_generate_fn(model, options: dict):
+    """Build the `custom_generate` callable behind `EarlyExitModel.as_custom_generate`."""
+
+    def decoding_loop(hf_model, input_ids, logits_processor=None, stopping_criteria=None,
+                      generation_config=None, **model_kwargs):
+        if hf_model is not model.backbone.model:
+            raise EETuneError("custom_generate was built for another model: call the backbone's own generate()")
+        gc = generation_config
+        mask = model_kwargs.get("attention_mask")
+        prompts = [row[m.bool()].tolist() if mask is not None else row.tolist()
+                   for row, m in zip(input_ids, mask if mask is not None else input_ids)]
+        eos = gc.eos_token_id
+        eos = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(int(e) for e in eos))
+        opts = dict(options)
+        opts.setdefault("max_new_tokens", gc.max_new_tokens or 20)
+        if gc.do_sample:
+            opts.setdefault("temperature", gc.temperature or 1.0)
+            opts.setdefault("top_k", gc.top_k or 0)
+            opts.setdefault("top_p", gc.top_p or 1.0)
+        opts.setdefault("eos_token_ids", eos)
+        result = generate(model, prompts, DecodeOptions(**opts))
+        pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
+        width = max(len(r.ids) for r in result.rows)
+        new = torch.full((len(prompts), width), pad, dtype=input_ids.dtype, device=input_ids.device)
+        for b, r in enumerate(result.rows):
+            new[b, :len(r.ids)] = torch.tensor(r.ids, dtype=input_ids.dtype)
+        return torch.cat([input_ids, new], dim=1)
+
+    return decoding_loop

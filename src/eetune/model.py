@@ -104,10 +104,34 @@ class EarlyExitModel(nn.Module):
             logits[head.layer] = head(h, ctx)
         final_logits = None
         if final:
+            if self.released_from is not None:
+                raise EETuneError(f"layers past {self.released_from} were released (release_unused_layers): "
+                                  f"final logits need the full backbone; reload the model")
             with torch.no_grad():
                 h = bb.run_layers(h, done, bb.num_layers, ctx)
                 final_logits = bb.logits(bb.final_norm(h))
         return ExitOutput(logits, final_logits, hiddens if return_hidden else None)
+
+    # --- memory economy --------------------------------------------------------------------
+    @property
+    def released_from(self) -> int | None:
+        return getattr(self, "_released_from", None)
+
+    def release_unused_layers(self, start: int | None = None) -> int:
+        """Free the backbone layers past the deepest exit (the paper's partial loading): a run
+        that needs no final logits never runs them, so it need not hold them. The layer list
+        keeps its length (placeholders), so layer numbering and per-layer attention types stay
+        as they were; `forward(final=True)` is refused afterwards. `start=0` frees every layer
+        (hidden states served from a cache). Returns how many were freed."""
+        deepest = max(self.config.exit_layers) if start is None else start
+        layers = self.backbone.layers
+        freed = 0
+        for i in range(deepest, len(layers)):
+            if not isinstance(layers[i], ReleasedLayer):
+                layers[i] = ReleasedLayer(i)
+                freed += 1
+        self._released_from = deepest
+        return freed
 
     # --- parameters --------------------------------------------------------------------------
     def parameter_counts(self) -> dict:
@@ -122,18 +146,7 @@ class EarlyExitModel(nn.Module):
         """Write exit_config.json and exit_heads.safetensors atomically: a temporary sibling
         directory is filled, then renamed over `directory`. An existing directory is replaced
         only if it is an exits directory (or empty)."""
-        directory = Path(directory)
-        check_output_dir(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "eetune": "exit_heads"})
-            (tmp / CONFIG_NAME).write_text(self.config.to_json())
-            _replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        write_exits_dir(directory, self.config, self.heads.state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, backbone: Adapter | None = None,
@@ -168,6 +181,59 @@ class EarlyExitModel(nn.Module):
 
     def new_cache(self) -> LayerCache:
         return LayerCache(self.backbone.num_layers)
+
+    # --- decoding (eetune.decode) ------------------------------------------------------------
+    def generate(self, prompts, tokenizer=None, chat: bool = False, stop=(), on_text=None, **options):
+        """Decode with early exits. `prompts`: a string or list of strings (with `tokenizer`),
+        or lists of token ids. `options` are `DecodeOptions` fields: mode ("full",
+        "early-exit", "self-spec"), threshold, confidence, draft_len, draft_exit,
+        max_new_tokens, temperature, top_k, top_p, seed, eos_token_ids. Returns a
+        `decode.Generation` (ids, text, per-token exit layer and confidence, speed)."""
+        from .decode import DecodeOptions, generate, generate_text
+
+        opts = DecodeOptions(**options)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if prompts and isinstance(prompts[0], str):
+            if tokenizer is None:
+                raise EETuneError("text prompts need a tokenizer: pass tokenizer= (eetune.load_tokenizer(backbone))")
+            return generate_text(self, tokenizer, list(prompts), opts, chat=chat, stop=tuple(stop), on_text=on_text)
+        return generate(self, [list(p) for p in prompts], opts)
+
+    def as_custom_generate(self, **options):
+        """A callable for Hugging Face's `generate(..., custom_generate=callable)`: the backbone's
+        own `generate` then decodes through this engine. `max_new_tokens`, `do_sample`,
+        `temperature`, `top_k`, `top_p` and `eos_token_id` come from the generation config;
+        `options` (mode, threshold, ...) from here. Returns prompt + new ids, right-padded."""
+        from .decode import custom_generate_fn
+        return custom_generate_fn(self, options)
+
+
+class ReleasedLayer(nn.Module):
+    """Stands in for a backbone layer freed by `release_unused_layers`; refuses to run."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args, **kwargs):
+        raise EETuneError(f"backbone layer {self.index + 1} was released to save memory: reload the model to run it")
+
+
+def write_exits_dir(directory: str | Path, config: ExitConfig, state: dict) -> None:
+    """Write `config` and the head tensors `state` as an exits directory, atomically."""
+    directory = Path(directory)
+    check_output_dir(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "eetune": "exit_heads"})
+        (tmp / CONFIG_NAME).write_text(config.to_json())
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def is_exits_dir(directory: Path) -> bool:
