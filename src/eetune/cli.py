@@ -291,6 +291,73 @@ def cmd_generate(args):
     print(f"[{args.mode}: {s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s{extra}]", file=sys.stderr)
 
 
+# --- tune ----------------------------------------------------------------------------------
+def add_tune(sub):
+    p = sub.add_parser("tune", help="tune only the exit heads, backbone frozen (stage 2 of EE-Tuning)",
+                       description="Train the exit heads of an exits directory on text with the backbone frozen "
+                                   "and write the tuned exits directory. Under torchrun: DDP, or FSDP2 with --fsdp.")
+    p.add_argument("dir", help="exits directory to tune (from `eetune convert`, or an earlier tune)")
+    p.add_argument("--data", default="default",
+                   help="training text: default (BoolQ training passages), .txt/.jsonl/.json/.parquet/.csv file, "
+                        "or a folder of .txt; JSONL rows: text, instruction/response, prompt/completion or messages")
+    p.add_argument("--out", required=True, help="tuned exits directory to write (new, empty, or an exits directory)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
+    g.add_argument("--tokens", type=int, help="training tokens to see (instead of --steps)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per block (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per micro-batch per process (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="decay ends at lr x this (default 0.1)")
+    p.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps (default 0)")
+    p.add_argument("--decay", default="linear", choices=["linear", "cosine", "constant"], help="after warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default 1.0; 0 = off)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
+    p.add_argument("--seed", type=int, default=0, help="data-order seed (default 0)")
+    p.add_argument("--loss-weights", help="per-exit loss weights, e.g. 1,1 (default all 1)")
+    p.add_argument("--loss-weights-start", help="weights at step 0, ramped linearly to --loss-weights")
+    p.add_argument("--loss-weights-warmup", type=int, default=0, help="steps of that ramp (default 0)")
+    p.add_argument("--dynamic-weights", action="store_true",
+                   help="scale each token's loss by the exit's detached max-softmax probability (the paper's)")
+    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                   help="mix in KL to the final layer's distribution with weight ALPHA (needs the full forward)")
+    p.add_argument("--val-blocks", type=int, default=8, help="held-out validation blocks (default 8; 0 = none)")
+    p.add_argument("--max-blocks", type=int, default=None, help="cap on training blocks read")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: never)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --train-dir")
+    p.add_argument("--train-dir", default=None, help="logs and checkpoints (default OUT.train)")
+    p.add_argument("--cache-hidden", default=None, metavar="DIR",
+                   help="memory-mapped cache of the trunk's hidden states at the exits (later epochs and other "
+                        "head configurations on the same exits skip the backbone)")
+    p.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16"], help="cache storage (default bf16)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 over the backbone layers and heads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args):
+    import os
+
+    from .tune import TuneConfig, parse_weights, tune
+
+    cfg = TuneConfig(
+        data=args.data, steps=args.steps, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+        decay=args.decay, weight_decay=args.weight_decay, clip=args.clip, dtype=args.dtype, seed=args.seed,
+        loss_weights=parse_weights(args.loss_weights), loss_weights_start=parse_weights(args.loss_weights_start),
+        loss_weights_warmup=args.loss_weights_warmup, dynamic_weights=args.dynamic_weights, distill=args.distill,
+        val_blocks=args.val_blocks, max_blocks=args.max_blocks, eval_every=args.eval_every,
+        save_every=args.save_every, resume=args.resume, train_dir=args.train_dir, cache_hidden=args.cache_hidden,
+        cache_dtype=args.cache_dtype, fsdp=args.fsdp, progress=not args.no_progress and sys.stderr.isatty())
+    s = tune(args.dir, args.out, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = ", ".join(f"exit {k}: {v:.3f}" for k, v in s["val_loss"].items()) or "no validation"
+        print(f"wrote {args.out}: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_time_s']:.0f} s; "
+              f"validation CE {val}")
+
+
 # --- entry point ---------------------------------------------------------------------------
 VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate]
 

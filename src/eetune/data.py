@@ -1,40 +1,63 @@
-"""Text sources -> token blocks.
+"""Data sources -> documents -> token blocks (with a held-out validation slice).
 
-Sources (`--data SPEC`): `default` (the embedded BoolQ training passages, for tuning),
-`default-dev` (BoolQ dev passages, for evaluation only), a `.txt` file or a folder of them
-(one document per file, or per blank-line separated paragraph block), or a `.jsonl` file with a
-`text` field. Documents are tokenised and packed into fixed-length blocks separated by EOS.
+Sources (`--data SPEC`):
+- `default`: the embedded BoolQ training passages (for tuning); `default-dev`: BoolQ dev
+  passages (for evaluation only; never in `default`).
+- a `.txt` file (one document) or a folder of `.txt` files (one document per file);
+- a `.jsonl` file whose rows have a `text` field, or are instruction data: `instruction` /
+  `response` (optional `input`), `prompt` / `completion`, or `messages` (a list of
+  `{"role", "content"}`); instruction rows are rendered with the tokenizer's chat template;
+- any other local file the Hugging Face `datasets` library reads (`.json`, `.parquet`,
+  `.csv`, `.arrow`), with the same row formats (needs `pip install datasets`).
+
+`load_texts(spec, tokenizer)` returns the rendered documents. `tokenize_documents` tokenises
+them once and caches the result under `$EETUNE_CACHE/tokens` (keyed by the source's content
+and the tokenizer). `train_val_blocks` splits whole documents into a training part and a
+held-out validation part (no validation token ever appears in training) and packs each into
+fixed-length blocks separated by EOS. `pack_blocks` packs documents without a split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import EETuneError
 
+DATASETS_SUFFIXES = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+INSTRUCTION_FORMATS = "a 'text' field, instruction/response, prompt/completion or messages"
 
-def load_texts(spec: str) -> list[str]:
-    """Read the documents of a data source (see the module docstring)."""
+
+# --- reading rows --------------------------------------------------------------------------
+def _resolve(spec: str) -> Path:
     from . import defaults
 
     if spec == "default":
-        return load_texts(str(defaults.default_data_file("boolq_train_passages.jsonl")))
+        return defaults.default_data_file("boolq_train_passages.jsonl")
     if spec == "default-dev":
-        return load_texts(str(defaults.default_data_file("boolq_dev_passages.jsonl")))
+        return defaults.default_data_file("boolq_dev_passages.jsonl")
     path = Path(spec)
     if not path.exists():
-        raise EETuneError(f"data not found: {spec}: give a .txt/.jsonl file, a folder of .txt files, "
-                          f"'default' or 'default-dev'")
+        raise EETuneError(f"data not found: {spec}: give a .txt/.jsonl/.json/.parquet/.csv file, a folder of "
+                          f".txt files, 'default' or 'default-dev'")
+    return path
+
+
+def read_rows(spec: str) -> list:
+    """The raw rows of a source: strings (plain text) or dicts (JSONL / datasets rows)."""
+    path = _resolve(spec)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise EETuneError(f"data folder {spec} has no .txt files: add some or point to a file")
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
-    elif path.suffix == ".jsonl":
-        texts = []
+        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    if path.suffix == ".jsonl":
+        rows = []
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -43,32 +66,198 @@ def load_texts(spec: str) -> list[str]:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     raise EETuneError(f"{spec} line {n} is not valid JSON: fix or remove it") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise EETuneError(f"{spec} line {n} has no string 'text' field: give one per line")
-                texts.append(row["text"])
-    else:
-        texts = [path.read_text(encoding="utf-8", errors="replace")]
+                if not isinstance(row, dict):
+                    raise EETuneError(f"{spec} line {n} is not a JSON object: give one object per line")
+                rows.append(row)
+        return rows
+    if path.suffix in DATASETS_SUFFIXES:
+        return _read_with_datasets(path, DATASETS_SUFFIXES[path.suffix])
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def _read_with_datasets(path: Path, builder: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise EETuneError(f"reading {path.suffix} files needs the Hugging Face datasets library: "
+                          f"`pip install datasets`, or convert {path.name} to .jsonl") from None
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                   cache_dir=str(_cache_root() / "datasets"))
+    except Exception as e:  # noqa: BLE001 - one line instead of a traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EETuneError(f"cannot read {path} with datasets ({builder}): {first}") from None
+    return [dict(r) for r in ds]
+
+
+def render_row(row, tokenizer=None, where: str = "") -> str:
+    """One row -> one document: its text, or an instruction exchange through the chat template."""
+    if isinstance(row, str):
+        return row
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    messages = None
+    if isinstance(row.get("messages"), list):
+        messages = row["messages"]
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in messages):
+            raise EETuneError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}}")
+    elif isinstance(row.get("instruction"), str) and isinstance(row.get("response", row.get("output")), str):
+        prompt = row["instruction"]
+        if isinstance(row.get("input"), str) and row["input"].strip():
+            prompt = f"{prompt}\n\n{row['input']}"
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": row.get("response", row.get("output"))}]
+    elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    if messages is None:
+        raise EETuneError(f"{where} has none of {INSTRUCTION_FORMATS} (keys: {sorted(row)[:6]}): "
+                          f"give one per row")
+    if tokenizer is None:
+        raise EETuneError(f"{where} is instruction data: it needs a tokenizer with a chat template to render")
+    if not getattr(tokenizer, "chat_template", None):
+        raise EETuneError(f"{where} is instruction data but the tokenizer has no chat template: "
+                          f"use plain 'text' rows or a model with a chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def load_texts(spec: str, tokenizer=None) -> list[str]:
+    """The documents of a data source (see the module docstring), empty ones dropped."""
+    rows = read_rows(spec)
+    texts = [render_row(r, tokenizer, f"{spec} row {i + 1}") for i, r in enumerate(rows)]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise EETuneError(f"data {spec} is empty: give a source with some text")
     return texts
 
 
-def pack_blocks(tokenizer, texts: list[str], seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Tokenise documents, join them with EOS, cut into (N, seq_len) blocks (remainder dropped)."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
+# --- tokenising (cached) -------------------------------------------------------------------
+def _cache_root() -> Path:
+    from . import defaults
+    return defaults.cache_dir()
+
+
+def _source_key(spec: str) -> str:
+    """Identity of a source's content: path, size and mtime of every file it reads."""
+    path = _resolve(spec)
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def tokenizer_key(tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(str(tokenizer.eos_token_id).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return h.hexdigest()
+
+
+def tokenize_documents(spec: str, tokenizer, cache: bool = True) -> list[torch.Tensor]:
+    """Token ids of every document of `spec` (no special tokens added), tokenised once and
+    cached as safetensors under `$EETUNE_CACHE/tokens/`."""
+    from safetensors.torch import load_file, save_file
+
+    path = None
+    if cache:
+        key = hashlib.sha256(f"{_source_key(spec)}|{tokenizer_key(tokenizer)}|v1".encode()).hexdigest()[:32]
+        path = _cache_root() / "tokens" / f"{key}.safetensors"
+        if path.is_file():
+            t = load_file(str(path))
+            return list(torch.split(t["ids"].long(), t["lengths"].tolist()))
+    texts = load_texts(spec, tokenizer)
+    docs = [torch.tensor(ids, dtype=torch.long)
+            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    docs = [d for d in docs if d.numel()]
+    if not docs:
+        raise EETuneError(f"data {spec} tokenises to nothing: give a source with some text")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tokens-", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"ids": torch.cat(docs).to(torch.int32),
+                       "lengths": torch.tensor([d.numel() for d in docs], dtype=torch.long)}, tmp,
+                      metadata={"source": str(spec)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return docs
+
+
+# --- packing -------------------------------------------------------------------------------
+def _pack_ids(docs: list[torch.Tensor], eos: int | None, seq_len: int, max_blocks: int | None) -> torch.Tensor:
+    parts, total = [], 0
     need = None if max_blocks is None else max_blocks * seq_len
-    for t in texts:
-        stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
-        if need is not None and len(stream) >= need:
+    sep = torch.tensor([eos], dtype=torch.long) if eos is not None else None
+    for d in docs:
+        parts.append(d)
+        total += d.numel()
+        if sep is not None:
+            parts.append(sep)
+            total += 1
+        if need is not None and total >= need:
             break
-    n = len(stream) // seq_len
+    stream = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    n = stream.numel() // seq_len
     if max_blocks is not None:
         n = min(n, max_blocks)
-    if n == 0:
-        raise EETuneError(f"data has {len(stream)} tokens, fewer than one block of {seq_len}: give more text "
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def pack_blocks(tokenizer, texts: list[str], seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Tokenise documents, join them with EOS, cut into (N, seq_len) blocks (remainder dropped)."""
+    docs = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
+    blocks = _pack_ids(docs, tokenizer.eos_token_id, seq_len, max_blocks)
+    if blocks.shape[0] == 0:
+        n = sum(d.numel() + (tokenizer.eos_token_id is not None) for d in docs)
+        raise EETuneError(f"data has {n} tokens, fewer than one block of {seq_len}: give more text "
                           f"or a smaller --seq-len")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return blocks
+
+
+def train_val_blocks(spec: str, tokenizer, seq_len: int, val_blocks: int = 8, max_blocks: int | None = None,
+                     seed: int = 0, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Training and validation blocks of `spec`, split by whole documents.
+
+    Documents are shuffled with a fixed seed; the first ones, until they fill `val_blocks`
+    blocks, are held out for validation, the rest packed for training (at most `max_blocks`).
+    If the source is small, the validation slice shrinks to a tenth of it (at least one block);
+    `val_blocks=0` holds nothing out. Returns (train, val, info).
+    """
+    if seq_len < 2:
+        raise EETuneError(f"--seq-len {seq_len} is too short: give at least 2 tokens per block")
+    docs = tokenize_documents(spec, tokenizer, cache=cache)
+    eos = tokenizer.eos_token_id
+    total = sum(d.numel() + (eos is not None) for d in docs)
+    total_blocks = total // seq_len
+    if total_blocks < 1:
+        raise EETuneError(f"data {spec} has {total} tokens, fewer than one block of {seq_len}: give more text "
+                          f"or a smaller --seq-len")
+    want_val = 0 if val_blocks <= 0 else min(val_blocks, max(1, total_blocks // 10))
+    if want_val and total_blocks < 2:
+        raise EETuneError(f"data {spec} has {total} tokens: one block of {seq_len} to train on plus one held out "
+                          f"for validation need at least {2 * seq_len}; give more text, a smaller --seq-len or "
+                          f"--val-blocks 0")
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_docs, used = [], 0
+    while want_val and used < want_val * seq_len and len(val_docs) < len(docs) - 1:
+        d = docs[order[len(val_docs)]]
+        val_docs.append(d)
+        used += d.numel() + (eos is not None)
+    train_docs = [docs[i] for i in order[len(val_docs):]]
+    val = _pack_ids(val_docs, eos, seq_len, want_val) if want_val else torch.zeros(0, seq_len, dtype=torch.long)
+    train = _pack_ids(train_docs, eos, seq_len, max_blocks)
+    if train.shape[0] == 0 or (want_val and val.shape[0] == 0):
+        raise EETuneError(f"data {spec} ({total} tokens, {len(docs)} documents) does not fill one training block "
+                          f"and one validation block of {seq_len} tokens from separate documents: give more "
+                          f"text, a smaller --seq-len or --val-blocks 0")
+    info = {"source": spec, "documents": len(docs), "tokens": total, "train_blocks": int(train.shape[0]),
+            "val_blocks": int(val.shape[0]), "val_documents": len(val_docs), "seq_len": seq_len}
+    return train, val, info

@@ -1,0 +1,627 @@
+"""EE-Tuning stage 2: tune only the exit heads, the backbone frozen.
+
+    eetune tune runs/exits --data default --steps 200 --lr 1e-3 --warmup 10 --out runs/tuned
+    torchrun --nproc_per_node 2 -m eetune.cli tune runs/exits --data default --out runs/tuned [--fsdp]
+
+    from eetune.tune import TuneConfig, tune
+    summary = tune("runs/exits", "runs/tuned", TuneConfig(data="default", steps=200, lr=1e-3))
+
+The loop is written out in one function, `tune`. Per optimizer step it takes a global batch of
+token blocks (each rank its slice of it), runs the trunk in eval mode under `no_grad` up to the
+deepest exit (layers past it are not even kept in memory, unless `--distill` needs the final
+distribution), or reads the trunk's hidden states from a `--cache-hidden` directory; computes
+`sum_i w_i * CE_i` over the exits (optionally token-wise dynamic weights, optionally KL to the
+final layer); back-propagates into the heads only; clips; steps AdamW with warm-up and decay.
+
+Everything a run writes besides the final exits directory lives in its training directory
+(default `OUT.train/`): `log.csv` (TensorBoard events under `tb/` when installed) and
+`checkpoints/step-NNNNNNN/` with heads, optimizer state and RNG state as safetensors plus a JSON
+state file, published by renaming a finished temporary directory and then atomically replacing
+`checkpoints/latest.json`. `--resume` continues bit-exactly: the data order and learning rate
+are functions of the step number, and the optimizer and RNG states are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import ExitConfig
+from .errors import EETuneError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+
+
+@dataclass
+class TuneConfig:
+    data: str = "default"  # data source (see eetune.data): default, .txt/.jsonl/.json/.parquet/.csv, folder
+    steps: int | None = None  # optimizer steps; None: from `tokens`, else one epoch of the training blocks
+    tokens: int | None = None  # training tokens to see (alternative to `steps`)
+    seq_len: int = 512  # tokens per block
+    batch_size: int = 8  # blocks per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks
+    lr: float = 1e-4  # peak learning rate (the paper's scripts: 1e-4)
+    min_lr_ratio: float = 0.1  # decay ends at lr * min_lr_ratio (the paper: 1e-4 -> 1e-5)
+    warmup: int = 0  # linear learning-rate warm-up steps
+    decay: str = "linear"  # linear | cosine | constant, after the warm-up
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only; norms and biases never)
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam betas of the paper's scripts
+    clip: float = 1.0  # max global gradient norm (0: no clipping)
+    dtype: str = "fp32"  # fp32 | bf16 (bf16: backbone weights and autocast; heads kept in fp32)
+    seed: int = 0  # data order (and anything random)
+    loss_weights: tuple[float, ...] | None = None  # per-exit weights w_i (default all 1)
+    loss_weights_start: tuple[float, ...] | None = None  # weights at step 0, ramped linearly to loss_weights
+    loss_weights_warmup: int = 0  # steps of that ramp (0: no ramp)
+    dynamic_weights: bool = False  # scale each token's CE by the exit's detached max-softmax probability
+    distill: float = 0.0  # alpha: loss = (1 - alpha) CE + alpha KL(final || exit); needs the full forward
+    val_blocks: int = 8  # held-out blocks (whole documents never trained on); 0: no validation
+    max_blocks: int | None = None  # cap on training blocks read from the source
+    eval_every: int = 0  # validation every N steps (0: at the end only)
+    save_every: int = 0  # checkpoint every N steps (0: none; then also none at the end)
+    resume: bool = False  # continue from the training directory's latest checkpoint
+    train_dir: str | None = None  # logs and checkpoints (default: OUT.train)
+    cache_hidden: str | None = None  # directory of memory-mapped trunk hidden states at the exits
+    cache_dtype: str = "bf16"  # bf16 | fp16 storage of cached hidden states
+    fsdp: bool = False  # under torchrun: FSDP2 fully_shard of the backbone layers, heads their own unit
+    progress: bool = True  # tqdm progress bar (rank 0)
+
+    # Settings that must match for --resume to continue the same trajectory.
+    TRAJECTORY = ("data", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay",
+                  "weight_decay", "betas", "clip", "dtype", "seed", "loss_weights", "loss_weights_start",
+                  "loss_weights_warmup", "dynamic_weights", "distill", "val_blocks", "max_blocks", "cache_dtype")
+
+
+# --- small pieces the loop uses ------------------------------------------------------------
+def lr_at(step: int, total: int, cfg: TuneConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then decay."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.decay == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.decay == "cosine":
+        return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+    return cfg.lr - (cfg.lr - floor) * progress
+
+
+def loss_weights_at(step: int, cfg: TuneConfig, n: int) -> list[float]:
+    target = list(cfg.loss_weights or [1.0] * n)
+    if not cfg.loss_weights_warmup or cfg.loss_weights_start is None:
+        return target
+    f = min(1.0, step / cfg.loss_weights_warmup)
+    return [s + (t - s) * f for s, t in zip(cfg.loss_weights_start, target)]
+
+
+def block_indices(step: int, micro: int, rank: int, world: int, cfg: TuneConfig, n: int, perms: dict) -> list[int]:
+    """Training blocks of (step, micro-batch, rank). Sample i of the endless stream is block
+    perm_e[i mod n] of epoch e = i // n; a step takes the next global batch of samples, each
+    rank a contiguous slice of it, so any split over ranks and micro-batches sees the same set."""
+    G = cfg.batch_size * cfg.grad_accum * world
+    start = step * G + micro * cfg.batch_size * world + rank * cfg.batch_size
+    out = []
+    for i in range(start, start + cfg.batch_size):
+        e = i // n
+        if e not in perms:
+            perms[e] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + e)).tolist()
+        out.append(perms[e][i % n])
+    return out
+
+
+def exit_loss(logits: torch.Tensor, ids: torch.Tensor, dynamic: bool, final_logits: torch.Tensor | None,
+              alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to back-propagate, plain mean next-token CE) of one exit on one micro-batch."""
+    lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    ce = F.cross_entropy(lg, targets, reduction="none")
+    plain = ce.mean()
+    if dynamic:  # the paper's token-wise weighting: the exit's own detached confidence
+        with torch.no_grad():
+            conf = torch.exp(lg.amax(-1) - torch.logsumexp(lg, -1))
+        loss = (conf * ce).mean()
+    else:
+        loss = plain
+    if alpha > 0:
+        ref = F.log_softmax(final_logits[:, :-1].float().reshape(-1, lg.shape[-1]), -1)
+        kl = F.kl_div(F.log_softmax(lg, -1), ref, log_target=True, reduction="sum") / lg.shape[0]
+        loss = (1 - alpha) * loss + alpha * kl
+    return loss, plain.detach()
+
+
+class _Heads(nn.Module):
+    """The exit heads as one module (the unit DDP replicates and FSDP shards)."""
+
+    def __init__(self, heads: nn.ModuleList):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, hiddens: list[torch.Tensor], ctx) -> list[torch.Tensor]:
+        return [head(h, ctx) for head, h in zip(self.heads, hiddens)]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A full tensor on the CPU (gathers an FSDP2 shard: a collective, every rank calls it)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu().contiguous()
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `ref` (sharded the same way when `ref` is an FSDP2 DTensor)."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(full.to(ref.dtype), ref.device_mesh, ref.placements)
+    return full.to(device=ref.device, dtype=ref.dtype)
+
+
+def _save_json_atomic(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(train_dir: Path) -> Path | None:
+    p = train_dir / CHECKPOINTS / LATEST
+    if not p.is_file():
+        return None
+    d = train_dir / CHECKPOINTS / json.loads(p.read_text())["checkpoint"]
+    return d if (d / "state.json").is_file() else None
+
+
+def save_checkpoint(train_dir: Path, step: int, named_params: list, opt, state: dict, rank: int) -> Path | None:
+    """Write checkpoint `step` (heads, AdamW state, RNG, JSON state) and publish it atomically:
+    a temporary directory renamed to step-N, then latest.json replaced. Keeps the newest two."""
+    heads = {name: _full(p) for name, p in named_params}
+    optim = {}
+    for name, p in named_params:
+        for key, v in opt.state.get(p, {}).items():
+            optim[f"{name}/{key}"] = _full(v) if torch.is_tensor(v) else torch.tensor(v)
+    if rank != 0:
+        return None
+    root = train_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        save_file(heads, str(tmp / "heads.safetensors"))
+        save_file(optim, str(tmp / "optimizer.safetensors"))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _save_json_atomic(root / LATEST, {"checkpoint": name, "step": step})
+    keep = sorted(p for p in root.glob("step-*") if p.is_dir())[-2:]
+    for p in root.iterdir():
+        if p.is_dir() and p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+class HiddenCache:
+    """Trunk hidden states at the exit layers for every training and validation block, stored
+    memory-mapped as 16-bit floats: `meta.json`, one `h<k>.bin` (N, T, H) per exit layer and
+    `filled.bin` (one byte per block, set after its states are written). Valid for one backbone,
+    one block set and its exit layers; any head configuration on those exits can reuse it."""
+
+    def __init__(self, directory: Path, layers, n_blocks: int, seq_len: int, hidden: int, dtype: str,
+                 key: dict, rank: int, world: int):
+        self.dir, self.layers = Path(directory), tuple(layers)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        shape = (n_blocks, seq_len, hidden)
+        meta_path = self.dir / "meta.json"
+        meta = {"key": key, "layers": list(self.layers), "shape": list(shape), "dtype": dtype}
+        if meta_path.is_file():
+            have = json.loads(meta_path.read_text())
+            if have["key"] != key or have["shape"] != list(shape) or have["dtype"] != dtype \
+                    or not set(self.layers) <= set(have["layers"]):
+                raise EETuneError(f"--cache-hidden {directory} holds hidden states of other data, backbone, exits "
+                                  f"or dtype: give a new directory for this run")
+            self.layers = tuple(have["layers"])
+        elif rank == 0:
+            if self.dir.exists() and any(self.dir.iterdir()):
+                raise EETuneError(f"--cache-hidden {directory} exists and is not a hidden-state cache: "
+                                  f"give a new or empty directory")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for k in self.layers:
+                np.memmap(self.dir / f"h{k}.bin", dtype=np.int16, mode="w+", shape=shape).flush()
+            np.memmap(self.dir / "filled.bin", dtype=np.uint8, mode="w+", shape=(n_blocks,)).flush()
+            _save_json_atomic(meta_path, meta)
+        if world > 1:
+            torch.distributed.barrier()
+        self.h = {k: np.memmap(self.dir / f"h{k}.bin", dtype=np.int16, mode="r+", shape=shape) for k in self.layers}
+        self.filled = np.memmap(self.dir / "filled.bin", dtype=np.uint8, mode="r+", shape=(n_blocks,))
+
+    def complete(self, indices) -> bool:
+        return bool(self.filled[np.asarray(indices)].all())
+
+    def read(self, indices, layers) -> list[torch.Tensor]:
+        idx = np.asarray(indices)
+        return [torch.from_numpy(np.ascontiguousarray(self.h[k][idx])).view(self.dtype).float() for k in layers]
+
+    def write(self, indices, layers, hiddens) -> list[torch.Tensor]:
+        """Store hidden states; returns them rounded as stored (what the heads then see, so a
+        block gives the same inputs whether computed now or read later)."""
+        idx = np.asarray(indices)
+        out = []
+        for k, h in zip(layers, hiddens):
+            r = h.detach().to(self.dtype).cpu()
+            self.h[k][idx] = r.view(torch.int16).numpy()
+            out.append(r.float().to(h.device))
+        self.filled[idx] = 1
+        return out
+
+    def flush(self) -> None:
+        for m in self.h.values():
+            m.flush()
+        self.filled.flush()
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    fd, tmp = tempfile.mkstemp(prefix=".log.", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _check_config(cfg: TuneConfig, exit_layers) -> None:
+    n = len(exit_layers)
+    for name in ("seq_len", "batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise EETuneError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.seq_len < 2:
+        raise EETuneError("--seq-len must be at least 2")
+    if cfg.steps is not None and cfg.tokens is not None:
+        raise EETuneError("give --steps or --tokens, not both")
+    if (cfg.steps is not None and cfg.steps < 1) or (cfg.tokens is not None and cfg.tokens < 1):
+        raise EETuneError("--steps and --tokens must be positive")
+    if not cfg.lr > 0 or not 0 <= cfg.min_lr_ratio <= 1 or cfg.warmup < 0 or cfg.weight_decay < 0 or cfg.clip < 0:
+        raise EETuneError("--lr must be > 0, --warmup/--weight-decay/--clip >= 0, min lr ratio in [0, 1]")
+    if cfg.decay not in ("linear", "cosine", "constant"):
+        raise EETuneError(f"unknown --decay {cfg.decay!r}: use linear, cosine or constant")
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise EETuneError(f"unknown --dtype {cfg.dtype!r}: use fp32 or bf16")
+    if cfg.cache_dtype not in ("bf16", "fp16"):
+        raise EETuneError(f"unknown cache dtype {cfg.cache_dtype!r}: use bf16 or fp16")
+    for name in ("loss_weights", "loss_weights_start"):
+        w = getattr(cfg, name)
+        if w is not None:
+            if len(w) != n:
+                raise EETuneError(f"--{name.replace('_', '-')} has {len(w)} values but there are {n} exits "
+                                  f"(after layers {list(exit_layers)}): give one weight per exit")
+            if any(not math.isfinite(x) or x < 0 for x in w) or not any(x > 0 for x in w) and name == "loss_weights":
+                raise EETuneError(f"--{name.replace('_', '-')} must be finite, non-negative and not all zero")
+    if cfg.loss_weights_start is not None and cfg.loss_weights_warmup < 1:
+        raise EETuneError("starting loss weights need --loss-weights-warmup N (steps, >= 1)")
+    if not 0 <= cfg.distill <= 1:
+        raise EETuneError(f"--distill {cfg.distill} is outside [0, 1]")
+    if cfg.distill > 0 and cfg.cache_hidden:
+        raise EETuneError("--distill needs the final layer on every step, which a --cache-hidden run skips: "
+                          "use one or the other")
+    if cfg.val_blocks < 0 or cfg.eval_every < 0 or cfg.save_every < 0:
+        raise EETuneError("--val-blocks, --eval-every and --save-every must be >= 0")
+
+
+def parse_weights(spec: str | None) -> tuple[float, ...] | None:
+    """`"1,0.5"` -> (1.0, 0.5)."""
+    if spec is None:
+        return None
+    try:
+        return tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise EETuneError(f"cannot read loss weights {spec!r}: give numbers such as 1,1") from None
+
+
+# --- the loop ------------------------------------------------------------------------------
+def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None) -> dict:
+    """Tune the heads of `exits_dir` and write the tuned exits directory `out`. Returns the
+    training summary (also recorded in out/exit_config.json). Under torchrun (WORLD_SIZE > 1)
+    it runs data-parallel: DDP, or FSDP2 with `cfg.fsdp`."""
+    from .backbone import load_tokenizer
+    from .data import train_val_blocks
+    from .model import EarlyExitModel, check_output_dir, write_exits_dir
+
+    # 1. Check everything we can before loading or writing anything.
+    exits_dir, out = Path(exits_dir), Path(out)
+    exit_config = ExitConfig.load(exits_dir)  # refuses a directory that is not an exits directory
+    layers = exit_config.exit_layers
+    _check_config(cfg, layers)
+    check_output_dir(out)
+    train_dir = Path(cfg.train_dir) if cfg.train_dir else out.with_name(out.name + ".train")
+    resume_from = latest_checkpoint(train_dir)
+    if cfg.resume and resume_from is None:
+        raise EETuneError(f"--resume: no checkpoint in {train_dir}/{CHECKPOINTS} to resume from "
+                          f"(run without --resume, with --save-every N)")
+    if not cfg.resume and resume_from is not None:
+        raise EETuneError(f"{train_dir} holds checkpoints of an earlier run: pass --resume to continue it, or "
+                          f"remove it / give another --train-dir")
+
+    # 2. Processes: one, or one per rank under torchrun (gloo on CPU, NCCL on GPU).
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    started_pg = False
+    if world > 1 and not torch.distributed.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        started_pg = True
+    try:
+        # 3. Model: frozen backbone (eval, no grad), heads in fp32; layers past the deepest exit dropped.
+        model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device))
+        model.heads.float()
+        tokenizer = load_tokenizer(model.backbone)
+
+        # 4. Data: packed blocks, a held-out validation slice of whole documents (rank 0 tokenises first).
+        if world > 1 and rank != 0:
+            torch.distributed.barrier()
+        train, val, data_info = train_val_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.val_blocks, cfg.max_blocks,
+                                                 seed=0)
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
+        n_train = train.shape[0]
+        G = cfg.batch_size * cfg.grad_accum * world  # blocks per optimizer step
+        if cfg.steps is not None:
+            total_steps = cfg.steps
+        elif cfg.tokens is not None:
+            total_steps = math.ceil(cfg.tokens / (G * cfg.seq_len))
+        else:
+            total_steps = math.ceil(n_train / G)
+
+        # 5. Economy: what of the trunk is needed at all.
+        bb = model.backbone
+        cache = None
+        if cfg.cache_hidden:
+            key = {"backbone": exit_config.backbone_fingerprint,
+                   "blocks": _blocks_digest(torch.cat([train, val]))}
+            cache = HiddenCache(Path(cfg.cache_hidden), layers, n_train + val.shape[0], cfg.seq_len, bb.hidden_size,
+                                cfg.cache_dtype, key, rank, world)
+        if cfg.distill == 0:
+            if cache is not None and cache.complete(range(n_train + val.shape[0])):
+                model.release_unused_layers(0)  # every hidden state is on disk: no backbone layer needed
+            else:
+                model.release_unused_layers()
+        from .model import ReleasedLayer
+        trunk_layers_held = sum(not isinstance(layer, ReleasedLayer) for layer in bb.layers)
+        heads_core = _Heads(model.heads)
+        heads_train = heads_core
+        if world > 1 and cfg.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            mesh = init_device_mesh(device.type, (world,))
+            for layer in bb.layers:
+                if sum(p.numel() for p in layer.parameters()):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(heads_core, mesh=mesh)
+        elif world > 1:
+            heads_train = nn.parallel.DistributedDataParallel(heads_core, device_ids=[device.index] if use_cuda
+                                                              else None)
+        named = list(model.heads.named_parameters())
+        decay = [p for n, p in named if p.ndim >= 2]
+        no_decay = [p for n, p in named if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+
+        # 6. Resume: heads, optimizer and RNG state of the latest checkpoint, and its counters.
+        start_step, tokens_seen, prior_time, log_rows = 0, 0, 0.0, []
+        run_settings = {k: (list(v) if isinstance(v, tuple) else v)
+                        for k, v in dataclasses.asdict(cfg).items() if k in TuneConfig.TRAJECTORY}
+        run_settings.update(world_size=world, exit_layers=list(layers), arch=exit_config.arch)
+        if cfg.resume:
+            state = json.loads((resume_from / "state.json").read_text())
+            changed = sorted(k for k in run_settings if state["settings"].get(k) != run_settings[k])
+            if changed:
+                raise EETuneError(f"--resume with settings that differ from the checkpointed run ({', '.join(changed)}):"
+                                  f" use the same ones, or start a new run")
+            heads_state = load_file(str(resume_from / "heads.safetensors"))
+            optim_state = load_file(str(resume_from / "optimizer.safetensors"))
+            with torch.no_grad():
+                for name, p in named:
+                    p.copy_(_like(heads_state[name], p))
+            for name, p in named:
+                keys = [k.split("/", 1)[1] for k in optim_state if k.split("/", 1)[0] == name]
+                opt.state[p] = {k: (optim_state[f"{name}/{k}"] if k == "step" else
+                                    _like(optim_state[f"{name}/{k}"], p)) for k in keys}
+            rng = load_file(str(resume_from / "rng.safetensors"))
+            torch.set_rng_state(rng["torch_cpu"])
+            if use_cuda and "torch_cuda" in rng:
+                torch.cuda.set_rng_state(rng["torch_cuda"])
+            start_step, tokens_seen, prior_time = state["step"], state["tokens"], state["wall_time_s"]
+            if start_step >= total_steps:
+                raise EETuneError(f"the checkpoint in {train_dir} is at step {start_step}, the run asks for "
+                                  f"{total_steps}: give more --steps/--tokens to continue tuning")
+        if rank == 0:
+            train_dir.mkdir(parents=True, exist_ok=True)
+            log_path = train_dir / "log.csv"
+            if cfg.resume and log_path.is_file():
+                with open(log_path, newline="") as f:
+                    log_rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+            tb = _tensorboard(train_dir / "tb")
+        torch.manual_seed(cfg.seed)
+        if cfg.resume:
+            torch.set_rng_state(rng["torch_cpu"])
+
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bf16" \
+            else contextlib.nullcontext
+        positions = torch.arange(cfg.seq_len, device=device)
+
+        def trunk(ids: torch.Tensor, index: list[int]):
+            """Hidden states after each exit layer (from the cache when there), their layer
+            context, and the final logits when distillation needs them."""
+            pos = positions.expand(ids.shape[0], -1)
+            if cache is not None and cache.complete(index):
+                hiddens = [h.to(device) for h in cache.read(index, layers)]
+                return hiddens, bb.context(hiddens[0], pos), None
+            with torch.no_grad(), autocast():
+                h = bb.embed(ids, pos)
+                ctx = bb.context(h, pos)
+                hiddens, done = [], 0
+                for k in layers:
+                    h = bb.run_layers(h, done, k, ctx)
+                    hiddens.append(h)
+                    done = k
+                final_logits = None
+                if cfg.distill > 0:
+                    final_logits = bb.logits(bb.final_norm(bb.run_layers(h, done, bb.num_layers, ctx)))
+            if cache is not None:
+                hiddens = cache.write(index, layers, hiddens)
+            return hiddens, ctx, final_logits
+
+        def validate() -> dict[int, float]:
+            """Mean next-token CE per exit on the held-out blocks (every rank runs all of them)."""
+            sums = [0.0] * len(layers)
+            model.eval()
+            with torch.no_grad():
+                for a in range(0, val.shape[0], cfg.batch_size):
+                    ids = val[a:a + cfg.batch_size].to(device)
+                    hiddens, ctx, _ = trunk(ids, list(range(n_train + a, n_train + a + ids.shape[0])))
+                    with autocast():
+                        logits = heads_core(hiddens, ctx)
+                    for i, lg in enumerate(logits):
+                        sums[i] += exit_loss(lg, ids, False, None, 0.0)[1].item() * ids.shape[0]
+            model.train()
+            return {k: s / val.shape[0] for k, s in zip(layers, sums)}
+
+        # 7. The loop.
+        model.train()
+        perms: dict[int, list[int]] = {}
+        bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="tune",
+                   disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
+        t0 = time.time()
+        last_good = resume_from
+        train_loss = {k: float("nan") for k in layers}
+        val_loss: dict[int, float] = {}
+        for step in range(start_step, total_steps):
+            t_step = time.time()
+            lr = lr_at(step, total_steps, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            weights = loss_weights_at(step, cfg, len(layers))
+            step_ce = torch.zeros(len(layers), dtype=torch.float64)
+            for micro in range(cfg.grad_accum):
+                index = block_indices(step, micro, rank, world, cfg, n_train, perms)
+                ids = train[index].to(device)
+                hiddens, ctx, final_logits = trunk(ids, index)
+                last = micro == cfg.grad_accum - 1
+                if world > 1 and cfg.fsdp:
+                    heads_core.set_requires_gradient_sync(last)
+                sync = heads_train.no_sync() if (world > 1 and not cfg.fsdp and not last) else contextlib.nullcontext()
+                with sync:
+                    with autocast():
+                        logits = heads_train(hiddens, ctx)
+                    loss = 0.0
+                    for i, lg in enumerate(logits):
+                        li, ce = exit_loss(lg, ids, cfg.dynamic_weights, final_logits, cfg.distill)
+                        loss = loss + weights[i] * li
+                        step_ce[i] += ce.double().cpu() / cfg.grad_accum
+                    (loss / cfg.grad_accum).backward()
+            if world > 1:
+                torch.distributed.all_reduce(step_ce)
+                step_ce /= world
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.clip if cfg.clip > 0 else math.inf)
+            grad_norm = float(_full(grad_norm)) if torch.is_tensor(grad_norm) else float(grad_norm)
+            if not (torch.isfinite(step_ce).all() and math.isfinite(grad_norm)):
+                bad = [k for k, v in zip(layers, step_ce.tolist()) if not math.isfinite(v)] or ["gradient"]
+                kept = (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written")
+                raise EETuneError(f"non-finite loss at step {step + 1} (exit {bad[0]}): stopped, {out} not written, "
+                                  f"{kept}; lower --lr or check the data, then --resume")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens_seen += G * cfg.seq_len
+            step_s = time.time() - t_step
+            train_loss = dict(zip(layers, step_ce.tolist()))
+            row = {"step": step + 1, "tokens": tokens_seen, "lr": lr, "loss": sum(w * v for w, v in
+                                                                                   zip(weights, step_ce.tolist())),
+                   **{f"loss_{k}": v for k, v in train_loss.items()}, "grad_norm": grad_norm, "step_s": step_s,
+                   "tokens_per_s": G * cfg.seq_len / step_s, "elapsed_s": prior_time + time.time() - t0}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps and val.shape[0]:
+                val_loss = validate()
+                row.update({f"val_{k}": v for k, v in val_loss.items()})
+            if rank == 0:
+                log_rows.append(row)
+                _write_log(train_dir / "log.csv", log_rows)
+                if tb is not None:
+                    for key, v in row.items():
+                        if key != "step":
+                            tb.add_scalar(key, v, step + 1)
+                bar.set_postfix({**{f"L{k}": f"{v:.3f}" for k, v in train_loss.items()},
+                                 "tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
+            bar.update(1)
+            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == total_steps):
+                if cache is not None:
+                    cache.flush()
+                state = {"step": step + 1, "tokens": tokens_seen, "wall_time_s": prior_time + time.time() - t0,
+                         "settings": run_settings, "total_steps": total_steps, "train_loss": train_loss}
+                last_good = save_checkpoint(train_dir, step + 1, named, opt, state, rank) or last_good
+                if world > 1:
+                    torch.distributed.barrier()
+        bar.close()
+
+        # 8. Final validation, summary, the tuned exits directory.
+        if val.shape[0]:
+            val_loss = validate()
+        wall = prior_time + time.time() - t0
+        summary = {"data": data_info, "steps": total_steps, "tokens": tokens_seen, "wall_time_s": round(wall, 3),
+                   "train_loss": {str(k): v for k, v in train_loss.items()},
+                   "val_loss": {str(k): v for k, v in val_loss.items()},
+                   "settings": run_settings, "world_size": world, "fsdp": bool(cfg.fsdp and world > 1),
+                   "cache_hidden": bool(cfg.cache_hidden), "trunk_layers_held": trunk_layers_held,
+                   "exits_from": str(exits_dir.resolve())}
+        if exit_config.training:
+            summary["previous"] = exit_config.training
+        state = {name: _full(p) for name, p in named}  # every rank joins the gathers
+        if rank == 0:
+            write_exits_dir(out, exit_config.replace(training=summary), state)
+            if tb is not None:
+                tb.close()
+        if world > 1:
+            torch.distributed.barrier()
+        return summary
+    finally:
+        if started_pg:
+            torch.distributed.destroy_process_group()
+
+
+def _blocks_digest(blocks: torch.Tensor) -> str:
+    import hashlib
+    return hashlib.sha256(blocks.to(torch.int32).numpy().tobytes()).hexdigest()[:32]
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))

@@ -1,0 +1,323 @@
+"""Tuning (eetune.tune): frozen backbone, exact resume after SIGKILL, DDP / FSDP2 under torchrun,
+the hidden-state cache, losses and schedules, bad input. Tiny random models; the real default
+model is behind the `realmodel` marker."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eetune.backbone import load_backbone
+from eetune.cli import main
+from eetune.errors import EETuneError
+from eetune.model import EarlyExitModel, ReleasedLayer
+from eetune.tune import TuneConfig, block_indices, exit_loss, loss_weights_at, lr_at, tune
+
+from tune_helpers import ENV, make_world, run_cli
+
+BASE = ["--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("tune"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and alike in every process) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def heads(path):
+    return load_file(str(path / "exit_heads.safetensors"))
+
+
+def cfg(world, **kw):
+    base = dict(data=str(world["docs"]), seq_len=32, batch_size=4, lr=1e-2, progress=False)
+    return TuneConfig(**{**base, **kw})
+
+
+# --- what must show: the backbone is untouched, only heads are optimised ---------------------
+def test_backbone_bit_identical_no_grad_and_only_heads_in_optimizer(world, tmp_path, monkeypatch):
+    bb = load_backbone(str(world["model"]))
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    layer4 = bb.layers[3]
+    seen = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            params = list(params)
+            seen.extend(p for g in params for p in g["params"])
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    summary = tune(world["mlp"], tmp_path / "out", cfg(world, steps=5), backbone=bb)
+    assert summary["steps"] == 5
+    # the layer past the deepest exit (3) was released, never run; all others bit-identical
+    assert isinstance(bb.layers[3], ReleasedLayer)
+    after = {**bb.model.state_dict(), **{f"model.layers.3.{k}": v for k, v in layer4.state_dict().items()}}
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert all(p.grad is None and not p.requires_grad for p in bb.model.parameters())
+    assert all(p.grad is None for p in layer4.parameters())
+    # the optimizer holds exactly the head parameters: none of the backbone's
+    backbone_ids = {id(p) for p in bb.model.parameters()} | {id(p) for p in layer4.parameters()}
+    assert seen and all(id(p) not in backbone_ids for p in seen)
+    fresh = EarlyExitModel.convert(load_backbone(str(world["model"])), (1, 3), arch="mlp")
+    assert sum(p.numel() for p in seen) == fresh.parameter_counts()["trainable"]
+    # and the heads did move
+    tuned, untuned = heads(tmp_path / "out"), heads(world["mlp"])
+    assert any(not torch.equal(tuned[k], untuned[k]) for k in tuned)
+
+
+# --- what must show: SIGKILL after a checkpoint, --resume, identical heads -------------------
+def test_sigkill_then_resume_equals_uninterrupted_run(world, tmp_path):
+    args = ["tune", world["mlp"], "--data", world["docs"], *BASE, "--steps", "400", "--save-every", "25"]
+    reference = tmp_path / "reference"
+    tune(world["mlp"], reference, cfg(world, steps=400, save_every=25))
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "eetune.cli", *map(str, args), "--out", str(out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed.train" / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 25:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 25 <= killed_at < 400 and not out.exists()
+
+    done = run_cli([*args, "--out", out, "--resume"])
+    assert done.returncode == 0, done.stderr
+    a, b = heads(out), heads(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((out / "exit_config.json").read_text())["training"]
+    assert summary["steps"] == 400 and summary["tokens"] == 400 * 4 * 32
+    log = (tmp_path / "killed.train" / "log.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 401))  # one row per step, no repeats
+
+
+# --- what must show: 2 ranks under torchrun == 1 process with the same global batch ---------
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_match_one_process(world, tmp_path, mode):
+    one = tmp_path / "one"
+    tune(world["mlp"], one, cfg(world, steps=6, grad_accum=1, batch_size=4))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000 + (mode == "fsdp")), "-m", "eetune.cli", "tune", str(world["mlp"]),
+           "--data", str(world["docs"]), "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2", "--steps", "6",
+           "--no-progress", "--out", str(two)] + (["--fsdp"] if mode == "fsdp" else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b, start = heads(one), heads(two), heads(world["mlp"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # they trained
+    summary = json.loads((two / "exit_config.json").read_text())["training"]
+    assert summary["world_size"] == 2 and summary["fsdp"] == (mode == "fsdp")
+
+
+def test_grad_accum_matches_bigger_batch(world, tmp_path):
+    tune(world["norm"], tmp_path / "a", cfg(world, steps=4, batch_size=4))
+    tune(world["norm"], tmp_path / "b", cfg(world, steps=4, batch_size=2, grad_accum=2))
+    a, b = heads(tmp_path / "a"), heads(tmp_path / "b")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+# --- economy: hidden-state cache ------------------------------------------------------------
+def test_cache_hidden_serves_later_runs_without_backbone(world, tmp_path):
+    cache = tmp_path / "cache"
+    first = tune(world["mlp"], tmp_path / "a", cfg(world, steps=40, cache_hidden=str(cache)))  # > 1 epoch
+    assert first["trunk_layers_held"] == 3 and (cache / "meta.json").is_file()
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["layers"] == [1, 3] and meta["dtype"] == "bf16"
+    # same run again: every block is cached, so no backbone layer is held at all, same result
+    again = tune(world["mlp"], tmp_path / "b", cfg(world, steps=40, cache_hidden=str(cache)))
+    assert again["trunk_layers_held"] == 0
+    a, b = heads(tmp_path / "a"), heads(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again["val_loss"] == first["val_loss"]
+    # another head configuration on the same exits reuses the cache too
+    other = tune(world["norm"], tmp_path / "c", cfg(world, steps=3, cache_hidden=str(cache)))
+    assert other["trunk_layers_held"] == 0
+    # cached states are the trunk's, rounded to bf16
+    bb = load_backbone(str(world["model"]))
+    from eetune.data import train_val_blocks
+    from eetune.backbone import load_tokenizer
+    train, _, _ = train_val_blocks(str(world["docs"]), load_tokenizer(bb), 32, 8)
+    h = EarlyExitModel.convert(bb, (1, 3), arch="norm")(train[:2], return_hidden=True).exit_hidden[3]
+    from eetune.tune import HiddenCache
+    c = HiddenCache(cache, (1, 3), meta["shape"][0], 32, bb.hidden_size, "bf16", meta["key"], 0, 1)
+    assert torch.equal(c.read([0, 1], (3,))[0], h.to(torch.bfloat16).float())
+
+
+def test_cache_hidden_refuses_other_data(world, tmp_path):
+    cache = tmp_path / "cache"
+    tune(world["norm"], tmp_path / "a", cfg(world, steps=1, cache_hidden=str(cache)))
+    with pytest.raises(EETuneError, match="other data"):
+        tune(world["norm"], tmp_path / "b", cfg(world, steps=1, seq_len=16, cache_hidden=str(cache)))
+
+
+def test_distill_keeps_the_full_trunk_and_trains(world, tmp_path):
+    s = tune(world["norm"], tmp_path / "d", cfg(world, steps=3, distill=0.5))
+    assert s["trunk_layers_held"] == 4 and all(math.isfinite(v) for v in s["val_loss"].values())
+
+
+# --- losses and schedules -------------------------------------------------------------------
+def test_exit_loss_plain_dynamic_and_distill():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    final = torch.randn(2, 5, 7)
+    lg, t = logits[:, :-1].reshape(-1, 7), ids[:, 1:].reshape(-1)
+    ce = torch.nn.functional.cross_entropy(lg, t, reduction="none")
+    loss, plain = exit_loss(logits, ids, False, None, 0.0)
+    assert torch.allclose(loss, ce.mean()) and torch.allclose(plain, ce.mean())
+    dyn, _ = exit_loss(logits, ids, True, None, 0.0)
+    assert torch.allclose(dyn, (lg.softmax(-1).amax(-1) * ce).mean())
+    dis, _ = exit_loss(logits, ids, False, final, 0.25)
+    p = final[:, :-1].reshape(-1, 7).softmax(-1)
+    kl = (p * (p.log() - lg.log_softmax(-1))).sum(-1).mean()
+    assert torch.allclose(dis, 0.75 * ce.mean() + 0.25 * kl, atol=1e-6)
+    # dynamic weights do not send gradient through the confidence
+    x = logits.clone().requires_grad_(True)
+    exit_loss(x, ids, True, None, 0.0)[0].backward()
+    conf = lg.softmax(-1).amax(-1).detach()
+    y = logits.clone().requires_grad_(True)
+    (conf * torch.nn.functional.cross_entropy(y[:, :-1].reshape(-1, 7), t, reduction="none")).mean().backward()
+    assert torch.allclose(x.grad, y.grad)
+
+
+def test_schedules_and_data_order():
+    c = TuneConfig(lr=1.0, warmup=4, min_lr_ratio=0.1, decay="linear")
+    assert [lr_at(s, 14, c) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(14, 14, c) == pytest.approx(0.1) and lr_at(9, 14, c) == pytest.approx(0.55)
+    assert lr_at(100, 14, TuneConfig(lr=2.0, decay="constant")) == 2.0
+    w = TuneConfig(loss_weights=(1.0, 2.0), loss_weights_start=(0.0, 0.0), loss_weights_warmup=4)
+    assert loss_weights_at(0, w, 2) == [0.0, 0.0] and loss_weights_at(2, w, 2) == [0.5, 1.0]
+    assert loss_weights_at(9, w, 2) == [1.0, 2.0]
+    # every block once per epoch; ranks x micro-batches partition the global batch
+    c = TuneConfig(batch_size=2, grad_accum=2)
+    perms = {}
+    epoch = sorted(i for s in range(5) for m in range(2) for r in range(2) for i in block_indices(s, m, r, 2, c, 40, perms))
+    assert epoch == list(range(40))
+    one = [i for m in range(2) for i in block_indices(3, m, 0, 1, TuneConfig(batch_size=4, grad_accum=2), 40, {})]
+    two = [i for m in range(2) for r in range(2) for i in block_indices(3, m, r, 2, c, 40, {})]
+    assert sorted(one) == sorted(two)
+
+
+# --- bad input: one line, code 2, nothing half-written --------------------------------------
+def _bad(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("eetune: error:") and match in err, err
+    return err
+
+
+def _nothing_written(tmp_path, *keep):
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "data not found"), ("empty", "is empty"), ("short", "fewer than one block"),
+    ("weights", "has 3 values but there are 2 exits"), ("notexits", "is not an exits directory"),
+])
+def test_bad_input(world, tmp_path, capsys, case, match):
+    data, exits, extra = str(world["docs"]), str(world["norm"]), []
+    if case == "missing":
+        data = str(tmp_path / "nope.txt")
+    elif case == "empty":
+        (tmp_path / "empty.jsonl").write_text("\n")
+        data = str(tmp_path / "empty.jsonl")
+    elif case == "short":
+        (tmp_path / "short.txt").write_text("w1 w2 w3")
+        data = str(tmp_path / "short.txt")
+    elif case == "weights":
+        extra = ["--loss-weights", "1,1,1"]
+    elif case == "notexits":
+        (tmp_path / "plain").mkdir()
+        exits = str(tmp_path / "plain")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _bad(capsys, ["tune", exits, "--data", data, "--out", str(tmp_path / "out"), *BASE, "--steps", "2", *extra],
+         match)
+    _nothing_written(tmp_path, *before)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, capsys):
+    err = _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", str(tmp_path / "out"),
+                        "--seq-len", "32", "--batch-size", "4", "--lr", "1e30", "--clip", "0", "--steps", "10",
+                        "--save-every", "1", "--no-progress"], "non-finite loss at step")
+    step = int(err.split("non-finite loss at step ")[1].split()[0])
+    assert step >= 2 and "step-" in err
+    assert not (tmp_path / "out").exists()
+    ckpt = tmp_path / "out.train" / "checkpoints"
+    latest = json.loads((ckpt / "latest.json").read_text())
+    assert latest["step"] == step - 1
+    good = load_file(str(ckpt / latest["checkpoint"] / "heads.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_resume_refusals(world, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "2",
+                  "--resume"], "no checkpoint")
+    assert main(["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "2",
+                 "--save-every", "1"]) == 0
+    capsys.readouterr()
+    _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4"],
+         "pass --resume")
+    _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4",
+                  "--resume", "--lr", "0.5"], "settings that differ")
+    # continued tuning: more steps from the checkpoint
+    assert main(["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4",
+                 "--save-every", "1", "--resume"]) == 0
+    assert json.loads((tmp_path / "out" / "exit_config.json").read_text())["training"]["steps"] == 4
+
+
+def test_training_summary_and_log(world, tmp_path):
+    s = tune(world["mlp"], tmp_path / "out", cfg(world, steps=30, eval_every=10))
+    written = json.loads((tmp_path / "out" / "exit_config.json").read_text())["training"]
+    assert written["tokens"] == 30 * 4 * 32 and written["wall_time_s"] > 0
+    assert set(written["train_loss"]) == set(written["val_loss"]) == {"1", "3"}
+    assert written["data"]["source"] == str(world["docs"]) and written["data"]["val_blocks"] >= 1
+    rows = (tmp_path / "out.train" / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"step", "tokens", "lr", "loss_1", "loss_3", "grad_norm", "tokens_per_s", "val_1", "val_3"} <= set(header)
+    assert len(rows) == 31
+    # tuning lowered validation CE below the untuned heads' (learnable data)
+    untuned = tune(world["mlp"], tmp_path / "zero", cfg(world, steps=1, lr=1e-12))
+    assert all(s["val_loss"][k] < untuned["val_loss"][k] for k in s["val_loss"])
+    # the tuned directory loads and its info shows the summary
+    model = EarlyExitModel.from_pretrained(tmp_path / "out")
+    assert model.config.training["steps"] == 30
+
+
+# --- the real default model -----------------------------------------------------------------
+@pytest.mark.realmodel
+def test_tuning_lowers_every_exit_val_ce_on_default_model(tmp_path):
+    from eetune.data import train_val_blocks  # noqa: F401 - the default data must be present
+    torch.set_num_threads(os.cpu_count() or 1)
+    src = tmp_path / "untuned"
+    assert main(["convert", "--model", "smollm2-135m", "--exits", "10,20", "--arch", "mlp",
+                 "--output-embedding", "shared", "--out", str(src)]) == 0
+    c = TuneConfig(data="default", steps=12, seq_len=128, batch_size=4, lr=1e-3, warmup=3, val_blocks=4,
+                   progress=False)
+    before = tune(src, tmp_path / "zero", TuneConfig(**{**c.__dict__, "steps": 1, "lr": 1e-12, "warmup": 0}))
+    after = tune(src, tmp_path / "tuned", c)
+    for k in ("10", "20"):
+        assert after["val_loss"][k] < before["val_loss"][k] - 1.0, (before["val_loss"], after["val_loss"])
