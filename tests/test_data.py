@@ -1,0 +1,105 @@
+"""Data sources (eetune.data): text, JSONL text and instruction formats through the chat template,
+HF `datasets` local files, the token cache, and the held-out validation split."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from eetune import data
+from eetune.errors import EETuneError
+
+from tune_helpers import make_docs, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    make_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EETUNE_CACHE", str(tmp_path / "cache"))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_jsonl_text_and_instruction_formats(tmp_path, tok):
+    spec = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"text": "w1 w2"},
+        {"instruction": "w3", "input": "w4", "response": "w5"},
+        {"prompt": "w6", "completion": "w7"},
+        {"messages": [{"role": "user", "content": "w8"}, {"role": "assistant", "content": "w9"}]},
+    ])
+    texts = data.load_texts(spec, tok)
+    assert texts[0] == "w1 w2"
+    assert texts[1] == "user w3\n\nw4 [EOS] assistant w5 [EOS] "
+    assert texts[2] == "user w6 [EOS] assistant w7 [EOS] "
+    assert texts[3] == "user w8 [EOS] assistant w9 [EOS] "
+
+
+def test_instruction_rows_need_a_chat_template(tmp_path, tok):
+    spec = write_jsonl(tmp_path / "inst.jsonl", [{"prompt": "w1", "completion": "w2"}])
+    with pytest.raises(EETuneError, match="needs a tokenizer"):
+        data.load_texts(spec)
+    bare = type(tok).from_pretrained(tok.name_or_path)
+    bare.chat_template = None
+    with pytest.raises(EETuneError, match="no chat template"):
+        data.load_texts(spec, bare)
+    with pytest.raises(EETuneError, match="row 1 has none of"):
+        data.load_texts(write_jsonl(tmp_path / "odd.jsonl", [{"question": "?"}]), tok)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "json"])
+def test_datasets_local_files(tmp_path, tok, fmt):
+    pytest.importorskip("datasets")
+    import pandas as pd
+    df = pd.DataFrame({"prompt": ["w1 w2", "w3"], "completion": ["w4", "w5 w6"]})
+    path = tmp_path / f"rows.{fmt}"
+    {"csv": lambda: df.to_csv(path, index=False), "parquet": lambda: df.to_parquet(path),
+     "json": lambda: df.to_json(path, orient="records", lines=True)}[fmt]()
+    assert data.load_texts(str(path), tok) == ["user w1 w2 [EOS] assistant w4 [EOS] ",
+                                               "user w3 [EOS] assistant w5 w6 [EOS] "]
+
+
+def test_token_cache_is_used_and_keyed_by_content(tmp_path, tok, monkeypatch):
+    docs = make_docs(tmp_path / "docs", n=5)
+    first = data.tokenize_documents(str(docs), tok)
+    calls = []
+    real = data.load_texts
+    monkeypatch.setattr(data, "load_texts", lambda *a, **k: calls.append(a) or real(*a, **k))
+    again = data.tokenize_documents(str(docs), tok)
+    assert not calls and len(again) == 5 and all(torch.equal(a, b) for a, b in zip(first, again))
+    (docs / "000.txt").write_text("w5 w5 w5")
+    changed = data.tokenize_documents(str(docs), tok)
+    assert calls and changed[0].tolist() == [5, 5, 5]
+
+
+def test_validation_split_holds_out_whole_documents(tmp_path, tok):
+    import random
+    r, docs = random.Random(1), tmp_path / "docs"
+    docs.mkdir()
+    for d in range(40):  # random words: an 8-gram identifies its document
+        (docs / f"{d:03d}.txt").write_text(" ".join(f"w{r.randrange(96)}" for _ in range(r.randrange(50, 150))))
+    train, val, info = data.train_val_blocks(str(docs), tok, 32, val_blocks=4)
+    assert val.shape == (4, 32) and train.shape[1] == 32 and info["val_blocks"] == 4
+    grams = lambda b: {tuple(r[i:i + 8].tolist()) for r in b for i in range(25) if 96 not in r[i:i + 8]}
+    assert grams(val) and not grams(val) & grams(train)
+    again = data.train_val_blocks(str(docs), tok, 32, val_blocks=4)
+    assert torch.equal(again[0], train) and torch.equal(again[1], val)
+    none = data.train_val_blocks(str(docs), tok, 32, val_blocks=0)[1]
+    assert none.shape[0] == 0
+
+
+@pytest.mark.parametrize("content,match", [("", "is empty"), ("w1 w2", "fewer than one block"),
+                                           (" ".join(["w1"] * 40), "at least 64")])
+def test_too_little_data(tmp_path, tok, content, match):
+    (tmp_path / "d.txt").write_text(content)
+    with pytest.raises(EETuneError, match=match):
+        data.train_val_blocks(str(tmp_path / "d.txt"), tok, 32, val_blocks=2)
