@@ -58,3 +58,40 @@ def format_metrics(metrics: dict) -> str:
     lines.append(f"({metrics['tokens']} held-out tokens; CE = next-token cross-entropy in nats; agree = top-1 "
                  f"agreement with the final layer)")
     return "\n".join(lines)
+
+
+# --- generation quality ---------------------------------------------------------------------
+def _words(text: str) -> list[str]:
+    import re
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _lcs(a: list, b: list) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 (longest common subsequence of lower-cased alphanumeric words; the
+    summary-level variant of Lin 2004 without stemming)."""
+    c, r = _words(candidate), _words(reference)
+    if not c or not r:
+        return 0.0
+    lcs = _lcs(c, r)
+    if lcs == 0:
+        return 0.0
+    p, q = lcs / len(c), lcs / len(r)
+    return 2 * p * q / (p + q)
+
+
+def token_agreement(ids: list[int], ref_ids: list[int]) -> float:
+    """Share of positions holding the same token in both generations (over the longer one)."""
+    if not ref_ids:
+        return 1.0 if not ids else 0.0
+    same = sum(1 for a, b in zip(ids, ref_ids) if a == b)
+    return same / max(len(ref_ids), len(ids))
