@@ -399,6 +399,7 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
                           f"of {limit}: shorten the prompt or lower --max-new-tokens")
     device = next(bb.model.parameters()).device
     B, L = len(prompts), bb.num_layers
+    draft_exit = opts.draft_exit or max(model.exit_layers)
     gen = None
     if opts.temperature > 0:
         gen = torch.Generator(device=device)
@@ -437,8 +438,7 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
     if use_exits:
         wanted = set(model.exit_layers)
     elif opts.mode == "self-spec":  # a `layer` drafter attends over its own cache: fill it
-        d = opts.draft_exit or max(model.exit_layers)
-        wanted = {d} if model.head(d).arch == "layer" else set()
+        wanted = {draft_exit} if model.head(draft_exit).arch == "layer" else set()
     else:
         wanted = set()
     final, exits = prefill(state, ids, pos, wanted)
@@ -480,10 +480,9 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
             result.rounds += 1
             result.drafted += proposed
             result.accepted += sum(a for b, a in enumerate(n_acc) if not done[b])
-            d = opts.draft_exit or max(model.exit_layers)
             for b in range(B):
                 toks = emitted[b]
-                stats = [TokenStat(t, d, float("nan"), drafted=True) for t in toks[:-1]]
+                stats = [TokenStat(t, draft_exit, float("nan"), drafted=True) for t in toks[:-1]]
                 stats.append(TokenStat(toks[-1], L, float("nan")))
                 emit(b, toks, stats)
             tok = torch.tensor([row[-1] for row in emitted], device=device)
@@ -547,8 +546,10 @@ def custom_generate_fn(model, options: dict):
             raise EETuneError("custom_generate was built for another model: call the backbone's own generate()")
         gc = generation_config
         mask = model_kwargs.get("attention_mask")
-        prompts = [row[m.bool()].tolist() if mask is not None else row.tolist()
-                   for row, m in zip(input_ids, mask if mask is not None else input_ids)]
+        if mask is None:
+            prompts = [row.tolist() for row in input_ids]
+        else:
+            prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
         eos = gc.eos_token_id
         eos = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(int(e) for e in eos))
         opts = dict(options)
