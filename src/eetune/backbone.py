@@ -130,6 +130,7 @@ class LayerContext:
 
     positions: torch.Tensor  # (B, Q) long, -1 for padding
     rope: dict | None  # layer type -> (cos, sin), or None for learned positions
+    position_ids: torch.Tensor | None = None  # positions clamped at 0 (computed once per step when given)
 
 
 class Adapter:
@@ -276,7 +277,8 @@ class LlamaLikeAdapter(Adapter):
 
     def _call(self, layer, kind, hidden, ctx, mask, cache):
         rope = ctx.rope[self.layer_type(kind)] if self._rope_by_type else ctx.rope["*"]
-        return layer(hidden, attention_mask=mask, position_ids=ctx.positions.clamp(min=0),
+        pid = ctx.position_ids if ctx.position_ids is not None else ctx.positions.clamp(min=0)
+        return layer(hidden, attention_mask=mask, position_ids=pid,
                      past_key_values=cache, use_cache=cache is not None, position_embeddings=rope)
 
 

@@ -37,6 +37,7 @@ class ExitConfig:
     backbone_fingerprint: str = ""  # backbone.fingerprint() of the weights the exits belong to
     eetune_version: str = field(default_factory=_version)
     training: dict | None = None  # summary written by `eetune tune` (tokens, time, losses, data)
+    gates: dict | None = None  # summary written by `eetune tune --gates` (data, held-out precision/coverage)
 
     def __post_init__(self):
         object.__setattr__(self, "exit_layers", tuple(int(k) for k in self.exit_layers))

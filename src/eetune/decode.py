@@ -36,7 +36,8 @@ from .backbone import LayerCache
 from .errors import EETuneError
 
 MODES = ("full", "early-exit", "self-spec")
-CONFIDENCES = ("max-prob", "margin", "entropy")
+CONFIDENCES = ("max-prob", "margin", "entropy", "gate")
+ENGINES = ("lean", "reference")
 
 
 @dataclass
@@ -44,9 +45,14 @@ class DecodeOptions:
     mode: str = "full"  # full | early-exit | self-spec
     max_new_tokens: int = 128  # tokens to generate per prompt (at most)
     threshold: float = 0.9  # exit (or keep drafting) when confidence >= threshold; > 1 never exits
-    confidence: str = "max-prob"  # max-prob (the paper) | margin (top1 - top2) | entropy (1 - H/log V)
+    confidence: str = "max-prob"  # max-prob (the paper) | margin (top1 - top2) | entropy (1 - H/log V) | gate
     draft_len: int = 4  # self-spec: most tokens drafted per round
-    draft_exit: int | None = None  # self-spec: exit layer that drafts (default: the deepest exit)
+    draft_exit: int | str | None = None  # self-spec: exit layer that drafts (default: the deepest), or "auto"
+    draft_vocab: int | None = None  # self-spec: draft over the K most frequent tuning tokens only (None: all)
+    engine: str = "lean"  # lean (engine.py) | reference (this module: slow, obvious)
+    verbose: bool = False  # print the draft policy's figures (draft_exit="auto")
+    replay: tuple | None = None  # benchmarks only: forced exit layer per token (early-exit) or
+    #                              (drafted, accepted) per round (self-spec), for engine timing
     temperature: float = 0.0  # 0: greedy; > 0: sampling
     top_k: int = 0  # sampling: keep the k most likely tokens (0: all)
     top_p: float = 1.0  # sampling: nucleus mass
@@ -67,8 +73,25 @@ class DecodeOptions:
             raise EETuneError(f"--draft-len must be at least 1 (got {self.draft_len})")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise EETuneError("sampling options out of range: temperature >= 0, 0 < top-p <= 1, top-k >= 0")
-        if self.draft_exit is not None and self.draft_exit not in model.exit_layers:
-            raise EETuneError(f"draft exit {self.draft_exit} is not one of the exits {list(model.exit_layers)}")
+        if self.draft_exit is not None and self.draft_exit != "auto" and self.draft_exit not in model.exit_layers:
+            raise EETuneError(f"draft exit {self.draft_exit!r} is not one of the exits {list(model.exit_layers)}: "
+                              f"give one of them or 'auto'")
+        if self.engine not in ENGINES:
+            raise EETuneError(f"unknown engine {self.engine!r}: use one of {', '.join(ENGINES)}")
+        if self.draft_exit == "auto" and self.engine != "lean":
+            raise EETuneError("--draft-exit auto needs the lean engine (its cost model times the lean engine)")
+        if self.confidence == "gate" and not model.has_gates:
+            raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR "
+                              "--out OUT --gates-only`, or use --confidence max-prob")
+        if self.draft_vocab is not None:
+            V = model.backbone.vocab_size
+            if isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int) \
+                    or not 1 <= self.draft_vocab <= V:
+                raise EETuneError(f"--draft-vocab {self.draft_vocab} is outside 1..{V} (the vocabulary size): "
+                                  f"give e.g. 4096, or leave it out to draft over the whole vocabulary")
+            if model.vocab_by_frequency is None:
+                raise EETuneError("--draft-vocab needs the token frequencies of the tuning data, which these exits "
+                                  "do not record: re-run `eetune tune` (or `eetune tune DIR --out OUT --gates-only`)")
 
 
 @dataclass
@@ -103,6 +126,7 @@ class Generation:
     accepted: int = 0  # self-spec: proposals accepted
     rounds: int = 0  # self-spec: draft/verify rounds
     step_logits: list = field(default_factory=list)  # record_logits: (step, exit layer per row, logits (B, V))
+    policy: object = None  # draft_exit="auto": the engine.DraftPolicy with its measured costs and acceptance
 
     @property
     def new_tokens(self) -> int:
@@ -228,20 +252,31 @@ class DecodeState:
         return self.bb.logits(self.bb.final_norm(h))
 
 
-def prefill(state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, exits_wanted=()):
+def prefill(state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, exits_wanted=(), opts=None):
     """Run the (left-padded) prompts through every layer. Returns the full-depth logits of the
-    last position and each wanted exit's logits there, {layer: (B, V)} (evaluating a `layer`
-    exit also fills its own cache over the prompt)."""
+    last position and each wanted exit's logits and confidence there, {layer: ((B, V), (B,))}
+    (evaluating a `layer` exit also fills its own cache over the prompt)."""
     bb = state.bb
     h = bb.embed(ids, positions)
     ctx = bb.context(h, positions)
     exits = {}
-    for i in range(bb.num_layers):
+    for i in range(bb.num_layers + 1):
         if i in exits_wanted:
-            exits[i] = state.exit_logits(i, h, ctx)
+            logits = state.exit_logits(i, h, ctx)
+            exits[i] = (logits, None if opts is None else exit_confidence(state, i, h, logits, opts))
+        if i == bb.num_layers:
+            break
         h = state.run_layer(i, h, ctx)
     state.next_pos = positions[:, -1] + 1
     return state.final_logits(h[:, -1]), exits
+
+
+def exit_confidence(state: DecodeState, layer: int, h: torch.Tensor, logits: torch.Tensor, opts) -> torch.Tensor:
+    """Confidence of exit `layer` at the last position: its gate's probability on the exit's
+    input hidden state (`gate`), else a function of its logits."""
+    if opts.confidence == "gate":
+        return state.model.gate(layer)(h[:, -1])
+    return confidence(logits, opts.confidence)
 
 
 def full_step(state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
@@ -275,16 +310,18 @@ def early_exit_step(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
     out_conf = torch.full((B,), float("nan"), device=h.device)
     exit_set = set(model.exit_layers)
     state.next_pos = state.next_pos + 1
-    for i in range(L):
+    for i in range(L + 1):
         if i in exit_set:
             logits = state.exit_logits(i, h, ctx)
-            conf = confidence(logits, opts.confidence)
+            conf = exit_confidence(state, i, h, logits, opts)
             take = ~decided & (conf >= opts.threshold)
             out_logits[take], out_layer[take], out_conf[take] = logits[take], i, conf[take]
             decided |= take
             if bool(decided.all()):
                 state.pending.append((i, h, ctx.positions))
                 return out_logits, out_layer, out_conf
+        if i == L:
+            break
         joiners = [p for p in state.pending if p[0] == i]
         if joiners:  # KV recomputation: earlier exited tokens climb on with this one
             state.pending = [p for p in state.pending if p[0] != i]
@@ -297,10 +334,12 @@ def early_exit_step(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
 
 
 def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOptions, settled: torch.Tensor,
-                    gen: torch.Generator | None):
+                    gen: torch.Generator | None, n_draft: int | None = None):
     """Draft with the draft exit, verify with the layers above it.
 
-    `tokens` (B,) is each row's newest token, not yet seen by any layer. Returns, per row, the
+    `tokens` (B,) is each row's newest token, not yet seen by any layer. At most `n_draft`
+    (default `opts.draft_len`) tokens are drafted. With `opts.draft_vocab` the draft exit's
+    logits outside the K most frequent tuning tokens are masked out. Returns, per row, the
     list of emitted tokens (accepted drafts, then the model's own token) and how many of them
     were accepted drafts. Rejected drafts' slots are invalidated in every cache.
     """
@@ -313,7 +352,12 @@ def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
     n_prop = torch.zeros(B, dtype=torch.long, device=tokens.device)
     cur = tokens
     head = model.head(d)
-    for step in range(opts.draft_len + 1):
+    n_draft = opts.draft_len if n_draft is None else n_draft
+    keep = None
+    if opts.draft_vocab:
+        keep = torch.zeros(bb.vocab_size, dtype=torch.bool, device=tokens.device)
+        keep[model.vocab_by_frequency[:opts.draft_vocab]] = True
+    for step in range(n_draft + 1):
         pos = state.next_pos[:, None]
         h = bb.embed(cur[:, None], pos)
         ctx = bb.context(h, pos)
@@ -321,13 +365,14 @@ def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
             h = state.run_layer(i, h, ctx)
         state.next_pos = state.next_pos + 1
         hs.append((h, ctx.positions))
-        if step == opts.draft_len:
+        if step == n_draft:
             if head.arch == "layer":  # its own cache must hold every position that may be accepted
                 head.transform(h, ctx, state.exit_caches[d])
             break
         logits = state.exit_logits(d, h, ctx)
-        conf = confidence(logits, opts.confidence)
-        proposing = proposing & (conf >= opts.threshold)
+        if keep is not None:
+            logits = logits.masked_fill(~keep, float("-inf"))
+        proposing = proposing & (exit_confidence(state, d, h, logits, opts) >= opts.threshold)
         if not bool(proposing.any()):
             break
         if opts.temperature == 0:
@@ -384,10 +429,70 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids, pos
 
 
+class Emitter:
+    """Per-row bookkeeping shared by both engines: appends emitted tokens and their statistics,
+    stops a row at EOS, at `max_new_tokens`, or when the streaming callback says so."""
+
+    def __init__(self, prompts, opts: DecodeOptions, device, on_tokens=None):
+        self.rows = [RowResult(prompt_ids=list(p)) for p in prompts]
+        self.done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        self._done = [False] * len(prompts)  # host copy: the engines read it without a sync
+        self.eos = set(opts.eos_token_ids)
+        self.max_new = opts.max_new_tokens
+        self.on_tokens = on_tokens
+        self.step_logits: list = []
+
+    def _finish(self, b: int, why: str | None = None) -> None:
+        if why:
+            self.rows[b].finished_by = why
+        self._done[b] = True
+        self.done[b] = True
+
+    def emit(self, b: int, toks: list[int], stats: list[TokenStat]) -> None:
+        if self._done[b]:
+            return
+        r = self.rows[b]
+        out, out_stats = [], []
+        for tok, st in zip(toks, stats):
+            r.ids.append(tok)
+            r.tokens.append(st)
+            out.append(tok)
+            out_stats.append(st)
+            if tok in self.eos:
+                self._finish(b, "eos")
+                break
+            if len(r.ids) >= self.max_new:
+                self._finish(b)
+                break
+        if self.on_tokens is not None and out:
+            if self.on_tokens(b, out, out_stats) is False:  # the caller (stop strings) ends this row
+                self._finish(b, "stop")
+
+    def emit_step(self, tok: torch.Tensor, layer: torch.Tensor, conf: torch.Tensor) -> None:
+        """One token per row (one host read for all three)."""
+        B = tok.shape[0]
+        flat = torch.cat([tok.double(), layer.double(), conf.double()]).tolist()
+        for b in range(B):
+            t = int(flat[b])
+            self.emit(b, [t], [TokenStat(t, int(flat[B + b]), flat[2 * B + b])])
+
+    def all_done(self) -> bool:
+        return all(self._done)
+
+    def live(self) -> list[bool]:
+        return [not d for d in self._done]
+
+    def max_remaining(self) -> int:
+        """Most tokens any unfinished row still needs."""
+        return max((self.max_new - len(r.ids) for r, d in zip(self.rows, self._done) if not d), default=0)
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=None) -> Generation:
     """Decode every prompt (lists of token ids) with `opts`; `on_tokens(row, tokens, stats)` is
-    called as tokens are emitted (streaming; returning False ends that row). Returns a `Generation` with ids and statistics."""
+    called as tokens are emitted (streaming; returning False ends that row). Runs the lean
+    engine (`engine.py`) unless `opts.engine == "reference"`. Returns a `Generation` with ids
+    and statistics."""
     opts.validate(model)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EETuneError("empty prompt: give at least one token of text")
@@ -399,41 +504,38 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
                           f"of {limit}: shorten the prompt or lower --max-new-tokens")
     device = next(bb.model.parameters()).device
     B, L = len(prompts), bb.num_layers
-    draft_exit = opts.draft_exit or max(model.exit_layers)
     gen = None
     if opts.temperature > 0:
         gen = torch.Generator(device=device)
-        gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
-    eos = set(opts.eos_token_ids)
-    rows = [RowResult(prompt_ids=list(p)) for p in prompts]
-    result = Generation(rows=rows, mode=opts.mode, seconds=0.0, num_layers=L)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+        if opts.seed is not None:
+            gen.manual_seed(opts.seed)
+        else:
+            gen.seed()  # a fresh nondeterministic seed for this generator only; the global RNG is untouched
+    emitter = Emitter(prompts, opts, device, on_tokens)
+    result = Generation(rows=emitter.rows, mode=opts.mode, seconds=0.0, num_layers=L)
     t0 = time.perf_counter()
-
-    def emit(b: int, toks: list[int], stats: list[TokenStat]) -> None:
-        r = rows[b]
-        if done[b]:
-            return
-        out, out_stats = [], []
-        for tok, st in zip(toks, stats):
-            r.ids.append(tok)
-            r.tokens.append(st)
-            out.append(tok)
-            out_stats.append(st)
-            if tok in eos:
-                r.finished_by = "eos"
-                done[b] = True
-                break
-            if len(r.ids) >= opts.max_new_tokens:
-                done[b] = True
-                break
-        if on_tokens is not None and out:
-            if on_tokens(b, out, out_stats) is False:  # the caller (stop strings) ends this row
-                r.finished_by = "stop"
-                done[b] = True
-
-    state = DecodeState(model, B, device)
     ids, pos = _left_pad(prompts, 0, device)
+    if opts.engine == "lean":
+        from . import engine
+        pad = [ids.shape[1] - len(p) for p in prompts]
+        stats = engine.run(model, ids, pad, opts, emitter, gen, device)
+        result.rounds, result.drafted, result.accepted = stats["rounds"], stats["drafted"], stats["accepted"]
+        result.layer_token_passes = stats["layer_token_passes"]
+        result.policy = stats["policy"]
+    else:
+        _reference_loop(model, ids, pos, opts, emitter, gen, device, result)
+    result.seconds = time.perf_counter() - t0
+    result.step_logits = emitter.step_logits
+    return result
+
+
+def _reference_loop(model, ids, pos, opts, emitter, gen, device, result) -> None:
+    """The reference engine's decoding loop (this module's functions, one step at a time)."""
+    bb = model.backbone
+    B, L = ids.shape[0], bb.num_layers
+    draft_exit = opts.draft_exit or max(model.exit_layers)
+    done = emitter.done
+    state = DecodeState(model, B, device)
     use_exits = opts.mode == "early-exit"
     if use_exits:
         wanted = set(model.exit_layers)
@@ -441,7 +543,7 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
         wanted = {draft_exit} if model.head(draft_exit).arch == "layer" else set()
     else:
         wanted = set()
-    final, exits = prefill(state, ids, pos, wanted)
+    final, exits = prefill(state, ids, pos, wanted, opts)
     state.layer_token_passes = 0  # count the decoding phase only
     # The first token: same rule as every later one.
     logits, layer, conf = final, torch.full((B,), L, device=device), torch.full((B,), float("nan"), device=device)
@@ -450,33 +552,32 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
         logits = final.clone()
         conf = conf.clone()
         for k in model.exit_layers:
-            c = confidence(exits[k], opts.confidence)
+            lg, c = exits[k]
             take = ~decided & (c >= opts.threshold)
-            logits[take], layer[take], conf[take] = exits[k][take], k, c[take]
+            logits[take], layer[take], conf[take] = lg[take], k, c[take]
             decided |= take
     if opts.record_logits:
-        result.step_logits.append((0, layer.clone(), logits.clone()))
+        emitter.step_logits.append((0, layer.clone(), logits.clone()))
     tok = choose(logits, opts, gen)
-    for b in range(B):
-        emit(b, [int(tok[b])], [TokenStat(int(tok[b]), int(layer[b]), float(conf[b]))])
+    emitter.emit_step(tok, layer, conf)
     step = 1
-    while not bool(done.all()):
+    while not emitter.all_done():
         if opts.mode == "full":
             logits = full_step(state, tok)
             tok = choose(logits, opts, gen)
+            layer = torch.full((B,), L)
             if opts.record_logits:
-                result.step_logits.append((step, torch.full((B,), L), logits.clone()))
-            for b in range(B):
-                emit(b, [int(tok[b])], [TokenStat(int(tok[b]), L, float("nan"))])
+                emitter.step_logits.append((step, layer, logits.clone()))
+            emitter.emit_step(tok, layer, torch.full((B,), float("nan")))
         elif opts.mode == "early-exit":
             logits, layer, conf = early_exit_step(state, tok, opts, done)
             tok = choose(logits, opts, gen)
             if opts.record_logits:
-                result.step_logits.append((step, layer.clone(), logits.clone()))
-            for b in range(B):
-                emit(b, [int(tok[b])], [TokenStat(int(tok[b]), int(layer[b]), float(conf[b]))])
+                emitter.step_logits.append((step, layer.clone(), logits.clone()))
+            emitter.emit_step(tok, layer, conf)
         else:
-            emitted, n_acc, m, proposed = self_spec_round(state, tok, opts, done, gen)
+            n_draft = min(opts.draft_len, emitter.max_remaining() - 1)  # never draft past what is asked
+            emitted, n_acc, m, proposed = self_spec_round(state, tok, opts, done, gen, n_draft)
             result.rounds += 1
             result.drafted += proposed
             result.accepted += sum(a for b, a in enumerate(n_acc) if not done[b])
@@ -484,12 +585,10 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
                 toks = emitted[b]
                 stats = [TokenStat(t, draft_exit, float("nan"), drafted=True) for t in toks[:-1]]
                 stats.append(TokenStat(toks[-1], L, float("nan")))
-                emit(b, toks, stats)
+                emitter.emit(b, toks, stats)
             tok = torch.tensor([row[-1] for row in emitted], device=device)
         step += 1
-    result.seconds = time.perf_counter() - t0
     result.layer_token_passes = state.layer_token_passes
-    return result
 
 
 def generate_text(model, tokenizer, prompts: list[str], opts: DecodeOptions, chat: bool = False,

@@ -53,6 +53,11 @@ class EarlyExitModel(nn.Module):
         self.backbone = backbone
         self.config = config
         self.heads = heads
+        # Optional extras of the exits directory: a gate per exit (eetune.gates, trained by
+        # `tune --gates`) and the vocabulary ranked by frequency in the tuning data (for
+        # self-spec's `--draft-vocab K`). Both are saved beside the heads.
+        self.gates = nn.ModuleDict()
+        self.vocab_by_frequency: torch.Tensor | None = None
         # The backbone is held, not registered: parameters() and state_dict() are the heads only.
         backbone.model.requires_grad_(False)
         backbone.model.eval()
@@ -146,7 +151,33 @@ class EarlyExitModel(nn.Module):
         """Write exit_config.json and exit_heads.safetensors atomically: a temporary sibling
         directory is filled, then renamed over `directory`. An existing directory is replaced
         only if it is an exits directory (or empty)."""
-        write_exits_dir(directory, self.config, self.heads.state_dict())
+        write_exits_dir(directory, self.config, self.heads.state_dict(), self.extra_tensors())
+
+    # --- gates and the ranked vocabulary -------------------------------------------------------
+    def gate(self, layer: int):
+        """The gate of exit `layer`, or None."""
+        return self.gates[str(layer)] if str(layer) in self.gates else None
+
+    @property
+    def has_gates(self) -> bool:
+        return all(str(k) in self.gates for k in self.exit_layers)
+
+    def set_gates(self, gates: dict) -> None:
+        """Attach gates {exit layer: ExitGate}."""
+        for k, g in gates.items():
+            if k not in self.exit_layers:
+                raise EETuneError(f"gate for layer {k}, which is not an exit ({list(self.exit_layers)})")
+            self.gates[str(k)] = g
+
+    def extra_tensors(self) -> dict:
+        """Gates and ranked vocabulary as flat safetensors entries (saved beside the heads)."""
+        out = {}
+        for k, g in self.gates.items():
+            out[f"{GATE_PREFIX}{k}.weight"] = g.weight
+            out[f"{GATE_PREFIX}{k}.bias"] = g.bias
+        if self.vocab_by_frequency is not None:
+            out[VOCAB_KEY] = self.vocab_by_frequency
+        return out
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, backbone: Adapter | None = None,
@@ -172,12 +203,35 @@ class EarlyExitModel(nn.Module):
         heads = nn.ModuleList(ExitHead(backbone, k, config.arch, "copy", config.output_embedding)
                               for k in config.exit_layers)
         state = load_file(str(weights))
+        extra = {k: state.pop(k) for k in list(state) if k.startswith(GATE_PREFIX) or k == VOCAB_KEY}
         missing, unexpected = heads.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise EETuneError(f"{weights} does not match its config (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}): re-create the exits directory")
-        heads.to(device=next(backbone.model.parameters()).device)
-        return cls(backbone, config, heads)
+        dev = next(backbone.model.parameters()).device
+        heads.to(device=dev)
+        model = cls(backbone, config, heads)
+        model.load_extra_tensors(extra, directory)
+        return model
+
+    def load_extra_tensors(self, extra: dict, source="") -> None:
+        from .gates import ExitGate
+        dev = next(self.backbone.model.parameters()).device
+        for key, t in extra.items():
+            if key == VOCAB_KEY:
+                if t.ndim != 1 or t.numel() == 0 or int(t.max()) >= self.backbone.vocab_size or int(t.min()) < 0:
+                    raise EETuneError(f"{source}: the ranked vocabulary does not fit this backbone's vocabulary of "
+                                      f"{self.backbone.vocab_size}: re-create it with `eetune tune --gates`")
+                self.vocab_by_frequency = t.to(device=dev, dtype=torch.long)
+                continue
+            k, part = key[len(GATE_PREFIX):].rsplit(".", 1)
+            if not k.isdigit() or int(k) not in self.exit_layers or part not in ("weight", "bias"):
+                raise EETuneError(f"{source}: unexpected tensor {key!r}: re-create the exits directory")
+            if k not in self.gates:
+                self.gates[k] = ExitGate(self.backbone.hidden_size, device=dev)
+            with torch.no_grad():
+                getattr(self.gates[k], part).copy_(t.to(dev))
+        self.gates.requires_grad_(False)
 
     def new_cache(self) -> LayerCache:
         return LayerCache(self.backbone.num_layers)
@@ -220,14 +274,19 @@ class ReleasedLayer(nn.Module):
         raise EETuneError(f"backbone layer {self.index + 1} was released to save memory: reload the model to run it")
 
 
-def write_exits_dir(directory: str | Path, config: ExitConfig, state: dict) -> None:
-    """Write `config` and the head tensors `state` as an exits directory, atomically."""
+GATE_PREFIX = "gate."  # gate.<layer>.weight / .bias in exit_heads.safetensors
+VOCAB_KEY = "vocab_by_frequency"  # token ids, most frequent in the tuning data first
+
+
+def write_exits_dir(directory: str | Path, config: ExitConfig, state: dict, extra: dict | None = None) -> None:
+    """Write `config` and the head tensors `state` (plus gates / ranked vocabulary `extra`) as an
+    exits directory, atomically."""
     directory = Path(directory)
     check_output_dir(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in {**state, **(extra or {})}.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "eetune": "exit_heads"})
         (tmp / CONFIG_NAME).write_text(config.to_json())
         _replace_dir(tmp, directory)
