@@ -57,7 +57,8 @@ def run_one(model, prompt, opts: DecodeOptions) -> tuple[list[int], dict]:
     g = generate(model, [prompt], opts)
     r = g.rows[0]
     return r.ids, {"seconds": g.seconds, "new_tokens": len(r.ids), "layers": sum(t.exit_layer for t in r.tokens),
-                   "passes": g.layer_token_passes, "drafted": g.drafted, "accepted": g.accepted}
+                   "passes": g.layer_token_passes, "drafted": g.drafted, "accepted": g.accepted,
+                   "exit_trace": [t.exit_layer for t in r.tokens], "round_log": [list(x) for x in g.round_log]}
 
 
 def run_hf(model, prompt, max_new, eos) -> tuple[list[int], dict]:
@@ -70,7 +71,8 @@ def run_hf(model, prompt, max_new, eos) -> tuple[list[int], dict]:
         torch.cuda.synchronize()
     secs = time.perf_counter() - t
     new = out[0, len(prompt):].tolist()
-    return new, {"seconds": secs, "new_tokens": len(new), "layers": 0, "passes": 0, "drafted": 0, "accepted": 0}
+    return new, {"seconds": secs, "new_tokens": len(new), "layers": 0, "passes": 0, "drafted": 0, "accepted": 0,
+                 "exit_trace": [], "round_log": []}
 
 
 def summarise(name, mode, kw, outs, stats, full_outs, refs, tok, L, meta) -> dict:
@@ -103,7 +105,17 @@ def main(argv=None):
     ap.add_argument("--thresholds", default="1.0,0.9,0.8,0.6,0.4,0.2", help="early-exit thresholds")
     ap.add_argument("--self-spec", default="0.5:4,0.7:6,0.3:3", help="self-spec threshold:draft_len pairs")
     ap.add_argument("--draft-exit", type=int, default=None, help="self-spec draft exit (default: deepest)")
-    ap.add_argument("--confidence", default="max-prob")
+    ap.add_argument("--confidence", default="max-prob", help="confidence of the early-exit/self-spec rows above")
+    ap.add_argument("--gate-thresholds", default="", help="early-exit rows with --confidence gate (needs gates)")
+    ap.add_argument("--gate-self-spec", default="", help="self-spec threshold:draft_len rows with gates")
+    ap.add_argument("--draft-vocab", type=int, default=None,
+                    help="also run every self-spec row with this draft vocabulary (K most frequent tokens)")
+    ap.add_argument("--screen-vocab", type=int, default=None,
+                    help="also run every early-exit max-prob row screened on this many most frequent tokens")
+    ap.add_argument("--auto", default="", help="self-spec --draft-exit auto rows, threshold:draft_len (e.g. 0.5:6)")
+    ap.add_argument("--reference", action="store_true", help="also time `full` through the reference engine")
+    ap.add_argument("--save-traces", default=None,
+                    help="write the per-token exit layers and self-spec rounds of every row here (JSON)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
@@ -131,14 +143,32 @@ def main(argv=None):
     generate(model, [prompts[0]], DecodeOptions(mode="full", max_new_tokens=8, eos_token_ids=eos))
 
     settings = [("hf-generate", "hf-generate", {}), ("full", "full", {})]
-    settings += [(f"early-exit threshold={t}", "early-exit", {"threshold": float(t)})
+    if args.reference:
+        settings.append(("full (reference engine)", "full", {"engine": "reference"}))
+    conf = args.confidence
+    settings += [(f"early-exit {conf} threshold={t}", "early-exit", {"threshold": float(t), "confidence": conf})
                  for t in args.thresholds.split(",") if t]
-    for pair in [x for x in args.self_spec.split(",") if x]:
+    if args.screen_vocab:
+        settings += [(f"early-exit {conf} threshold={t} screen_vocab={args.screen_vocab}", "early-exit",
+                      {"threshold": float(t), "confidence": conf, "screen_vocab": args.screen_vocab})
+                     for t in args.thresholds.split(",") if t]
+    settings += [(f"early-exit gate threshold={t}", "early-exit", {"threshold": float(t), "confidence": "gate"})
+                 for t in args.gate_thresholds.split(",") if t]
+    spec_rows = [(conf, x) for x in args.self_spec.split(",") if x]
+    spec_rows += [("gate", x) for x in args.gate_self_spec.split(",") if x]
+    spec_rows += [("auto", x) for x in args.auto.split(",") if x]
+    for c, pair in spec_rows:
         t, n = pair.split(":")
-        kw = {"threshold": float(t), "draft_len": int(n)}
-        if args.draft_exit is not None:
+        kw = {"threshold": float(t), "draft_len": int(n), "confidence": conf if c == "auto" else c}
+        if c == "auto":
+            kw["draft_exit"] = "auto"
+        elif args.draft_exit is not None:
             kw["draft_exit"] = args.draft_exit
-        settings.append((f"self-spec threshold={t} draft_len={n}", "self-spec", kw))
+        base = f"self-spec {'auto ' if c == 'auto' else ''}{kw['confidence']} threshold={t} draft_len={n}"
+        settings.append((base, "self-spec", kw))
+        if args.draft_vocab:
+            settings.append((base + f" draft_vocab={args.draft_vocab}", "self-spec",
+                             {**kw, "draft_vocab": args.draft_vocab}))
 
     tag = args.tag or ("cuda" if dev.type == "cuda" else "cpu")
     out_dir = ROOT / "results"
@@ -154,7 +184,7 @@ def main(argv=None):
                 o, st = run_hf(model, prompt, args.max_new_tokens, eos)
             else:
                 o, st = run_one(model, prompt, DecodeOptions(mode=mode, max_new_tokens=args.max_new_tokens,
-                                                             eos_token_ids=eos, confidence=args.confidence, **kw))
+                                                             eos_token_ids=eos, **kw))
             outs[name].append(o)
             stats[name].append(st)
         rows = [summarise(name, mode, kw, outs[name], stats[name], outs["full"], refs, tok, L, meta)
@@ -167,6 +197,18 @@ def main(argv=None):
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, path)
         print(f"prompt {i + 1}/{len(prompts)} done: full {full_tps:.2f} tok/s", file=sys.stderr, flush=True)
+        if args.save_traces:
+            traces = {"exit_layers": list(model.exit_layers), "num_layers": L, "exits": str(args.exits),
+                      "prompts": i + 1, "max_new_tokens": args.max_new_tokens,
+                      "early_exit": {name: [s["exit_trace"] for s in stats[name]]
+                                     for name, mode, _ in settings if mode == "early-exit"},
+                      "self_spec": {name: [s["round_log"] for s in stats[name]]
+                                    for name, mode, _ in settings if mode == "self-spec"}}
+            tpath = Path(args.save_traces)
+            tpath.parent.mkdir(parents=True, exist_ok=True)
+            ttmp = tpath.with_suffix(".tmp")
+            ttmp.write_text(json.dumps(traces))
+            os.replace(ttmp, tpath)
     for r in rows:
         print(json.dumps(r), flush=True)
 

@@ -153,6 +153,11 @@ def test_generate_json_and_stream(tiny_exits, capsys):
     (["--prompt", "w1", "--mode", "fast"], "invalid choice: 'fast'"),
     (["--prompt", "w1 " * 300], "exceeds the model's context"),
     (["--prompt", "a", "--prompt", "b", "--stream"], "exactly one prompt"),
+    (["--prompt", "w1", "--mode", "self-spec", "--draft-vocab", "0"], "--draft-vocab 0 is outside 1..97"),
+    (["--prompt", "w1", "--mode", "self-spec", "--draft-vocab", "1000"], "--draft-vocab 1000 is outside 1..97"),
+    (["--prompt", "w1", "--confidence", "gate"], "no gates"),
+    (["--prompt", "w1", "--mode", "self-spec", "--draft-exit", "2"], "not one of the exits"),
+    (["--prompt", "w1", "--mode", "self-spec", "--draft-exit", "best"], "neither an exit layer nor 'auto'"),
 ])
 def test_generate_bad_input(tiny_exits, capsys, argv, match):
     capsys.readouterr()
@@ -162,3 +167,17 @@ def test_generate_bad_input(tiny_exits, capsys, argv, match):
         code = e.code
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_generate_with_an_exit_after_the_last_layer(tiny_model_dir, tmp_path, capsys):
+    """Regression: `--exits 10,30` (an exit after the last layer) crashed early-exit generation
+    with KeyError: 30."""
+    from conftest import word_tokenizer
+    word_tokenizer().save_pretrained(tiny_model_dir)
+    out = tmp_path / "last-exits"
+    assert main(["convert", "--model", str(tiny_model_dir), "--exits", "1,4", "--arch", "norm", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--mode", "early-exit", "--threshold", "0.3",
+                 "--max-new-tokens", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["rows"][0]["ids"]) == 5

@@ -183,6 +183,25 @@ def test_self_spec_cache_keeps_no_holes():
     assert seen["slot"] == expect and set(seen["n"]) == {expect}
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_screened_max_prob(family):
+    """The screen over the K most frequent tokens: with K = V it is max-prob itself; with a
+    small K the lean engine (which skips the full projection when the screen fails) equals the
+    reference (which computes everything and requires both tests to pass)."""
+    model = EarlyExitModel.convert(peaky_backbone(family, scale=8.0), [1, 3], arch="mlp")
+    full_rank = model(torch.tensor([PROMPTS[2]])).exit_logits[1][0].softmax(-1).sum(0)
+    model.vocab_by_frequency = full_rank.argsort(descending=True)
+    thr = mixing_threshold(model, PROMPTS[0])
+    plain = generate(model, PROMPTS, DecodeOptions(mode="early-exit", threshold=thr, max_new_tokens=24))
+    same = generate(model, PROMPTS, DecodeOptions(mode="early-exit", threshold=thr, max_new_tokens=24,
+                                                  screen_vocab=V))
+    assert ids_of(same) == ids_of(plain)
+    for k in (8, 30):
+        lean, ref = both(model, PROMPTS, mode="early-exit", threshold=thr, max_new_tokens=24, screen_vocab=k)
+        assert_same(lean, ref)
+        assert all(t.confidence >= thr for r in lean.rows for t in r.tokens if t.exit_layer < L)
+
+
 # --- regression tests of issue 7's defects ---------------------------------------------------
 @pytest.mark.parametrize("engine", ["lean", "reference"])
 def test_exit_after_last_layer_early_exit(engine):
@@ -235,7 +254,10 @@ def test_self_spec_never_drafts_past_the_context(engine):
     ({"mode": "early-exit", "confidence": "gate"}, "no gates"),
     ({"mode": "self-spec", "draft_exit": "best"}, "not one of the exits"),
     ({"mode": "self-spec", "draft_exit": "auto", "engine": "reference"}, "lean engine"),
-    ({"engine": "turbo"}, "unknown engine")])
+    ({"engine": "turbo"}, "unknown engine"),
+    ({"mode": "early-exit", "screen_vocab": 0}, "outside 1.."),
+    ({"mode": "early-exit", "screen_vocab": 4}, "token frequencies"),
+    ({"mode": "early-exit", "screen_vocab": 4, "confidence": "margin"}, "max-prob only")])
 def test_bad_new_options(kw, msg):
     model = EarlyExitModel.convert(peaky_backbone("llama"), [2])
     with pytest.raises(EETuneError, match=msg):

@@ -20,7 +20,8 @@ from eetune.errors import EETuneError
 from eetune.model import EarlyExitModel, ReleasedLayer
 from eetune.tune import TuneConfig, block_indices, exit_loss, loss_weights_at, lr_at, tune
 
-from tune_helpers import ENV, make_world, run_cli
+from tune_helpers import ENV, make_world, run_cli, one_thread  # noqa: F401 (autouse fixture)
+from tune_helpers import head_tensors as heads
 
 BASE = ["--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--no-progress"]
 
@@ -30,17 +31,6 @@ def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("tune"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and alike in every process) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def heads(path):
-    return load_file(str(path / "exit_heads.safetensors"))
 
 
 def cfg(world, **kw):

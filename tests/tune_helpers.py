@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file
+
 from conftest import tiny_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -55,3 +59,19 @@ def make_world(root: Path) -> dict:
 def run_cli(args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "eetune.cli", *map(str, args)], capture_output=True, text=True,
                           env=ENV, **kw)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and alike in every process) on one thread. Import it into a test
+    module to apply it there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def head_tensors(path):
+    """The head tensors of an exits directory (not its gates or ranked vocabulary)."""
+    return {k: v for k, v in load_file(str(path / "exit_heads.safetensors")).items()
+            if not (k.startswith("gate.") or k == "vocab_by_frequency")}

@@ -72,8 +72,12 @@ def cmd_info(args):
 
     model = EarlyExitModel.from_pretrained(args.dir)
     cfg, counts = model.config.to_dict(), model.parameter_counts()
+    gate_exits = [k for k in model.exit_layers if model.gate(k) is not None]
+    vocab = None if model.vocab_by_frequency is None else int(model.vocab_by_frequency.numel())
+    report = (cfg.get("gates") or {}).get("report")
     if args.json:
-        print(json.dumps({"config": cfg, "parameters": counts}, indent=2, sort_keys=True, default=str))
+        print(json.dumps({"config": cfg, "parameters": counts, "gates": {"exits": gate_exits, "report": report},
+                          "ranked_vocab_size": vocab}, indent=2, sort_keys=True, default=str))
         return
     print(f"exits directory  {args.dir}")
     for key in ("base_model", "model_type", "num_layers", "exit_layers", "arch", "init", "output_embedding",
@@ -86,6 +90,18 @@ def cmd_info(args):
         print(f"  {'exit after layer ' + str(k):<22} {n:,} parameters")
     if cfg.get("training"):
         print(f"  {'training':<22} {json.dumps(cfg['training'], sort_keys=True)}")
+    print(f"  {'ranked vocabulary':<22} " + (f"{vocab:,} token ids (most frequent in the tuning data first)"
+                                             if vocab is not None else "none"))
+    g = cfg.get("gates") or {}
+    if gate_exits:
+        data = g.get("data", {}).get("source", "?")
+        print(f"  {'gates':<22} exits after layers {gate_exits} (fit on {g.get('tokens', 0):,} tokens of {data} "
+              f"in {g.get('seconds', 0):.0f} s)")
+    else:
+        print(f"  {'gates':<22} none (train them with `eetune tune DIR --out OUT --gates-only`)")
+    if gate_exits and report:
+        from .evaluate import format_gate_report
+        print(format_gate_report(report, indent="  "))
 
 
 # --- evaluate ------------------------------------------------------------------------------
@@ -96,6 +112,7 @@ def add_evaluate(sub):
     p.add_argument("dir", help="exits directory")
     p.add_argument("--data", default="default-dev",
                    help="evaluation text: default-dev (BoolQ dev passages), a .txt/.jsonl file or folder")
+    p.epilog = "An exits directory with gates also gets their coverage/precision beside max-prob confidence."
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--max-blocks", type=int, default=16, help="number of blocks to evaluate (default 16)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -106,7 +123,8 @@ def add_evaluate(sub):
 def cmd_evaluate(args):
     from .backbone import load_tokenizer
     from .data import load_texts, pack_blocks
-    from .evaluate import exit_metrics, format_metrics
+    from .evaluate import exit_metrics, format_gate_report, format_metrics
+    from .gates import gate_report
     from .model import EarlyExitModel
 
     if args.seq_len < 2 or args.max_blocks < 1 or args.batch_size < 1:
@@ -115,10 +133,14 @@ def cmd_evaluate(args):
     model = EarlyExitModel.from_pretrained(args.dir)
     blocks = pack_blocks(load_tokenizer(model.backbone), texts, args.seq_len, args.max_blocks)
     metrics = exit_metrics(model, blocks, args.batch_size, progress=sys.stderr.isatty())
+    if len(model.gates):
+        metrics["gates"] = gate_report(model, blocks, batch_size=args.batch_size, progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))
     else:
         print(format_metrics(metrics))
+        if "gates" in metrics:
+            print(format_gate_report(metrics["gates"]))
 
 
 # --- tune ----------------------------------------------------------------------------------
@@ -164,6 +186,16 @@ def add_tune(sub):
     p.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16"], help="cache storage (default bf16)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 over the backbone layers and heads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("gates (learned exit decisions: a logistic probe per exit on its input hidden state)")
+    gx = g.add_mutually_exclusive_group()
+    gx.add_argument("--gates", action="store_true",
+                    help="after tuning the heads, fit a gate per exit to them (labels: exit top-1 == final "
+                         "top-1; held-out report in exit_config.json); one process, not under torchrun")
+    gx.add_argument("--gates-only", action="store_true",
+                    help="train no heads: fit gates to the heads of DIR as they are and copy the heads unchanged")
+    g.add_argument("--gate-tokens", type=int, default=16384, metavar="N",
+                   help="training tokens for the gates, whole blocks of --seq-len (default 16384: about a minute "
+                        "on a 2-core CPU for SmolLM2-135M)")
     p.set_defaults(func=cmd_tune)
 
 
@@ -180,12 +212,22 @@ def cmd_tune(args):
         loss_weights_warmup=args.loss_weights_warmup, dynamic_weights=args.dynamic_weights, distill=args.distill,
         val_blocks=args.val_blocks, max_blocks=args.max_blocks, eval_every=args.eval_every,
         save_every=args.save_every, resume=args.resume, train_dir=args.train_dir, cache_hidden=args.cache_hidden,
-        cache_dtype=args.cache_dtype, fsdp=args.fsdp, progress=not args.no_progress and sys.stderr.isatty())
+        cache_dtype=args.cache_dtype, fsdp=args.fsdp, progress=not args.no_progress and sys.stderr.isatty(),
+        gates=args.gates, gates_only=args.gates_only, gate_tokens=args.gate_tokens)
     s = tune(args.dir, args.out, cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not args.gates_only:
         val = ", ".join(f"exit {k}: {v:.3f}" for k, v in s["val_loss"].items()) or "no validation"
         print(f"wrote {args.out}: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_time_s']:.0f} s; "
               f"validation CE {val}")
+    g = s.get("gates")
+    if g:
+        from .evaluate import format_gate_report
+        print(f"{'wrote ' + args.out + ': ' if args.gates_only else ''}gates for exits after layers "
+              f"{[int(k) for k in g['report']['exits']]} fit on {g['tokens']:,} tokens in {g['seconds']:.0f} s "
+              f"({g['collect_s']:.0f} s collecting features, {g['fit_s']:.1f} s fitting)")
+        print(format_gate_report(g["report"]))
 
 
 # --- generate ------------------------------------------------------------------------------
@@ -204,10 +246,21 @@ def add_generate(sub):
                    help="decoding mode (default early-exit)")
     p.add_argument("--threshold", type=float, default=0.9,
                    help="exit / keep drafting when confidence >= this (default 0.9; > 1 never exits early)")
-    p.add_argument("--confidence", default="max-prob", choices=["max-prob", "margin", "entropy"],
-                   help="confidence measure (default max-prob, as the paper)")
+    p.add_argument("--confidence", default="max-prob", choices=["max-prob", "margin", "entropy", "gate"],
+                   help="confidence measure (default max-prob, as the paper); gate: the exits' learned gates "
+                        "(`tune --gates`), which skip an exit's head unless it fires")
     p.add_argument("--draft-len", type=int, default=4, help="self-spec: most tokens drafted per round (default 4)")
-    p.add_argument("--draft-exit", type=int, default=None, help="self-spec: exit layer that drafts (default deepest)")
+    p.add_argument("--draft-exit", default=None, type=_draft_exit,
+                   help="self-spec: exit layer that drafts (default deepest), or 'auto' (a cost model picks the "
+                        "exit and draft length per round)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="K",
+                   help="self-spec: draft over the K most frequent tokens of the tuning data only (still lossless)")
+    p.add_argument("--screen-vocab", type=int, default=None, metavar="K",
+                   help="early-exit, max-prob: take each exit's max-prob over the K most frequent tuning tokens "
+                        "first and run the full vocabulary projection only if that reaches the threshold")
+    p.add_argument("--engine", default="lean", choices=["lean", "reference"],
+                   help="decoding engine: lean (default) or the slow, obvious reference")
+    p.add_argument("--verbose", action="store_true", help="print the --draft-exit auto cost model's figures")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens")
@@ -219,6 +272,15 @@ def add_generate(sub):
                    help="colour each token by the exit that produced it (plain text when not a terminal)")
     p.add_argument("--json", action="store_true", help="print text and per-token statistics as JSON")
     p.set_defaults(func=cmd_generate)
+
+
+def _draft_exit(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither an exit layer nor 'auto'") from None
 
 
 def cmd_generate(args):
@@ -242,7 +304,8 @@ def cmd_generate(args):
         raise EETuneError("--stream takes exactly one prompt")
     model = EarlyExitModel.from_pretrained(args.dir)
     opts = DecodeOptions(mode=args.mode, threshold=args.threshold, confidence=args.confidence,
-                         draft_len=args.draft_len, draft_exit=args.draft_exit, max_new_tokens=args.max_new_tokens,
+                         draft_len=args.draft_len, draft_exit=args.draft_exit, draft_vocab=args.draft_vocab,
+                         screen_vocab=args.screen_vocab, engine=args.engine, verbose=args.verbose, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     opts.validate(model)
     tok = load_tokenizer(model.backbone)
@@ -267,7 +330,7 @@ def cmd_generate(args):
         legend = "  ".join(f"\x1b[{c}mexit {k}\x1b[0m" for k, c in palette.items())
         print(f"legend: {legend}  final layer {L}", file=sys.stderr)
     result = model.generate(prompts, tokenizer=tok, chat=args.chat, stop=tuple(args.stop), on_text=on_text, **{
-        k: v for k, v in opts.__dict__.items() if k != "record_logits"})
+        k: v for k, v in opts.__dict__.items() if k not in ("record_logits", "replay")})
     if args.json:
         def num(x):
             return None if isinstance(x, float) and math.isnan(x) else x

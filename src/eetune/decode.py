@@ -49,6 +49,7 @@ class DecodeOptions:
     draft_len: int = 4  # self-spec: most tokens drafted per round
     draft_exit: int | str | None = None  # self-spec: exit layer that drafts (default: the deepest), or "auto"
     draft_vocab: int | None = None  # self-spec: draft over the K most frequent tuning tokens only (None: all)
+    screen_vocab: int | None = None  # early-exit max-prob: screen on the K most frequent tokens first (None: off)
     engine: str = "lean"  # lean (engine.py) | reference (this module: slow, obvious)
     verbose: bool = False  # print the draft policy's figures (draft_exit="auto")
     replay: tuple | None = None  # benchmarks only: forced exit layer per token (early-exit) or
@@ -83,14 +84,17 @@ class DecodeOptions:
         if self.confidence == "gate" and not model.has_gates:
             raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR "
                               "--out OUT --gates-only`, or use --confidence max-prob")
-        if self.draft_vocab is not None:
+        if self.screen_vocab is not None and self.confidence != "max-prob":
+            raise EETuneError(f"--screen-vocab works with --confidence max-prob only (got {self.confidence})")
+        for flag, k in (("--draft-vocab", self.draft_vocab), ("--screen-vocab", self.screen_vocab)):
+            if k is None:
+                continue
             V = model.backbone.vocab_size
-            if isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int) \
-                    or not 1 <= self.draft_vocab <= V:
-                raise EETuneError(f"--draft-vocab {self.draft_vocab} is outside 1..{V} (the vocabulary size): "
-                                  f"give e.g. 4096, or leave it out to draft over the whole vocabulary")
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
+                raise EETuneError(f"{flag} {k} is outside 1..{V} (the vocabulary size): "
+                                  f"give e.g. 4096, or leave it out to use the whole vocabulary")
             if model.vocab_by_frequency is None:
-                raise EETuneError("--draft-vocab needs the token frequencies of the tuning data, which these exits "
+                raise EETuneError(f"{flag} needs the token frequencies of the tuning data, which these exits "
                                   "do not record: re-run `eetune tune` (or `eetune tune DIR --out OUT --gates-only`)")
 
 
@@ -127,6 +131,7 @@ class Generation:
     rounds: int = 0  # self-spec: draft/verify rounds
     step_logits: list = field(default_factory=list)  # record_logits: (step, exit layer per row, logits (B, V))
     policy: object = None  # draft_exit="auto": the engine.DraftPolicy with its measured costs and acceptance
+    round_log: list = field(default_factory=list)  # self-spec, lean engine: (drafted, accepted) per round
 
     @property
     def new_tokens(self) -> int:
@@ -276,7 +281,13 @@ def exit_confidence(state: DecodeState, layer: int, h: torch.Tensor, logits: tor
     input hidden state (`gate`), else a function of its logits."""
     if opts.confidence == "gate":
         return state.model.gate(layer)(h[:, -1])
-    return confidence(logits, opts.confidence)
+    conf = confidence(logits, opts.confidence)
+    if opts.screen_vocab and opts.mode == "early-exit":  # the screen must pass too: max-prob over the K most frequent tokens
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        keep[state.model.vocab_by_frequency[:opts.screen_vocab]] = True
+        screened = confidence(logits.masked_fill(~keep, float("-inf")), "max-prob")
+        conf = torch.minimum(conf, screened)
+    return conf
 
 
 def full_step(state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
@@ -522,6 +533,7 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
         result.rounds, result.drafted, result.accepted = stats["rounds"], stats["drafted"], stats["accepted"]
         result.layer_token_passes = stats["layer_token_passes"]
         result.policy = stats["policy"]
+        result.round_log = stats["round_log"]
     else:
         _reference_loop(model, ids, pos, opts, emitter, gen, device, result)
     result.seconds = time.perf_counter() - t0

@@ -4,7 +4,8 @@
 cross-entropy, top-1 agreement with the final layer's prediction, and the share of tokens whose
 max-softmax probability reaches 0.9 (with the agreement among those: how often a confident
 early exit would have emitted the full model's token). The final layer's cross-entropy is
-reported alongside as the floor.
+reported alongside as the floor. `format_gate_report` prints the held-out report of learned
+exit gates (`eetune.gates.gate_report`) beside the max-prob confidence.
 """
 
 from __future__ import annotations
@@ -58,6 +59,25 @@ def format_metrics(metrics: dict) -> str:
     lines.append(f"({metrics['tokens']} held-out tokens; CE = next-token cross-entropy in nats; agree = top-1 "
                  f"agreement with the final layer)")
     return "\n".join(lines)
+
+
+def format_gate_report(report: dict, indent: str = "") -> str:
+    """A plain-text table of `eetune.gates.gate_report` output: per exit and threshold, the
+    gate's coverage and precision beside those of the exit's max-softmax confidence."""
+    def pct(x):
+        return f"{x:7.1%}" if x is not None else f"{'-':>7}"
+
+    lines = [f"gates vs max-prob on {report['tokens']:,} held-out tokens (coverage = share of tokens with "
+             f"confidence >= t; precision = top-1 agreement with the final layer among them)"]
+    for k, e in report["exits"].items():
+        gated = "" if e.get("has_gate", True) else "  (no gate)"
+        lines.append(f"exit after layer {k}: agreement {e['agreement']:.3f} on all tokens{gated}")
+        lines.append(f"  {'t':>5}  {'gate cov':>8} {'prec':>7}  {'max-prob cov':>12} {'prec':>7}")
+        for i, t in enumerate(report["thresholds"]):
+            g, m = e["gate"], e["max_prob"]
+            lines.append(f"  {t:>5g}  {pct(g['coverage'][i]):>8} {pct(g['precision'][i])}  "
+                         f"{pct(m['coverage'][i]):>12} {pct(m['precision'][i])}")
+    return "\n".join(indent + line for line in lines)
 
 
 # --- generation quality ---------------------------------------------------------------------

@@ -55,3 +55,138 @@ class ExitGate(nn.Module):
 
 # --- training and reporting ------------------------------------------------------------------
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def _autocast(model):
+    """bf16 autocast when the backbone is bf16 (heads may be kept in fp32), else nothing."""
+    dtype = next(model.backbone.model.parameters()).dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.backbone.model.parameters()).device.type, dtype=dtype)
+
+
+def _exit_batches(model, blocks: torch.Tensor, batch_size: int, desc: str, progress: bool):
+    """Teacher-forced full-depth passes over `blocks`, one batch at a time. Yields, per batch,
+    {exit layer: (input hidden state (n, H), exit logits (n, V))} and the final layer's top-1
+    (n,), for every position but the last of each block (n = batch * (T - 1))."""
+    dev = next(model.backbone.model.parameters()).device
+    for a in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch", disable=not progress,
+                  dynamic_ncols=True):
+        ids = blocks[a:a + batch_size].to(dev)
+        with torch.no_grad(), _autocast(model):
+            out = model(ids, final=True, return_hidden=True)
+        final_top1 = out.final_logits[:, :-1].argmax(-1).reshape(-1)
+        per_exit = {}
+        for k in model.exit_layers:
+            h = out.exit_hidden[k][:, :-1]
+            lg = out.exit_logits[k][:, :-1]
+            per_exit[k] = (h.reshape(-1, h.shape[-1]), lg.reshape(-1, lg.shape[-1]))
+        del out
+        yield per_exit, final_top1
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int = 300, l2: float = 1e-2) -> tuple:
+    """Logistic regression of labels `y` (n,) in {0, 1} on features `x` (n, d): full-batch
+    L-BFGS on the mean binary cross-entropy + l2/2 * |w|^2, fitted on standardised features
+    (each column to mean 0, std 1, which keeps the problem well conditioned) and folded back,
+    so that `x @ w + b` is the logit. Returns (w, b, final mean cross-entropy, iterations)."""
+    x, y = x.float(), y.float()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    base = y.mean().clamp(1e-4, 1 - 1e-4)
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.log(base / (1 - base)).reshape(1).requires_grad_(True)  # start at the base rate
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + 0.5 * l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        ce = F.binary_cross_entropy_with_logits(z @ w + b, y).item()
+        w_x = w / std
+        b_x = b - (w * mean / std).sum()
+    return w_x.detach(), b_x.detach(), ce, int(opt.state[w].get("n_iter", 0))
+
+
+def train_gates(model, blocks: torch.Tensor, val_blocks: torch.Tensor, batch_size: int = 8, steps: int = 300,
+                l2: float = 1e-2, thresholds=THRESHOLDS, progress: bool = True) -> dict:
+    """Fit a gate per exit of `model` and attach them (`model.set_gates`). Backbone and heads are
+    frozen: one full-depth pass over `blocks` (N, T) collects, for every exit k and every
+    position but the last of a block, the features of the exit's input hidden state and the
+    label "exit k's top-1 == the final layer's top-1"; each gate is then a logistic regression
+    on those (`fit_logistic`). Returns a summary: tokens, seconds, per-exit training cross-
+    entropy and label rate, and `gate_report` on `val_blocks`."""
+    t0 = time.time()
+    model.eval()
+    feats = {k: [] for k in model.exit_layers}
+    labels = {k: [] for k in model.exit_layers}
+    for per_exit, final_top1 in _exit_batches(model, blocks, batch_size, "gate features", progress):
+        for k, (h, lg) in per_exit.items():
+            feats[k].append(ExitGate.features(h).cpu())
+            labels[k].append((lg.argmax(-1) == final_top1).cpu())
+    collect_s = time.time() - t0
+    dev = next(model.backbone.model.parameters()).device
+    gates, fits = {}, {}
+    for k in model.exit_layers:
+        x, y = torch.cat(feats[k]), torch.cat(labels[k])
+        feats[k] = labels[k] = None  # free as we go
+        w, b, ce, iters = fit_logistic(x, y, steps=steps, l2=l2)
+        gate = ExitGate(x.shape[1], device=dev)
+        with torch.no_grad():
+            gate.weight.copy_(w)
+            gate.bias.copy_(b)
+        gate.requires_grad_(False)
+        gates[k] = gate
+        fits[str(k)] = {"label_rate": y.float().mean().item(), "train_ce": ce, "lbfgs_iterations": iters}
+    model.set_gates(gates)
+    fit_s = time.time() - t0 - collect_s
+    report = gate_report(model, val_blocks, thresholds, batch_size=batch_size, progress=progress)
+    return {"tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)), "blocks": int(blocks.shape[0]),
+            "seq_len": int(blocks.shape[1]), "fit": fits, "steps": steps, "l2": l2,
+            "collect_s": round(collect_s, 3), "fit_s": round(fit_s, 3), "seconds": round(time.time() - t0, 3),
+            "report": report}
+
+
+@torch.no_grad()
+def gate_report(model, blocks: torch.Tensor, thresholds=THRESHOLDS, batch_size: int = 8,
+                progress: bool = False) -> dict:
+    """How well each exit's gate picks the tokens on which the exit agrees with the final
+    layer, against the max-softmax confidence of the exit itself, on held-out `blocks` (the
+    last position of each block is left out). Per exit and threshold t: `coverage`, the share
+    of tokens whose gate probability (max-prob) is >= t, and `precision`, the top-1 agreement
+    with the final layer among them (None where no token is covered). Lists follow
+    `thresholds`; `agreement` is the exit's overall agreement rate, `tokens` the token count."""
+    thresholds = [float(t) for t in thresholds]
+    t = torch.tensor(thresholds)
+    counts = {k: {"agree": 0, "gate_n": torch.zeros(len(t)), "gate_ok": torch.zeros(len(t)),
+                  "prob_n": torch.zeros(len(t)), "prob_ok": torch.zeros(len(t))} for k in model.exit_layers}
+    tokens = 0
+    for per_exit, final_top1 in _exit_batches(model, blocks, batch_size, "gate report", progress):
+        tokens += final_top1.numel()
+        for k, (h, lg) in per_exit.items():
+            c = counts[k]
+            lg = lg.float()
+            ok = (lg.argmax(-1) == final_top1).cpu()
+            max_prob = torch.exp(lg.amax(-1) - torch.logsumexp(lg, -1)).cpu()
+            gate = model.gate(k)
+            gate_prob = gate(h).cpu() if gate is not None else torch.zeros_like(max_prob)
+            c["agree"] += int(ok.sum())
+            for name, p in (("gate", gate_prob), ("prob", max_prob)):
+                hit = p[None, :] >= t[:, None]  # (thresholds, n)
+                c[f"{name}_n"] += hit.sum(1)
+                c[f"{name}_ok"] += (hit & ok[None, :]).sum(1)
+    exits = {}
+    for k, c in counts.items():
+        row = {"agreement": c["agree"] / max(tokens, 1), "has_gate": model.gate(k) is not None}
+        for name, key in (("gate", "gate"), ("max_prob", "prob")):
+            n, good = c[f"{key}_n"].tolist(), c[f"{key}_ok"].tolist()
+            row[name] = {"coverage": [x / max(tokens, 1) for x in n],
+                         "precision": [g / x if x else None for g, x in zip(good, n)],
+                         "count": [int(x) for x in n]}
+        exits[str(k)] = row
+    return {"thresholds": thresholds, "tokens": tokens, "exits": exits}

@@ -2,6 +2,7 @@
 
     eetune tune runs/exits --data default --steps 200 --lr 1e-3 --warmup 10 --out runs/tuned
     torchrun --nproc_per_node 2 -m eetune.cli tune runs/exits --data default --out runs/tuned [--fsdp]
+    eetune tune runs/tuned --out runs/gated --gates-only     # gates on tuned heads (heads copied as they are)
 
     from eetune.tune import TuneConfig, tune
     summary = tune("runs/exits", "runs/tuned", TuneConfig(data="default", steps=200, lr=1e-3))
@@ -19,6 +20,11 @@ Everything a run writes besides the final exits directory lives in its training 
 state file, published by renaming a finished temporary directory and then atomically replacing
 `checkpoints/latest.json`. `--resume` continues bit-exactly: the data order and learning rate
 are functions of the step number, and the optimizer and RNG states are restored.
+
+Gates (eetune.gates): `--gates` fits a gate per exit to the heads just tuned, `--gates-only`
+(`tune_gates`) to the heads of the input directory without training them; both on
+`--gate-tokens` tokens of the training blocks, reported on the held-out blocks. Every written
+directory also ranks the vocabulary by frequency in its training blocks (`rank_vocabulary`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ExitConfig
+from .config import WEIGHTS_NAME, ExitConfig
 from .errors import EETuneError
 
 CHECKPOINTS = "checkpoints"
@@ -81,6 +88,15 @@ class TuneConfig:
     cache_dtype: str = "bf16"  # bf16 | fp16 storage of cached hidden states
     fsdp: bool = False  # under torchrun: FSDP2 fully_shard of the backbone layers, heads their own unit
     progress: bool = True  # tqdm progress bar (rank 0)
+    gates: bool = False  # after tuning the heads, fit a gate per exit on them (eetune.gates; one process)
+    gates_only: bool = False  # train no heads: fit gates for the exits as they are, heads copied bit for bit
+    gate_tokens: int = 16384  # training tokens for the gates, whole blocks of seq_len: ~1 min of a quiet 2-core
+    #                           CPU for SmolLM2-135M (full forward + 3 vocabulary projections: ~230 tokens/s)
+
+    # Settings that only head training uses (refused with gates_only).
+    HEAD_ONLY = ("steps", "tokens", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "betas",
+                 "clip", "loss_weights", "loss_weights_start", "loss_weights_warmup", "dynamic_weights", "distill",
+                 "eval_every", "save_every", "resume", "train_dir", "cache_hidden", "cache_dtype", "fsdp")
 
     # Settings that must match for --resume to continue the same trajectory.
     TRAJECTORY = ("data", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay",
@@ -331,6 +347,25 @@ def _check_config(cfg: TuneConfig, exit_layers) -> None:
                           "use one or the other")
     if cfg.val_blocks < 0 or cfg.eval_every < 0 or cfg.save_every < 0:
         raise EETuneError("--val-blocks, --eval-every and --save-every must be >= 0")
+    if cfg.gates and cfg.gates_only:
+        raise EETuneError("give --gates (tune heads, then gates) or --gates-only (gates on the heads as they are), "
+                          "not both")
+    if cfg.gates_only:
+        defaults = TuneConfig()
+        given = [name for name in TuneConfig.HEAD_ONLY if getattr(cfg, name) != getattr(defaults, name)]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise EETuneError(f"--gates-only trains no heads, so {flags} {'does' if len(given) == 1 else 'do'} not "
+                              f"apply: drop {'it' if len(given) == 1 else 'them'}, or tune the heads and train gates "
+                              f"in one run with --gates")
+    if cfg.gates or cfg.gates_only:
+        if cfg.gate_tokens < 1:
+            raise EETuneError(f"--gate-tokens {cfg.gate_tokens}: give at least 1 (rounded up to whole blocks)")
+        if cfg.val_blocks < 1:
+            raise EETuneError("gates are reported on held-out blocks: give --val-blocks 1 or more")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise EETuneError("gates are trained in one process: tune the heads under torchrun without --gates, "
+                              "then run `eetune tune OUT --gates-only` without torchrun")
 
 
 def parse_weights(spec: str | None) -> tuple[float, ...] | None:
@@ -343,11 +378,74 @@ def parse_weights(spec: str | None) -> tuple[float, ...] | None:
         raise EETuneError(f"cannot read loss weights {spec!r}: give numbers such as 1,1") from None
 
 
+def rank_vocabulary(blocks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Every token id of the vocabulary, most frequent in `blocks` first (ties by id): what
+    `EarlyExitModel.vocab_by_frequency` holds (self-spec's restricted draft vocabulary)."""
+    ids = blocks.reshape(-1)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise EETuneError(f"the data holds token ids outside the model's vocabulary of {vocab_size}: "
+                          f"use the model's own tokenizer")
+    counts = torch.bincount(ids, minlength=vocab_size)
+    return torch.sort(-counts, stable=True).indices  # descending count; a stable sort keeps ties by id
+
+
+def gate_training_blocks(train: torch.Tensor, cfg: TuneConfig) -> torch.Tensor:
+    """The training blocks the gates are fit on: `ceil(gate_tokens / seq_len)` of them (all if
+    fewer), chosen by a permutation seeded with `cfg.seed`."""
+    n = min(train.shape[0], math.ceil(cfg.gate_tokens / train.shape[1]))
+    pick = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:n]
+    return train[pick]
+
+
+def _fit_gates(model, train: torch.Tensor, val: torch.Tensor, data_info: dict, cfg: TuneConfig,
+               exits_dir: Path) -> dict:
+    """Fit and attach the gates (eetune.gates.train_gates); the summary for exit_config.json."""
+    from .gates import train_gates
+
+    blocks = gate_training_blocks(train, cfg)
+    summary = train_gates(model, blocks, val, batch_size=cfg.batch_size, progress=cfg.progress)
+    return {"data": data_info, "gate_tokens_asked": cfg.gate_tokens, "seed": cfg.seed,
+            "exits_from": str(exits_dir.resolve()), **summary}
+
+
+def tune_gates(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None) -> dict:
+    """`eetune tune DIR --out OUT --gates-only`: train no heads; fit a gate per exit of
+    `exits_dir` on its heads as they are, and write `out` with the head tensors copied bit for
+    bit, the new gates, the vocabulary ranked by frequency in the training blocks, and the
+    gates' summary (held-out report included) in exit_config.json. Returns that summary."""
+    from .backbone import load_tokenizer
+    from .data import train_val_blocks
+    from .model import GATE_PREFIX, VOCAB_KEY, EarlyExitModel, check_output_dir, write_exits_dir
+
+    exits_dir, out = Path(exits_dir), Path(out)
+    exit_config = ExitConfig.load(exits_dir)
+    _check_config(cfg, exit_config.exit_layers)
+    check_output_dir(out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=device)
+    # The heads as stored, not as loaded (loading may cast them): copied unchanged.
+    heads = {k: v for k, v in load_file(str(exits_dir / WEIGHTS_NAME)).items()
+             if not (k.startswith(GATE_PREFIX) or k == VOCAB_KEY)}
+    tokenizer = load_tokenizer(model.backbone)
+    train, val, data_info = train_val_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.val_blocks, cfg.max_blocks, seed=0)
+    model.vocab_by_frequency = rank_vocabulary(train, model.backbone.vocab_size)
+    summary = _fit_gates(model, train, val, data_info, cfg, exits_dir)
+    write_exits_dir(out, exit_config.replace(gates=summary), heads, model.extra_tensors())
+    return summary
+
+
 # --- the loop ------------------------------------------------------------------------------
 def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None) -> dict:
     """Tune the heads of `exits_dir` and write the tuned exits directory `out`. Returns the
     training summary (also recorded in out/exit_config.json). Under torchrun (WORLD_SIZE > 1)
-    it runs data-parallel: DDP, or FSDP2 with `cfg.fsdp`."""
+    it runs data-parallel: DDP, or FSDP2 with `cfg.fsdp`.
+
+    The written directory also ranks the vocabulary by frequency in the training blocks. Gates
+    of `exits_dir` are dropped (they were fit to the old heads); with `cfg.gates` new ones are
+    fit to the tuned heads (the returned summary then has their summary under "gates"), and
+    `cfg.gates_only` trains no heads at all (`tune_gates`)."""
+    if cfg.gates_only:
+        return {"gates": tune_gates(exits_dir, out, cfg, backbone=backbone)}
     from .backbone import load_tokenizer
     from .data import train_val_blocks
     from .model import EarlyExitModel, check_output_dir, write_exits_dir
@@ -382,6 +480,11 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         # 3. Model: frozen backbone (eval, no grad), heads in fp32; layers past the deepest exit dropped.
         model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device))
         model.heads.float()
+        if len(model.gates) and rank == 0:
+            print(f"note: the gates of {exits_dir} were fit to its old heads and are dropped"
+                  + (" (new ones are trained after tuning)" if cfg.gates else " (add --gates to train new ones)"),
+                  file=sys.stderr)
+        model.gates.clear()
         tokenizer = load_tokenizer(model.backbone)
 
         # 4. Data: packed blocks, a held-out validation slice of whole documents (rank 0 tokenises first).
@@ -408,7 +511,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                    "blocks": _blocks_digest(torch.cat([train, val]))}
             cache = HiddenCache(Path(cfg.cache_hidden), layers, n_train + val.shape[0], cfg.seq_len, bb.hidden_size,
                                 cfg.cache_dtype, key, rank, world)
-        if cfg.distill == 0:
+        if cfg.distill == 0 and not cfg.gates:  # gates need the final layer's top-1: keep every layer
             if cache is not None and cache.complete(range(n_train + val.shape[0])):
                 model.release_unused_layers(0)  # every hidden state is on disk: no backbone layer needed
             else:
@@ -602,13 +705,17 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         if exit_config.training:
             summary["previous"] = exit_config.training
         state = {name: _full(p) for name, p in named}  # every rank joins the gathers
+        gates = None
         if rank == 0:
-            write_exits_dir(out, exit_config.replace(training=summary), state)
+            model.vocab_by_frequency = rank_vocabulary(train, bb.vocab_size)
+            if cfg.gates:  # one process (checked above): fit to the heads just tuned
+                gates = _fit_gates(model, train, val, data_info, cfg, exits_dir)
+            write_exits_dir(out, exit_config.replace(training=summary, gates=gates), state, model.extra_tensors())
             if tb is not None:
                 tb.close()
         if world > 1:
             torch.distributed.barrier()
-        return summary
+        return {**summary, "gates": gates} if gates else summary
     finally:
         if started_pg:
             torch.distributed.destroy_process_group()
