@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 # Convert the embedded default (SmolLM2-135M-Instruct) with MLP exits after layers 10 and 20 (sharing
 # the frozen LM head), show each exit's held-out cross-entropy and agreement with the final layer
-# (BoolQ dev), tune the heads for ~3 minutes of CPU on BoolQ training passages, show them again.
-DEMO_TUNE ?= --steps 60 --seq-len 128 --batch-size 4 --lr 3e-3 --warmup 5 --val-blocks 4
+# (BoolQ dev), tune the heads for ~3 minutes of CPU on BoolQ training passages and fit their gates,
+# show them again, then decode one prompt in full and with self-speculation (identical text).
+DEMO_TUNE ?= --steps 60 --seq-len 128 --batch-size 4 --lr 3e-3 --warmup 5 --val-blocks 4 --gates --gate-tokens 4096
+DEMO_PROMPT ?= Explain in two sentences why the sky is blue.
 demo: setup
 	$(EETUNE) convert --model smollm2-135m --exits 10,20 --arch mlp --output-embedding shared --out $(DEMO)/exits-untuned
 	@echo "== before tuning =="
@@ -27,6 +29,10 @@ demo: setup
 	$(EETUNE) tune $(DEMO)/exits-untuned --data default --out $(DEMO)/exits-tuned $(DEMO_TUNE)
 	@echo "== after tuning =="
 	$(EETUNE) evaluate $(DEMO)/exits-tuned --data default-dev --max-blocks 8 --seq-len 256
+	@echo "== decoding: full, then self-speculative (lossless: the same text) =="
+	$(EETUNE) generate $(DEMO)/exits-tuned --chat --prompt "$(DEMO_PROMPT)" --mode full --max-new-tokens 48
+	$(EETUNE) generate $(DEMO)/exits-tuned --chat --prompt "$(DEMO_PROMPT)" --mode self-spec --draft-exit auto \
+		--draft-vocab 4096 --threshold 0.3 --max-new-tokens 48 --verbose
 
 test: setup
 	$(PY) -m pytest -q

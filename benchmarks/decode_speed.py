@@ -111,7 +111,10 @@ def main(argv=None):
     ap.add_argument("--draft-vocab", type=int, default=None,
                     help="also run every self-spec row with this draft vocabulary (K most frequent tokens)")
     ap.add_argument("--screen-vocab", type=int, default=None,
-                    help="also run every early-exit max-prob row screened on this many most frequent tokens")
+                    help="also run every early-exit max-prob row screened on this many most frequent tokens "
+                         "(with --gate-filter: only behind the gate prefilter)")
+    ap.add_argument("--gate-filter", type=float, default=None,
+                    help="also run every early-exit max-prob row behind this gate prefilter (with the screen if given)")
     ap.add_argument("--auto", default="", help="self-spec --draft-exit auto rows, threshold:draft_len (e.g. 0.5:6)")
     ap.add_argument("--reference", action="store_true", help="also time `full` through the reference engine")
     ap.add_argument("--save-traces", default=None,
@@ -141,6 +144,9 @@ def main(argv=None):
             "confidence": args.confidence, "date": time.strftime("%Y-%m-%d %H:%M")}
     # warm-up (allocator, first-call overheads) outside the timings
     generate(model, [prompts[0]], DecodeOptions(mode="full", max_new_tokens=8, eos_token_ids=eos))
+    if args.auto:  # the draft policy's costs are measured once per loaded model: not inside a timed run
+        from eetune.engine import measure_costs
+        measure_costs(model, DecodeOptions())
 
     settings = [("hf-generate", "hf-generate", {}), ("full", "full", {})]
     if args.reference:
@@ -148,9 +154,15 @@ def main(argv=None):
     conf = args.confidence
     settings += [(f"early-exit {conf} threshold={t}", "early-exit", {"threshold": float(t), "confidence": conf})
                  for t in args.thresholds.split(",") if t]
-    if args.screen_vocab:
+    if args.screen_vocab and args.gate_filter is None:  # with --gate-filter the screen goes into those rows
         settings += [(f"early-exit {conf} threshold={t} screen_vocab={args.screen_vocab}", "early-exit",
                       {"threshold": float(t), "confidence": conf, "screen_vocab": args.screen_vocab})
+                     for t in args.thresholds.split(",") if t]
+    if args.gate_filter is not None:
+        settings += [(f"early-exit {conf} threshold={t} gate_filter={args.gate_filter}"
+                      + (f" screen_vocab={args.screen_vocab}" if args.screen_vocab else ""), "early-exit",
+                      {"threshold": float(t), "confidence": conf, "gate_filter": args.gate_filter,
+                       "screen_vocab": args.screen_vocab})
                      for t in args.thresholds.split(",") if t]
     settings += [(f"early-exit gate threshold={t}", "early-exit", {"threshold": float(t), "confidence": "gate"})
                  for t in args.gate_thresholds.split(",") if t]

@@ -89,11 +89,14 @@ def synthetic(kind: str, exits, L: int, n: int, seed: int = 0) -> list[int]:
     return out
 
 
-def load_traces(path: Path, exits, L: int, n: int) -> tuple[dict, dict]:
-    """Recorded traces mapped onto this shape's exits; each cut or cycled to n tokens / rounds."""
+def load_traces(path: Path, exits, L: int, n: int, wanted: list[str]) -> tuple[dict, dict]:
+    """Recorded traces whose setting name contains one of `wanted`, mapped onto this shape's
+    exits; early-exit traces cut or cycled to n tokens."""
     if not path.is_file():
         return {}, {}
     data = json.loads(path.read_text())
+    data["early_exit"] = {k: v for k, v in data.get("early_exit", {}).items() if any(w in k for w in wanted)}
+    data["self_spec"] = {k: v for k, v in data.get("self_spec", {}).items() if any(w in k for w in wanted)}
     src_exits, src_L = data["exit_layers"], data["num_layers"]
     mapping = {k: exits[i] for i, k in enumerate(src_exits)}
     mapping[src_L] = L
@@ -134,7 +137,8 @@ def run_shape(shape: str, args) -> list[dict]:
     def ours(n, **kw):
         return generate(model, [prompt], DecodeOptions(max_new_tokens=n, **kw))
 
-    ee_traces, ss_traces = load_traces(ROOT / "traces" / args.traces, exits, L, N)
+    ee_traces, ss_traces = load_traces(ROOT / "traces" / args.traces, exits, L, N,
+                                       [w for w in args.trace_rows.split(",") if w])
     settings = [("hf-generate", "hf", {}, None), ("full", "full", {}, None)]
     for mix in ("none", "50/25", "75/0"):
         trace = synthetic(mix, exits, L, N)
@@ -247,6 +251,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="repetitions, best kept (default 3)")
     ap.add_argument("--draft-vocab", type=int, default=4096, help="self-spec draft vocabulary row (default 4096)")
     ap.add_argument("--traces", default="smollm2-135m-xsum.json", help="file under benchmarks/traces/")
+    ap.add_argument("--trace-rows", default="threshold=0.6 gate_filter,threshold=0.2 gate_filter,"
+                                             "self-spec max-prob threshold=0.5 draft_len=4 draft_vocab",
+                    help="recorded settings to replay: comma-separated substrings of their names")
     ap.add_argument("--tag", default=None, help="results file tag (default: device)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)

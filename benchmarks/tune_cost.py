@@ -95,7 +95,8 @@ def run_ee(args, name: str, work: Path) -> dict:
     with open(out.with_name(out.name + ".train") / "log.csv") as f:
         times = [float(r["step_s"]) for r in csv.DictReader(f)]
     from safetensors.torch import load_file
-    trainable = sum(t.numel() for t in load_file(str(out / "exit_heads.safetensors")).values())
+    trainable = sum(t.numel() for k, t in load_file(str(out / "exit_heads.safetensors")).items()
+                    if not (k.startswith("gate.") or k == "vocab_by_frequency"))  # the heads only
     return {"step_s": times, "trainable_params": trainable, "trunk_layers_held": s["trunk_layers_held"]}
 
 

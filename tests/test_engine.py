@@ -202,6 +202,30 @@ def test_screened_max_prob(family):
         assert all(t.confidence >= thr for r in lean.rows for t in r.tokens if t.exit_layer < L)
 
 
+def test_gate_filter():
+    """max-prob behind a gate prefilter: a gate that always fires changes nothing, one that never
+    fires skips every head, and the lean engine equals the reference in between."""
+    model = EarlyExitModel.convert(peaky_backbone("llama", scale=8.0), [1, 3], arch="mlp")
+    model.vocab_by_frequency = torch.arange(V)
+    thr = mixing_threshold(model, PROMPTS[0])
+    plain = generate(model, PROMPTS, DecodeOptions(mode="early-exit", threshold=thr, max_new_tokens=24))
+    gated(model, bias=50.0)
+    same = generate(model, PROMPTS, DecodeOptions(mode="early-exit", threshold=thr, gate_filter=0.5,
+                                                  max_new_tokens=24))
+    assert ids_of(same) == ids_of(plain)
+    gated(model, seed=3)
+    for screen in (None, 40):
+        lean, ref = both(model, PROMPTS, mode="early-exit", threshold=thr, gate_filter=0.5, screen_vocab=screen,
+                         max_new_tokens=24)
+        assert_same(lean, ref)
+    gated(model, bias=-50.0)
+    calls = []
+    for head in model.heads:
+        head.register_forward_pre_hook(lambda m, a: calls.append(m.layer))
+    g = generate(model, PROMPTS, DecodeOptions(mode="early-exit", threshold=0.0, gate_filter=0.5, max_new_tokens=6))
+    assert calls == [] and all(t.exit_layer == L for r in g.rows for t in r.tokens)
+
+
 # --- regression tests of issue 7's defects ---------------------------------------------------
 @pytest.mark.parametrize("engine", ["lean", "reference"])
 def test_exit_after_last_layer_early_exit(engine):
@@ -257,7 +281,8 @@ def test_self_spec_never_drafts_past_the_context(engine):
     ({"engine": "turbo"}, "unknown engine"),
     ({"mode": "early-exit", "screen_vocab": 0}, "outside 1.."),
     ({"mode": "early-exit", "screen_vocab": 4}, "token frequencies"),
-    ({"mode": "early-exit", "screen_vocab": 4, "confidence": "margin"}, "max-prob only")])
+    ({"mode": "early-exit", "screen_vocab": 4, "confidence": "margin"}, "max-prob only"),
+    ({"mode": "early-exit", "gate_filter": 0.5}, "no gates")])
 def test_bad_new_options(kw, msg):
     model = EarlyExitModel.convert(peaky_backbone("llama"), [2])
     with pytest.raises(EETuneError, match=msg):

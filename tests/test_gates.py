@@ -153,6 +153,20 @@ def test_tune_gates_only_keeps_heads_bit_identical(world, tmp_path, capsys):
     model = EarlyExitModel.from_pretrained(out)
     assert model.has_gates
     assert model.vocab_by_frequency.tolist() == ranked_by_hand(world)[0]
+    # the gated directory decodes with every cheap-decision option (the whole pipeline, CLI to engine)
+    capsys.readouterr()
+    base = ["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "6", "--json"]
+    assert main(base + ["--mode", "full"]) == 0
+    full = json.loads(capsys.readouterr().out)["rows"][0]["ids"]
+    for extra in (["--mode", "early-exit", "--confidence", "gate", "--threshold", "1.01"],
+                  ["--mode", "early-exit", "--gate-filter", "0.3", "--screen-vocab", "20", "--threshold", "1.01"],
+                  ["--mode", "self-spec", "--draft-vocab", "20", "--threshold", "0"],
+                  ["--mode", "self-spec", "--confidence", "gate", "--threshold", "0.2"],
+                  ["--mode", "self-spec", "--draft-exit", "auto", "--verbose"]):
+        assert main(base + extra) == 0, extra
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["rows"][0]["ids"] == full, extra
+    assert "draft policy" in captured.err
 
 
 def test_tune_records_vocab_and_drops_old_gates(world, tmp_path, capsys):

@@ -258,6 +258,8 @@ def add_generate(sub):
     p.add_argument("--screen-vocab", type=int, default=None, metavar="K",
                    help="early-exit, max-prob: take each exit's max-prob over the K most frequent tuning tokens "
                         "first and run the full vocabulary projection only if that reaches the threshold")
+    p.add_argument("--gate-filter", type=float, default=None, metavar="T",
+                   help="early-exit, max-prob: run an exit's head only where its gate (`tune --gates`) reaches T")
     p.add_argument("--engine", default="lean", choices=["lean", "reference"],
                    help="decoding engine: lean (default) or the slow, obvious reference")
     p.add_argument("--verbose", action="store_true", help="print the --draft-exit auto cost model's figures")
@@ -305,7 +307,8 @@ def cmd_generate(args):
     model = EarlyExitModel.from_pretrained(args.dir)
     opts = DecodeOptions(mode=args.mode, threshold=args.threshold, confidence=args.confidence,
                          draft_len=args.draft_len, draft_exit=args.draft_exit, draft_vocab=args.draft_vocab,
-                         screen_vocab=args.screen_vocab, engine=args.engine, verbose=args.verbose, max_new_tokens=args.max_new_tokens,
+                         screen_vocab=args.screen_vocab, gate_filter=args.gate_filter,
+                         engine=args.engine, verbose=args.verbose, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     opts.validate(model)
     tok = load_tokenizer(model.backbone)

@@ -50,6 +50,7 @@ class DecodeOptions:
     draft_exit: int | str | None = None  # self-spec: exit layer that drafts (default: the deepest), or "auto"
     draft_vocab: int | None = None  # self-spec: draft over the K most frequent tuning tokens only (None: all)
     screen_vocab: int | None = None  # early-exit max-prob: screen on the K most frequent tokens first (None: off)
+    gate_filter: float | None = None  # early-exit max-prob: run an exit's head only where its gate >= this
     engine: str = "lean"  # lean (engine.py) | reference (this module: slow, obvious)
     verbose: bool = False  # print the draft policy's figures (draft_exit="auto")
     replay: tuple | None = None  # benchmarks only: forced exit layer per token (early-exit) or
@@ -84,6 +85,14 @@ class DecodeOptions:
         if self.confidence == "gate" and not model.has_gates:
             raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR "
                               "--out OUT --gates-only`, or use --confidence max-prob")
+        if self.gate_filter is not None:
+            if self.confidence != "max-prob":
+                raise EETuneError(f"--gate-filter works with --confidence max-prob only (got {self.confidence})")
+            if not model.has_gates:
+                raise EETuneError("--gate-filter: these exits have no gates; train them with `eetune tune DIR "
+                                  "--out OUT --gates-only`")
+            if model.config.arch == "layer":
+                raise EETuneError("--gate-filter cannot skip a `layer` exit (its block must fill its own cache)")
         if self.screen_vocab is not None and self.confidence != "max-prob":
             raise EETuneError(f"--screen-vocab works with --confidence max-prob only (got {self.confidence})")
         for flag, k in (("--draft-vocab", self.draft_vocab), ("--screen-vocab", self.screen_vocab)):
@@ -282,6 +291,8 @@ def exit_confidence(state: DecodeState, layer: int, h: torch.Tensor, logits: tor
     if opts.confidence == "gate":
         return state.model.gate(layer)(h[:, -1])
     conf = confidence(logits, opts.confidence)
+    if opts.gate_filter is not None and opts.mode == "early-exit":  # the gate prefilter must pass too
+        conf = conf.masked_fill(state.model.gate(layer)(h[:, -1]) < opts.gate_filter, -1.0)
     if opts.screen_vocab and opts.mode == "early-exit":  # the screen must pass too: max-prob over the K most frequent tokens
         keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         keep[state.model.vocab_by_frequency[:opts.screen_vocab]] = True
@@ -524,6 +535,9 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
             gen.seed()  # a fresh nondeterministic seed for this generator only; the global RNG is untouched
     emitter = Emitter(prompts, opts, device, on_tokens)
     result = Generation(rows=emitter.rows, mode=opts.mode, seconds=0.0, num_layers=L)
+    if opts.draft_exit == "auto":  # the policy's costs: measured once per loaded model, outside the timing
+        from .engine import measure_costs
+        measure_costs(model, opts)
     t0 = time.perf_counter()
     ids, pos = _left_pad(prompts, 0, device)
     if opts.engine == "lean":

@@ -5,25 +5,28 @@ self-speculation accepts, slots invalidated rather than reused). This module com
 tokens and logits (tested against it, every mode and family, batches included) but:
 
 - **One static cache** (`StaticCache`): per layer, key/value buffers preallocated for the whole
-  request. Slot `s` of batch row `b` holds the token at position `s - pad[b] - behind[b]`-free
-  order: every row's valid slots are a prefix, so keys never need a position table, and a
-  self-spec round's rejected slots are simply written over by the next round (cache length
-  grows only with accepted tokens; rows that accepted fewer drafts are `behind` and write a
-  little lower, per row, until they catch up).
+  request. Every row's valid slots are a prefix in position order (slot `s` of row `b` holds
+  position `s - pad[b]`), so keys need no position table, and a self-spec round's rejected slots
+  are simply written over by the next round: the cache grows only with accepted tokens. Rows
+  that accepted fewer drafts than the leading row are `behind[b]` slots back and write that much
+  lower, per row.
 - **Geometry once per step** (`Step`): token positions, rotary tables and the additive masks
   (one per distinct sliding window) are built once per step for the widest query block of the
   step and sliced for each layer: in every step the query blocks of all layers end at the same
   slot, so a layer with fewer queries (KV recomputation joins tokens on the way up) uses the
   last rows of the same tensors. At batch 1 without padding a one-token step needs no mask.
-- **Host reads**: one per exit decision (did every row decide?), one per self-spec round (how
-  many drafts each row kept), and the emitted tokens once per step. Choices between rows use
-  `torch.where`, never boolean-mask assignment.
+- **Host reads**: one per exit decision stage (did every row decide? with a gate prefilter or
+  a screen, also: does any row go on to the full projection?), one per self-spec round (how many
+  drafts each row kept) and per draft step (does any row still propose?), and the emitted tokens
+  once per step. Choices between rows use `torch.where`, never boolean-mask assignment.
 - **Gates** (`--confidence gate`): the exit's probe runs first; its MLP and vocabulary
   projection run only if the gate fires for some row, so a token that does not leave pays one
   dot product at that exit. A `layer` exit still runs its block (its own cache must stay full).
 - **Screened max-prob** (`screen_vocab=K`): an exit's max-prob is first taken over the K most
   frequent tokens only (a 1/12 of the projection for K = 4096 of 49,152); the full projection
   runs only for rows whose screened value reaches the threshold.
+- **Gate prefilter** (`gate_filter=T`, with max-prob): the gate runs first and the exit head
+  only for rows whose gate reaches T; the exit decision stays max-prob's.
 - **Draft vocabulary** (`draft_vocab=K`): the draft exit projects onto the K most frequent
   tokens of the tuning data only; verification by the full model keeps self-spec lossless.
 - **Draft policy** (`draft_exit="auto"`): `DraftPolicy` picks the draft exit and length per round
@@ -129,21 +132,22 @@ class Step:
 
 # --- the draft policy -----------------------------------------------------------------------
 def measure_costs(model, opts) -> dict:
-    """Seconds for one token through one decoder layer (and for a block of 5 tokens, the
-    verification shape), through each exit head's transform, and through the final norm + LM
-    head (one token, and 5). Measured once per model and cached on it, on a 32-token context;
-    the best of a few repetitions."""
+    """Seconds for one token through one decoder layer and through the final norm + LM head, as
+    they cost while decoding: the layer cost is a whole trunk pass (every layer's weights
+    streamed from memory, as in a real step) divided by the number of layers, the LM head cost a
+    whole step minus the trunk. Also a 5-token block (verification), each exit's transform, and
+    its projection. Measured once per model (cached on it) on a 64-token context, best of 5."""
     cached = getattr(model, "_eetune_costs", None)
     if cached is not None:
         return cached
     bb = model.backbone
     dev = next(bb.model.parameters()).device
-    eng = Engine(model, opts, 1, 32, [0], dev, capacity=48)
-    ids = torch.arange(32, device=dev)[None] % bb.vocab_size
+    L, T = bb.num_layers, 64
+    eng = Engine(model, opts, 1, T, [0], dev, capacity=T + 8)
+    ids = (torch.arange(T, device=dev)[None] * 7919) % bb.vocab_size
     eng.prefill(ids, False, torch.zeros(1, dtype=torch.bool, device=dev))
-    h = bb.embed(ids, torch.arange(32, device=dev)[None])
 
-    def timeit(fn, reps: int = 7) -> float:
+    def timeit(fn, reps: int = 5) -> float:
         best = math.inf
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -152,20 +156,24 @@ def measure_costs(model, opts) -> dict:
             best = min(best, time.perf_counter() - t0)
         return best
 
-    def layer_run(q: int):
-        step = Step(eng, 32 + q, q, eng.like)
-        x = h[:, :q]
+    def trunk(q: int, head: bool):
+        step = Step(eng, T + q, q, eng.like)
+        x = bb.embed(ids[:, :q], step.positions)
 
         def fn():
-            eng.cache.n[0] = 32
-            eng.layer(0, x, step)
+            h = x
+            for i in range(L):
+                eng.cache.n[i] = T
+                h = eng.layer(i, h, step)
+            if head:
+                eng.final_logits(h)
         return fn
 
-    x1 = h[:, -1]
-    costs = {"layer": timeit(layer_run(1)), "layer_x5": timeit(layer_run(5)),
-             "final": timeit(lambda: bb.logits(bb.final_norm(x1))),
-             "final_x5": timeit(lambda: bb.logits(bb.final_norm(h[:, -5:]))),
-             "num_layers": bb.num_layers, "heads": {}}
+    t1, t1h = timeit(trunk(1, False)), timeit(trunk(1, True))
+    t5, t5h = timeit(trunk(5, False)), timeit(trunk(5, True))
+    x1 = bb.embed(ids[:, -1:], torch.zeros(1, 1, dtype=torch.long, device=dev))[:, -1]
+    costs = {"layer": t1 / L, "layer_x5": t5 / L, "final": max(t1h - t1, 0.0), "final_x5": max(t5h - t5, 0.0),
+             "num_layers": L, "heads": {}}
     for head in model.heads:
         # a `layer` exit's block costs about one decoder layer; the others are timed
         branch = costs["layer"] if head.arch == "layer" else timeit(lambda: head.transform(x1))
@@ -196,11 +204,16 @@ class DraftPolicy:
 
         cost(d, n)    = (n + 1) * d * c_layer + n * c_head(d) + (L - d) * c_layer(n + 1) + c_final(n + 1)
         emitted(d, n) = (1 - a_d^(n + 1)) / (1 - a_d)
-        pick (d, n) maximising emitted / cost, n in 0..draft_len (n = 0: a plain full step)
+        pick (d, n) maximising emitted / (cost * s[n > 0]), n in 0..draft_len (n = 0: a full step)
+
+    s[drafting] and s[full step] calibrate the model against the clock: each is a running mean
+    (weight 0.2) of measured ÷ modelled seconds of the rounds of that kind so far.
 
     c_layer(q) and c_final(q) for a block of q tokens are interpolated between the measured
-    costs of 1 and 5 tokens. a_d starts from a prior that grows with depth (0.2 + 0.4 d / L),
-    worth 8 drafts, then follows the drafts exit d has had accepted so far in this request.
+    costs of 1 and 5 tokens. a_d starts from a prior worth 8 drafts (the exit's held-out top-1
+    agreement with the final layer when `tune --gates` reported it, else 0.2 + 0.4 d / L), then
+    follows the drafts exit d has had accepted so far in this request. When no draft pays, a
+    plain full step is taken, and every 16 such rounds one token is drafted to keep measuring.
     Candidates are the exits below the last layer (`layer` exits: the deepest only, since
     each would need its own cache filled on every round).
     """
@@ -216,8 +229,14 @@ class DraftPolicy:
         for k, c in costs["heads"].items():
             proj = c["projection"] * ((draft_vocab / V) if draft_vocab else 1.0)
             self.head_cost[k] = c["transform"] + proj
-        self.prior = {k: 0.2 + 0.4 * k / L for k in policy_candidates(model)}
+        report = ((model.config.gates or {}).get("report") or {}).get("exits", {})
+        self.prior = {k: float(report.get(str(k), {}).get("agreement", 0.2 + 0.4 * k / L))
+                      for k in policy_candidates(model)}
         self.stats = {k: [0, 0] for k in self.prior}  # accepted, drafted
+        self.rounds_without_drafts = 0
+        # Calibration: measured ÷ modelled seconds of rounds with drafts and of plain full steps
+        # (per-round work the model leaves out: embedding, step set-up, host reads, bookkeeping).
+        self.scale = {True: 1.0, False: 1.0}
 
     def _block(self, one: float, five: float, q: int) -> float:
         return one + (five - one) * (q - 1) / 4.0
@@ -237,30 +256,47 @@ class DraftPolicy:
         a = self.rate(d)
         return (1 - a ** (n + 1)) / (1 - a)
 
+    PROBE_EVERY = 16  # rounds without drafting after which one draft is tried (acceptance drifts)
+
     def choose(self, max_n: int) -> tuple[int, int]:
         best, pick = -1.0, (max(self.prior) if self.prior else self.L, 0)
         for d in self.prior:
             for n in range(0, min(self.draft_len, max_n) + 1):
-                v = self.emitted(d, n) / self.cost(d, n)
+                v = self.emitted(d, n) / (self.cost(d, n) * self.scale[n > 0])
                 if v > best:
                     best, pick = v, (d, n)
+        if pick[1] == 0 and max_n >= 1:
+            self.rounds_without_drafts += 1
+            if self.rounds_without_drafts >= self.PROBE_EVERY:  # probe the exit closest to paying
+                self.rounds_without_drafts = 0
+                d = max(self.prior, key=lambda e: self.emitted(e, 1) / self.cost(e, 1))
+                return d, 1
+        else:
+            self.rounds_without_drafts = 0
         return pick
 
-    def observe(self, d: int, accepted: int, drafted: int) -> None:
+    def observe(self, d: int, accepted: int, drafted: int, n: int | None = None, seconds: float | None = None) -> None:
+        """Record a round: drafts accepted of those proposed by exit d; with `n` (the draft length
+        asked) and `seconds` (its wall time), update the calibration of that kind of round."""
         self.stats[d][0] += accepted
         self.stats[d][1] += drafted
+        if n is not None and seconds is not None:
+            ratio = seconds / self.cost(d, n)
+            self.scale[n > 0] = 0.8 * self.scale[n > 0] + 0.2 * ratio
 
     def describe(self) -> str:
         c = self.costs
         full = self.L * c["layer"] + c["final"]
         lines = [f"draft policy: layer {c['layer'] * 1e3:.3f} ms/token (x5 block {c['layer_x5'] * 1e3:.3f}), "
-                 f"LM head {c['final'] * 1e3:.3f} ms, full token ~{full * 1e3:.2f} ms"]
+                 f"LM head {c['final'] * 1e3:.3f} ms, full token ~{full * 1e3:.2f} ms; measured/modelled "
+                 f"time: drafting rounds {self.scale[True]:.2f}, full steps {self.scale[False]:.2f}"]
         for d in self.prior:
             n = min(self.draft_len, 8)
-            best = max(range(n + 1), key=lambda m: self.emitted(d, m) / self.cost(d, m))
+            best = max(range(n + 1), key=lambda m: self.emitted(d, m) / (self.cost(d, m) * self.scale[m > 0]))
+            speed = (self.emitted(d, best) * full * self.scale[False]) / (self.cost(d, best) * self.scale[best > 0])
             lines.append(f"  exit {d}: head {self.head_cost[d] * 1e3:.3f} ms ({self.head_cost[d] / c['layer']:.1f} "
                          f"layers), acceptance {self.rate(d):.2f} ({self.stats[d][0]}/{self.stats[d][1]}), best n "
-                         f"{best}: expected speedup {self.emitted(d, best) * full / self.cost(d, best):.2f}x")
+                         f"{best}: expected speedup {speed:.2f}x")
         return "\n".join(lines)
 
 
@@ -282,6 +318,7 @@ class Engine:
         self.windows = sorted(set(self.win) | ({bb.layer_window(L - 1)} if self.exit_caches else set()),
                               key=lambda w: -1 if w is None else w)
         self.slot = T  # uniform slot of the next token (rows `behind` use a lower one)
+        self.behind_host = [0] * B  # host copy of cache.behind
         self.pending: list[tuple[int, torch.Tensor]] = []  # (depth, hidden) of exited tokens, oldest first
         self.passes = 0
         self.exit_set = set(model.exit_layers)
@@ -343,8 +380,17 @@ class Engine:
                 self._take(st, fire, logits, k, g)
             st["decided"] = decided | fire
             return bool(all_done)
+        cand = None
+        if opts.gate_filter is not None and head.arch != "layer":
+            # Prefilter: only rows whose gate reaches gate_filter run the exit head at all.
+            cand = ~decided & (self.model.gate(k)(h[:, -1]) >= opts.gate_filter)
+            if forced is not None:
+                cand = ~decided & (forced == k)
+            any_cand, all_done = torch.stack([cand.any(), decided.all()]).tolist()
+            if not any_cand:
+                return bool(all_done)
         z = self.head_hidden(k, h, step)
-        passing = None
+        passing = cand
         if opts.screen_vocab:
             # Screen: max-prob over the K most frequent tokens first. When the final layer's pick
             # is among them this over-estimates the full max-prob, so a row that fails the screen
@@ -355,6 +401,8 @@ class Engine:
                 self.screens[k] = (self.model.head(k).out_weight()[ids], None if b is None else b[ids])
             small = self.project(k, z, *self.screens[k])
             passing = ~decided & (small.float().softmax(-1).amax(-1) >= opts.threshold)
+            if cand is not None:
+                passing = passing & cand
             if forced is not None:
                 passing = ~decided & (forced == k)
             any_pass, all_done = torch.stack([passing.any(), decided.all()]).tolist()
@@ -446,9 +494,11 @@ class Engine:
         return st
 
     def self_spec_round(self, tok: torch.Tensor, settled: torch.Tensor, d: int, n_draft: int, gen,
-                        draft_weight=None, draft_bias=None, draft_ids=None, round_index: int = 0):
+                        draft_weight=None, draft_bias=None, draft_ids=None, round_index: int = 0,
+                        live: list[bool] | None = None):
         """Draft up to `n_draft` tokens with exit d, verify them with layers d+1..L; returns
-        (emitted tokens per row, accepted drafts per row, drafts proposed in total)."""
+        (emitted tokens per row, accepted drafts per row, drafts proposed in total). `live`: the
+        host's copy of which rows are unfinished (`~settled`)."""
         from .decode import confidence, sampling_probs, speculative_accept
         opts, B, L = self.opts, self.B, self.L
         head = self.model.head(d)
@@ -537,11 +587,14 @@ class Engine:
                 emitted.append(row)
                 acc_l.append(len(row) - 1)
         # Cache: each row keeps its slots up to its last accepted draft; rejected slots are reused.
-        behind = [0] * B if self.cache.behind is None else self.cache.behind.tolist()
-        live = (~settled).tolist()  # finished rows keep no new slots (their outputs are no longer used)
+        behind = self.behind_host
+        if live is None:
+            live = (~settled).tolist()
+        # finished rows keep no new slots (their outputs are no longer used)
         valid = [slot0 - behind[b] + (acc_l[b] + 1 if live[b] else 0) for b in range(B)]
         self.slot = max(valid)
         new_behind = [self.slot - v for v in valid]
+        self.behind_host = new_behind
         bt = torch.tensor(new_behind, device=self.device) if any(new_behind) else None
         for c in [self.cache, *self.exit_caches.values()]:
             c.n = [self.slot if x > 0 else x for x in c.n]
@@ -603,17 +656,18 @@ def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) ->
                     b = getattr(bb.lm_head, "bias", None)
                     weights[d] = (w[draft_ids], None if b is None else b[draft_ids])
                 draft_weight, draft_bias = weights[d]
+            live = emitter.live()
+            t_round = time.perf_counter()
             emitted, acc, proposed = eng.self_spec_round(tok, done.clone(), d, n, gen, draft_weight, draft_bias,
-                                                         draft_ids, rnd)
+                                                         draft_ids, rnd, live)
             rnd += 1
             stats["rounds"] += 1
             stats["drafted"] += proposed
-            live = emitter.live()
             accepted = sum(a for b, a in enumerate(acc) if live[b])
             stats["accepted"] += accepted
             stats["round_log"].append((proposed, accepted))
-            if policy is not None:
-                policy.observe(d, accepted, proposed)
+            if policy is not None:  # the round's host read has synchronised: the clock is honest
+                policy.observe(d, accepted, proposed, n, time.perf_counter() - t_round)
             for b in range(B):
                 toks = emitted[b]
                 stat = [TokenStat(t, d, float("nan"), drafted=True) for t in toks[:-1]]
