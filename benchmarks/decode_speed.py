@@ -141,7 +141,7 @@ def main(argv=None):
             "exits": str(args.exits), "exit_layers": list(model.exit_layers), "arch": model.config.arch,
             "num_layers": L, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
             "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts), "dtype": args.dtype,
-            "confidence": args.confidence, "date": time.strftime("%Y-%m-%d %H:%M")}
+            "date": time.strftime("%Y-%m-%d %H:%M")}
     # warm-up (allocator, first-call overheads) outside the timings
     generate(model, [prompts[0]], DecodeOptions(mode="full", max_new_tokens=8, eos_token_ids=eos))
     if args.auto:  # the draft policy's costs are measured once per loaded model: not inside a timed run
@@ -236,23 +236,39 @@ def main(argv=None):
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
 
 
+def family(r: dict) -> str:
+    """The line a row belongs to in the plot: mode plus how it decides."""
+    if r["mode"] == "early-exit":
+        name = f"early-exit {r['setting'].split()[1]}"  # the confidence, as the setting names it
+        if r.get("gate_filter") is not None:
+            name += " + gate filter"
+        if r.get("screen_vocab"):
+            name += " + screen"
+        return name
+    if r["mode"] == "self-spec":
+        return "self-spec" + (" auto" if r.get("draft_exit") == "auto" else "") + (
+            " + draft vocab" if r.get("draft_vocab") else "")
+    return r["setting"]
+
+
 def plot(rows, path, machine):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode, marker, colour in (("full", "s", "black"), ("hf-generate", "D", "grey"), ("early-exit", "o", "tab:blue"),
-                                 ("self-spec", "^", "tab:green")):
-        sel = [r for r in rows if r["mode"] == mode]
-        if not sel:
-            continue
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.6))
+    fams = list(dict.fromkeys(family(r) for r in rows))
+    markers = {"early-exit": "o", "self-spec": "^"}
+    for j, fam in enumerate(fams):
+        sel = [r for r in rows if family(r) == fam]
+        mode = sel[0]["mode"]
+        colour = "black" if fam == "full" else "grey" if mode in ("hf-generate", "full") else f"C{j % 10}"
         for i, key in enumerate(("rougeL_vs_reference", "token_agreement_vs_full")):
-            ax[i].plot([r["speedup_vs_full"] for r in sel], [r[key] for r in sel], marker=marker, color=colour,
-                       linestyle="-" if mode == "early-exit" else "none", label=mode)
+            ax[i].plot([r["speedup_vs_full"] for r in sel], [r[key] for r in sel], marker=markers.get(mode, "s"),
+                       color=colour, linestyle="-" if mode == "early-exit" else "none", label=fam)
             for r in sel:
                 lab = f"{r.get('threshold', '')}" + (f"/{r['draft_len']}" if mode == "self-spec" else "")
                 if lab:
-                    ax[i].annotate(lab, (r["speedup_vs_full"], r[key]), fontsize=7, xytext=(3, 3),
+                    ax[i].annotate(lab, (r["speedup_vs_full"], r[key]), fontsize=6, xytext=(3, 3),
                                    textcoords="offset points")
     ax[0].set_ylabel("ROUGE-L vs reference summaries")
     ax[1].set_ylabel("token agreement with full decoding")
@@ -260,7 +276,7 @@ def plot(rows, path, machine):
         a.set_xlabel("speedup over full (tokens/s ratio)")
         a.axvline(1.0, color="lightgrey", lw=0.8)
         a.grid(alpha=0.3)
-    ax[0].legend(fontsize=8)
+    ax[1].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"Early exit vs self-speculative decoding, XSum, batch 1 — {machine}", fontsize=9)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
