@@ -183,3 +183,28 @@ def test_generate_with_an_exit_after_the_last_layer(tiny_model_dir, tmp_path, ca
                  "--max-new-tokens", "5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["rows"][0]["ids"]) == 5
+
+
+def test_convert_refuses_a_head_with_nothing_to_train(tiny_model_dir, tmp_path, capsys):
+    """Regression (issue 11): `--arch embedding --output-embedding shared` was accepted and `tune`
+    then died with a raw autograd RuntimeError."""
+    out = tmp_path / "nothing"
+    code = main(["convert", "--model", str(tiny_model_dir), "--exits", "1", "--arch", "embedding",
+                 "--output-embedding", "shared", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no trainable parameters" in err and not out.exists()
+
+
+def test_tune_refuses_exits_with_nothing_to_train(tiny_model_dir, tmp_path, capsys):
+    """Exits directories written before the convert-time check still get a one-line error."""
+    from eetune.config import ExitConfig
+    from eetune.model import write_exits_dir
+    src = tmp_path / "old-exits"
+    write_exits_dir(src, ExitConfig(exit_layers=(1,), num_layers=4, arch="embedding", output_embedding="shared",
+                                    base_model=str(tiny_model_dir)), {})
+    (tmp_path / "t.txt").write_text("w1 w2 w3 " * 50)
+    code = main(["tune", str(src), "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "out"), "--steps", "1",
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no trainable parameters" in err
+    assert not (tmp_path / "out").exists()

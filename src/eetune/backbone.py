@@ -88,10 +88,6 @@ class LayerCache:
         p = self.pos[layer]
         return None if p is None else p[:, :self.lengths[layer]]
 
-    def crop(self, layer: int, length: int) -> None:
-        """Keep only the first `length` slots of `layer` (e.g. rejected speculative tokens)."""
-        self.lengths[layer] = min(self.lengths[layer], length)
-
     def invalidate_after(self, layer: int, last_valid: torch.Tensor) -> None:
         """Per batch row, mask out every slot whose position exceeds `last_valid[row]`, then
         drop trailing slots that no row uses any more."""

@@ -123,10 +123,6 @@ class RowResult:
     text: str | None = None
     finished_by: str = "length"  # length | eos | stop
 
-    @property
-    def mean_exit_layer(self) -> float:
-        return sum(t.exit_layer for t in self.tokens) / max(1, len(self.tokens))
-
 
 @dataclass
 class Generation:

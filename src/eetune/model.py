@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import Adapter, LayerCache, fingerprint, load_backbone
+from .backbone import Adapter, fingerprint, load_backbone
 from .config import CONFIG_NAME, WEIGHTS_NAME, ExitConfig
 from .errors import EETuneError
 from .heads import ExitHead
@@ -67,6 +67,10 @@ class EarlyExitModel(nn.Module):
     def convert(cls, backbone: Adapter, exit_layers, arch: str = "norm", init: str = "copy",
                 output_embedding: str = "copy") -> "EarlyExitModel":
         """Attach fresh exit heads (architecture augmentation, stage 1 of EE-Tuning)."""
+        if arch == "embedding" and output_embedding == "shared":
+            raise EETuneError("an `embedding` exit with a shared output embedding has no trainable parameters (it is "
+                              "the frozen LM head on the raw hidden state): use --output-embedding copy, or --arch "
+                              "norm, mlp or layer")
         config = ExitConfig(
             exit_layers=tuple(exit_layers), num_layers=backbone.num_layers, arch=arch, init=init,
             output_embedding=output_embedding, base_model=getattr(backbone, "source", ""),
@@ -232,9 +236,6 @@ class EarlyExitModel(nn.Module):
             with torch.no_grad():
                 getattr(self.gates[k], part).copy_(t.to(dev))
         self.gates.requires_grad_(False)
-
-    def new_cache(self) -> LayerCache:
-        return LayerCache(self.backbone.num_layers)
 
     # --- decoding (eetune.decode) ------------------------------------------------------------
     def generate(self, prompts, tokenizer=None, chat: bool = False, stop=(), on_text=None, **options):

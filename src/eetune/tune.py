@@ -480,6 +480,10 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         # 3. Model: frozen backbone (eval, no grad), heads in fp32; layers past the deepest exit dropped.
         model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device))
         model.heads.float()
+        if not any(p.requires_grad for p in model.heads.parameters()):  # e.g. embedding exits sharing the head
+            raise EETuneError(f"the exits in {exits_dir} have no trainable parameters ({exit_config.arch} exits with "
+                              f"a {exit_config.output_embedding} output embedding): convert again with "
+                              f"--output-embedding copy or another --arch")
         if len(model.gates) and rank == 0:
             print(f"note: the gates of {exits_dir} were fit to its old heads and are dropped"
                   + (" (new ones are trained after tuning)" if cfg.gates else " (add --gates to train new ones)"),
@@ -511,7 +515,9 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                    "blocks": _blocks_digest(torch.cat([train, val]))}
             cache = HiddenCache(Path(cfg.cache_hidden), layers, n_train + val.shape[0], cfg.seq_len, bb.hidden_size,
                                 cfg.cache_dtype, key, rank, world)
-        if cfg.distill == 0 and not cfg.gates:  # gates need the final layer's top-1: keep every layer
+        # Partial loading: free the layers no step needs; gates need the final layer's top-1, and a
+        # backbone the caller passed in is theirs, left whole (its unused layers still never run).
+        if cfg.distill == 0 and not cfg.gates and backbone is None:
             if cache is not None and cache.complete(range(n_train + val.shape[0])):
                 model.release_unused_layers(0)  # every hidden state is on disk: no backbone layer needed
             else:
