@@ -208,3 +208,37 @@ def test_tune_refuses_exits_with_nothing_to_train(tiny_model_dir, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no trainable parameters" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_chat_template_is_the_default_when_the_tokenizer_has_one():
+    """Issue 11: `generate` on an instruct model without --chat often printed nothing."""
+    from types import SimpleNamespace
+
+    from eetune.cli import empty_note, use_chat
+    with_template = SimpleNamespace(chat_template="{{ messages }}")
+    without = SimpleNamespace(chat_template=None)
+    assert use_chat(None, with_template) is True and use_chat(None, without) is False
+    assert use_chat(False, with_template) is False and use_chat(True, without) is True
+    eos = SimpleNamespace(finished_by="eos")
+    note = empty_note(0, 1, eos, chat=False)
+    assert note.startswith("eetune: note: the prompt produced no text") and "drop --no-chat" in note
+    assert "--no-chat" not in empty_note(1, 2, eos, chat=True) and "prompt 2" in empty_note(1, 2, eos, chat=True)
+    assert "--max-new-tokens" in empty_note(0, 1, SimpleNamespace(finished_by="length"), chat=True)
+
+
+def test_generate_uses_the_chat_template_by_default(tiny_exits, capsys, monkeypatch):
+    from eetune import decode
+    seen = []
+    real = decode.generate_text
+    monkeypatch.setattr(decode, "generate_text", lambda *a, **k: seen.append(k.get("chat")) or real(*a, **k))
+    tok_dir = json.loads((tiny_exits / "exit_config.json").read_text())["base_model"]
+    from pathlib import Path
+    cfg = Path(tok_dir) / "tokenizer_config.json"
+    data = json.loads(cfg.read_text())
+    data["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    cfg.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["generate", str(tiny_exits), "--prompt", "w1 w2", "--max-new-tokens", "3", "--json"]) == 0
+    assert main(["generate", str(tiny_exits), "--prompt", "w1 w2", "--max-new-tokens", "3", "--json",
+                 "--no-chat"]) == 0
+    assert seen == [True, False]

@@ -241,7 +241,9 @@ def add_generate(sub):
     p.add_argument("dir", help="exits directory")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", help="a file whose whole content is one prompt")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap each prompt as a user turn of the tokenizer's chat template (default: on when the "
+                        "tokenizer has one, as instruct models expect; --no-chat for plain text)")
     p.add_argument("--mode", default="early-exit", choices=["full", "early-exit", "self-spec"],
                    help="decoding mode (default early-exit)")
     p.add_argument("--threshold", type=float, default=0.9,
@@ -274,6 +276,26 @@ def add_generate(sub):
                    help="colour each token by the exit that produced it (plain text when not a terminal)")
     p.add_argument("--json", action="store_true", help="print text and per-token statistics as JSON")
     p.set_defaults(func=cmd_generate)
+
+
+def use_chat(flag: bool | None, tokenizer) -> bool:
+    """--chat / --no-chat as given; by default, the chat template when the tokenizer has one."""
+    if flag is not None:
+        return flag
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def empty_note(row: int, rows: int, result, chat: bool) -> str:
+    """One line saying why a generation came back empty."""
+    which = f"prompt {row + 1}" if rows > 1 else "the prompt"
+    if result.finished_by == "eos":
+        why = "the model emitted its end token at once"
+        hint = "" if chat else " (an instruct model expects its chat template: drop --no-chat)"
+    elif result.finished_by == "stop":
+        why, hint = "a --stop string came first", ""
+    else:
+        why, hint = "the new tokens decode to no visible text", " (raise --max-new-tokens)"
+    return f"eetune: note: {which} produced no text: {why}{hint}"
 
 
 def _draft_exit(value: str):
@@ -332,8 +354,12 @@ def cmd_generate(args):
     if colour:
         legend = "  ".join(f"\x1b[{c}mexit {k}\x1b[0m" for k, c in palette.items())
         print(f"legend: {legend}  final layer {L}", file=sys.stderr)
-    result = model.generate(prompts, tokenizer=tok, chat=args.chat, stop=tuple(args.stop), on_text=on_text, **{
+    chat = use_chat(args.chat, tok)
+    result = model.generate(prompts, tokenizer=tok, chat=chat, stop=tuple(args.stop), on_text=on_text, **{
         k: v for k, v in opts.__dict__.items() if k not in ("record_logits", "replay")})
+    for b, r in enumerate(result.rows):
+        if not r.text:
+            print(empty_note(b, len(prompts), r, chat), file=sys.stderr)
     if args.json:
         def num(x):
             return None if isinstance(x, float) and math.isnan(x) else x
