@@ -97,6 +97,24 @@ def test_validation_split_holds_out_whole_documents(tmp_path, tok):
     assert none.shape[0] == 0
 
 
+def test_duplicate_documents_do_not_leak_into_validation(tmp_path, tok):
+    """Regression (issue 11): duplicates were not removed before the split, so copies of one
+    document could sit on both sides of it."""
+    import random
+    r, docs = random.Random(2), tmp_path / "docs"
+    docs.mkdir()
+    twin = " ".join(f"w{90 + i % 5}" for i in range(60))  # w90..w94 occur only in this document
+    for d in range(30):
+        (docs / f"{d:03d}.txt").write_text(" ".join(f"w{r.randrange(80)}" for _ in range(r.randrange(50, 150))))
+    for d in range(30, 45):
+        (docs / f"{d:03d}.txt").write_text(twin)
+    train, val, info = data.train_val_blocks(str(docs), tok, 32, val_blocks=4)
+    ids = tok(twin, add_special_tokens=False)["input_ids"]
+    in_val, in_train = bool((val == ids[0]).any()), bool((train == ids[0]).any())
+    assert in_val != in_train  # on exactly one side
+    assert info["duplicates_removed"] == 14 and info["documents"] == 31
+
+
 @pytest.mark.parametrize("content,match", [("", "is empty"), ("w1 w2", "fewer than one block"),
                                            (" ".join(["w1"] * 40), "at least 64")])
 def test_too_little_data(tmp_path, tok, content, match):

@@ -125,6 +125,15 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path, mode):
     assert summary["world_size"] == 2 and summary["fsdp"] == (mode == "fsdp")
 
 
+def test_bf16_run_starts_from_the_stored_fp32_heads(world, tmp_path):
+    """Regression (issue 11): with --dtype bf16 the heads were built in bf16, so loading the saved
+    fp32 heads rounded them before they were cast back to fp32. At lr 1e-30 (an update far below
+    any weight's last bit) the output must equal the input bit for bit."""
+    tune(world["norm"], tmp_path / "out", cfg(world, steps=1, lr=1e-30, dtype="bf16"))
+    a, b = heads(world["norm"]), heads(tmp_path / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_grad_accum_matches_bigger_batch(world, tmp_path):
     tune(world["norm"], tmp_path / "a", cfg(world, steps=4, batch_size=4))
     tune(world["norm"], tmp_path / "b", cfg(world, steps=4, batch_size=2, grad_accum=2))
@@ -276,10 +285,25 @@ def test_resume_refusals(world, tmp_path, capsys):
          "pass --resume")
     _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4",
                   "--resume", "--lr", "0.5"], "settings that differ")
+    # regression (issue 11): cached (bf16-rounded) inputs and the compute dtype change the trajectory
+    _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4",
+                  "--resume", "--cache-hidden", str(tmp_path / "hc")], "(cache_hidden)")
+    _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4",
+                  "--resume", "--dtype", "bf16"], "(dtype)")
     # continued tuning: more steps from the checkpoint
     assert main(["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4",
                  "--save-every", "1", "--resume"]) == 0
     assert json.loads((tmp_path / "out" / "exit_config.json").read_text())["training"]["steps"] == 4
+
+
+def test_hidden_cache_is_keyed_by_compute_dtype(world, tmp_path, capsys):
+    """Regression (issue 11): hidden states computed in fp32 were served to a bf16 run."""
+    hc = str(tmp_path / "hc")
+    assert main(["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", str(tmp_path / "a"), *BASE,
+                 "--steps", "1", "--cache-hidden", hc]) == 0
+    capsys.readouterr()
+    _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", str(tmp_path / "b"), *BASE,
+                  "--steps", "1", "--cache-hidden", hc, "--dtype", "bf16"], "holds hidden states of other")
 
 
 def test_training_summary_and_log(world, tmp_path):

@@ -234,6 +234,15 @@ def train_val_blocks(spec: str, tokenizer, seq_len: int, val_blocks: int = 8, ma
     if seq_len < 2:
         raise EETuneError(f"--seq-len {seq_len} is too short: give at least 2 tokens per block")
     docs = tokenize_documents(spec, tokenizer, cache=cache)
+    # Exact duplicates would leak across the split (a copy held out, another trained on): keep the first.
+    seen, unique = set(), []
+    for d in docs:
+        key = hashlib.sha1(d.to(torch.int64).numpy().tobytes()).digest()
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    duplicates = len(docs) - len(unique)
+    docs = unique
     eos = tokenizer.eos_token_id
     total = sum(d.numel() + (eos is not None) for d in docs)
     total_blocks = total // seq_len
@@ -258,6 +267,7 @@ def train_val_blocks(spec: str, tokenizer, seq_len: int, val_blocks: int = 8, ma
         raise EETuneError(f"data {spec} ({total} tokens, {len(docs)} documents) does not fill one training block "
                           f"and one validation block of {seq_len} tokens from separate documents: give more "
                           f"text, a smaller --seq-len or --val-blocks 0")
-    info = {"source": spec, "documents": len(docs), "tokens": total, "train_blocks": int(train.shape[0]),
+    info = {"source": spec, "documents": len(docs), "duplicates_removed": duplicates, "tokens": total,
+            "train_blocks": int(train.shape[0]),
             "val_blocks": int(val.shape[0]), "val_documents": len(val_docs), "seq_len": seq_len}
     return train, val, info

@@ -480,6 +480,11 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         # 3. Model: frozen backbone (eval, no grad), heads in fp32; layers past the deepest exit dropped.
         model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device))
         model.heads.float()
+        # The stored heads at full precision: a bf16 backbone builds its copied modules in bf16,
+        # and loading fp32 weights into those would round them before this cast back to fp32.
+        stored = load_file(str(exits_dir / WEIGHTS_NAME))
+        model.heads.load_state_dict({k: v for k, v in stored.items()
+                                     if not (k.startswith("gate.") or k == "vocab_by_frequency")})
         if not any(p.requires_grad for p in model.heads.parameters()):  # e.g. embedding exits sharing the head
             raise EETuneError(f"the exits in {exits_dir} have no trainable parameters ({exit_config.arch} exits with "
                               f"a {exit_config.output_embedding} output embedding): convert again with "
@@ -511,7 +516,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         bb = model.backbone
         cache = None
         if cfg.cache_hidden:
-            key = {"backbone": exit_config.backbone_fingerprint,
+            key = {"backbone": exit_config.backbone_fingerprint, "compute_dtype": cfg.dtype,
                    "blocks": _blocks_digest(torch.cat([train, val]))}
             cache = HiddenCache(Path(cfg.cache_hidden), layers, n_train + val.shape[0], cfg.seq_len, bb.hidden_size,
                                 cfg.cache_dtype, key, rank, world)
@@ -547,7 +552,8 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         start_step, tokens_seen, prior_time, log_rows = 0, 0, 0.0, []
         run_settings = {k: (list(v) if isinstance(v, tuple) else v)
                         for k, v in dataclasses.asdict(cfg).items() if k in TuneConfig.TRAJECTORY}
-        run_settings.update(world_size=world, exit_layers=list(layers), arch=exit_config.arch)
+        run_settings.update(world_size=world, exit_layers=list(layers), arch=exit_config.arch,
+                            cache_hidden=bool(cfg.cache_hidden))  # cached inputs are rounded: another trajectory
         if cfg.resume:
             state = json.loads((resume_from / "state.json").read_text())
             changed = sorted(k for k in run_settings if state["settings"].get(k) != run_settings[k])
@@ -578,9 +584,11 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                 with open(log_path, newline="") as f:
                     log_rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
             tb = _tensorboard(train_dir / "tb")
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # seeds CUDA too: restore both generators after it
         if cfg.resume:
             torch.set_rng_state(rng["torch_cpu"])
+            if use_cuda and "torch_cuda" in rng:
+                torch.cuda.set_rng_state(rng["torch_cuda"])
 
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bf16" \
             else contextlib.nullcontext
