@@ -35,6 +35,15 @@ from eetune.evaluate import rouge_l, token_agreement  # noqa: E402
 INSTRUCTION = "Summarize the following news article in one sentence.\n\n"
 
 
+def _repo_relative(path) -> str:
+    """A path inside this repository as relative to its root (results carry no machine paths)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(ROOT.parent))
+    except ValueError:
+        return str(path)
+
+
 def xsum_prompts(tok, n: int, doc_tokens: int, chat: bool) -> tuple[list[list[int]], list[str]]:
     from eetune.defaults import default_data_file
     rows = [json.loads(line) for line in open(default_data_file("xsum_test.jsonl"), encoding="utf-8")]
@@ -138,7 +147,7 @@ def main(argv=None):
                f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     import transformers
     meta = {"machine": machine, "torch": torch.__version__, "transformers": transformers.__version__,
-            "exits": str(args.exits), "exit_layers": list(model.exit_layers), "arch": model.config.arch,
+            "exits": _repo_relative(args.exits), "exit_layers": list(model.exit_layers), "arch": model.config.arch,
             "num_layers": L, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
             "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts), "dtype": args.dtype,
             "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -210,7 +219,7 @@ def main(argv=None):
         os.replace(tmp, path)
         print(f"prompt {i + 1}/{len(prompts)} done: full {full_tps:.2f} tok/s", file=sys.stderr, flush=True)
         if args.save_traces:
-            traces = {"exit_layers": list(model.exit_layers), "num_layers": L, "exits": str(args.exits),
+            traces = {"exit_layers": list(model.exit_layers), "num_layers": L, "exits": _repo_relative(args.exits),
                       "prompts": i + 1, "max_new_tokens": args.max_new_tokens,
                       "early_exit": {name: [s["exit_trace"] for s in stats[name]]
                                      for name, mode, _ in settings if mode == "early-exit"},

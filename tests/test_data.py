@@ -97,6 +97,19 @@ def test_validation_split_holds_out_whole_documents(tmp_path, tok):
     assert none.shape[0] == 0
 
 
+def test_token_cache_key_covers_the_normalizer_and_merges():
+    """Regression (issue 11): the token-cache key ignored the tokenizer's merges and normalizer,
+    so a tokenizer with the same vocabulary but another normalizer reused stale token ids."""
+    from tokenizers import normalizers
+
+    from conftest import word_tokenizer
+    plain, lowered = word_tokenizer(), word_tokenizer()
+    lowered.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert plain.get_vocab() == lowered.get_vocab()
+    assert data.tokenizer_key(plain) != data.tokenizer_key(lowered)
+    assert data.tokenizer_key(plain) == data.tokenizer_key(word_tokenizer())
+
+
 def test_duplicate_documents_do_not_leak_into_validation(tmp_path, tok):
     """Regression (issue 11): duplicates were not removed before the split, so copies of one
     document could sit on both sides of it."""

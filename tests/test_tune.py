@@ -2,6 +2,7 @@
 the hidden-state cache, losses and schedules, bad input. Tiny random models; the real default
 model is behind the `realmodel` marker."""
 
+import csv
 import json
 import math
 import os
@@ -306,8 +307,13 @@ def test_hidden_cache_is_keyed_by_compute_dtype(world, tmp_path, capsys):
                   "--steps", "1", "--cache-hidden", hc, "--dtype", "bf16"], "holds hidden states of other")
 
 
-def test_training_summary_and_log(world, tmp_path):
+def test_training_summary_and_log(world, tmp_path, monkeypatch):
+    import eetune.tune as tune_mod
+    rewrites = []
+    real = tune_mod._write_log
+    monkeypatch.setattr(tune_mod, "_write_log", lambda *a: rewrites.append(1) or real(*a))
     s = tune(world["mlp"], tmp_path / "out", cfg(world, steps=30, eval_every=10))
+    assert len(rewrites) == 1  # regression (issue 11): log.csv was rewritten whole at every step
     written = json.loads((tmp_path / "out" / "exit_config.json").read_text())["training"]
     assert written["tokens"] == 30 * 4 * 32 and written["wall_time_s"] > 0
     assert set(written["train_loss"]) == set(written["val_loss"]) == {"1", "3"}
@@ -316,6 +322,9 @@ def test_training_summary_and_log(world, tmp_path):
     header = rows[0].split(",")
     assert {"step", "tokens", "lr", "loss_1", "loss_3", "grad_norm", "tokens_per_s", "val_1", "val_3"} <= set(header)
     assert len(rows) == 31
+    table = list(csv.DictReader(rows))
+    assert [r["step"] for r in table] == [str(i) for i in range(1, 31)]
+    assert table[9]["val_1"] and not table[10]["val_1"]  # validation every 10 steps (not the last: at the end)
     # tuning lowered validation CE below the untuned heads' (learnable data)
     untuned = tune(world["mlp"], tmp_path / "zero", cfg(world, steps=1, lr=1e-12))
     assert all(s["val_loss"][k] < untuned["val_loss"][k] for k in s["val_loss"])

@@ -150,8 +150,13 @@ def _source_key(spec: str) -> str:
 
 
 def tokenizer_key(tokenizer) -> str:
+    """What decides a text's token ids: the whole fast-tokenizer definition (vocabulary, merges,
+    normalizer, pre-tokenizer) when there is one, else the vocabulary; EOS and chat template."""
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
     h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(str(tokenizer.eos_token_id).encode())
     h.update(str(getattr(tokenizer, "chat_template", None)).encode())

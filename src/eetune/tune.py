@@ -301,14 +301,26 @@ class HiddenCache:
         self.filled.flush()
 
 
-def _write_log(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
+def log_fields(layers) -> list[str]:
+    """The columns of log.csv (validation columns stay empty on steps without validation)."""
+    return (["step", "tokens", "lr", "loss", *[f"loss_{k}" for k in layers], "grad_norm", "step_s",
+             "tokens_per_s", "elapsed_s", *[f"val_{k}" for k in layers]])
+
+
+def _write_log(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Start log.csv (header and the rows kept from a resumed run), atomically."""
     fd, tmp = tempfile.mkstemp(prefix=".log.", dir=path.parent)
     with os.fdopen(fd, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
+
+
+def _append_log(path: Path, row: dict, fields: list[str]) -> None:
+    """One step's row at the end of log.csv."""
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerow(row)
 
 
 def _check_config(cfg: TuneConfig, exit_layers) -> None:
@@ -549,7 +561,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
 
         # 6. Resume: heads, optimizer and RNG state of the latest checkpoint, and its counters.
-        start_step, tokens_seen, prior_time, log_rows = 0, 0, 0.0, []
+        start_step, tokens_seen, prior_time, log_rows = 0, 0, 0.0, []  # log_rows: kept on resume
         run_settings = {k: (list(v) if isinstance(v, tuple) else v)
                         for k, v in dataclasses.asdict(cfg).items() if k in TuneConfig.TRAJECTORY}
         run_settings.update(world_size=world, exit_layers=list(layers), arch=exit_config.arch,
@@ -583,6 +595,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
             if cfg.resume and log_path.is_file():
                 with open(log_path, newline="") as f:
                     log_rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+            _write_log(log_path, log_rows, log_fields(layers))
             tb = _tensorboard(train_dir / "tb")
         torch.manual_seed(cfg.seed)  # seeds CUDA too: restore both generators after it
         if cfg.resume:
@@ -687,8 +700,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                 val_loss = validate()
                 row.update({f"val_{k}": v for k, v in val_loss.items()})
             if rank == 0:
-                log_rows.append(row)
-                _write_log(train_dir / "log.csv", log_rows)
+                _append_log(train_dir / "log.csv", row, log_fields(layers))
                 if tb is not None:
                     for key, v in row.items():
                         if key != "step":
