@@ -167,3 +167,31 @@ def test_empty_and_too_long_prompts():
         generate(model, [[]], DecodeOptions())
     with pytest.raises(EETuneError, match="exceeds the model's context"):
         generate(model, [[1] * 250], DecodeOptions(max_new_tokens=10))
+
+
+def test_streamed_pieces_add_up_to_the_text_across_multibyte_characters():
+    """Regression (issue 11): when a token completed a multi-byte character, streaming dropped
+    it (the text so far ended in U+FFFD, which the next decode replaced), so the coloured or
+    streamed output differed from the returned text."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from eetune.decode import TextStream
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["plain ascii words only"], vocab_size=260, min_frequency=1, show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    text = "café → naïve 日本 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    stream = TextStream(tok)
+    pieces = [stream.push(i)[0] for i in ids]
+    assert "".join(pieces) + stream.finish(tok.decode(ids)) == text
+    assert "\ufffd" not in "".join(pieces)
+    stream = TextStream(tok, stop=("日本",))
+    out = []
+    for i in ids:
+        piece, stopped = stream.push(i)
+        out.append(piece)
+        if stopped:
+            break
+    assert "".join(out) == stream.shown == "café → naïve "

@@ -635,27 +635,64 @@ def generate_text(model, tokenizer, prompts: list[str], opts: DecodeOptions, cha
             elif isinstance(src, (list, tuple)):
                 eos.update(src)
         opts = DecodeOptions(**{**opts.__dict__, "eos_token_ids": tuple(sorted(eos))})
-    shown = [""] * len(prompts)
-    all_ids: list[list[int]] = [[] for _ in prompts]
+    streams = [TextStream(tokenizer, stop) for _ in prompts]
 
     def on_tokens(b, toks, stats):
         for tok, st in zip(toks, stats):
-            all_ids[b].append(tok)
-            text = tokenizer.decode(all_ids[b], skip_special_tokens=True)
-            cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-            if on_text is not None and len(text) > len(shown[b]) and text.startswith(shown[b]):
-                on_text(b, text[len(shown[b]):], st)
-            shown[b] = text
-            if cut >= 0:
+            piece, stopped = streams[b].push(tok)
+            if on_text is not None and piece:
+                on_text(b, piece, st)
+            if stopped:
                 return False
         return True
 
     result = generate(model, ids, opts, on_tokens=on_tokens)
     for b, r in enumerate(result.rows):
-        r.text = shown[b] if r.finished_by == "stop" else tokenizer.decode(r.ids, skip_special_tokens=True)
+        if r.finished_by == "stop":
+            r.text = streams[b].shown
+        else:
+            r.text = tokenizer.decode(r.ids, skip_special_tokens=True)
+            rest = streams[b].finish(r.text)  # a held-back incomplete character, if any
+            if on_text is not None and rest and r.tokens:
+                on_text(b, rest, r.tokens[-1])
     return result
+
+
+class TextStream:
+    """Turns one row's tokens into text pieces as they come. The text so far is decoded whole
+    (tokens do not map one to one onto characters) and cut at the first stop string; a trailing
+    U+FFFD (a multi-byte character whose remaining bytes are in the next token) and a tail that
+    could begin a stop string are held back until settled, so the pieces add up to the
+    returned text."""
+
+    def __init__(self, tokenizer, stop=()):
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, tok: int) -> tuple[str, bool]:
+        """Add a token; returns (new text to show, whether a stop string was reached)."""
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        else:
+            text = text.rstrip("\ufffd")  # incomplete character: wait for its next token
+            hold = 0  # a tail that may be the start of a stop string: wait too
+            for s in self.stop:
+                hold = max([hold] + [k for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])])
+            text = text[:len(text) - hold]
+        piece = text[len(self.shown):] if text.startswith(self.shown) else ""
+        if text.startswith(self.shown) or cut >= 0:
+            self.shown = text
+        return piece, cut >= 0
+
+    def finish(self, final: str) -> str:
+        """The part of the final text not shown yet."""
+        rest = final[len(self.shown):] if final.startswith(self.shown) else ""
+        self.shown = final
+        return rest
 
 
 def custom_generate_fn(model, options: dict):
