@@ -417,7 +417,7 @@ def _fit_gates(model, train: torch.Tensor, val: torch.Tensor, data_info: dict, c
     blocks = gate_training_blocks(train, cfg)
     summary = train_gates(model, blocks, val, batch_size=cfg.batch_size, progress=cfg.progress)
     return {"data": data_info, "gate_tokens_asked": cfg.gate_tokens, "seed": cfg.seed,
-            "exits_from": str(exits_dir.resolve()), **summary}
+            "exits_from": _recorded_path(exits_dir), **summary}
 
 
 def tune_gates(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None) -> dict:
@@ -727,7 +727,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                    "val_loss": {str(k): v for k, v in val_loss.items()},
                    "settings": run_settings, "world_size": world, "fsdp": bool(cfg.fsdp and world > 1),
                    "cache_hidden": bool(cfg.cache_hidden), "trunk_layers_held": trunk_layers_held,
-                   "exits_from": str(exits_dir.resolve())}
+                   "exits_from": _recorded_path(exits_dir)}
         if exit_config.training:
             summary["previous"] = exit_config.training
         state = {name: _full(p) for name, p in named}  # every rank joins the gathers
@@ -745,6 +745,15 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
     finally:
         if started_pg:
             torch.distributed.destroy_process_group()
+
+
+def _recorded_path(path: Path) -> str:
+    """A path as the training summary records it: relative to the working directory when inside
+    it (a shared exits directory carries no paths of the machine that made it), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _blocks_digest(blocks: torch.Tensor) -> str:
