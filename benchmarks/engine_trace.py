@@ -237,7 +237,6 @@ def run_shape(shape: str, args) -> list[dict]:
             row["layer_passes_per_token"] = round(passes[name][0], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    del model
     return rows
 
 

@@ -188,11 +188,15 @@ class Adapter:
     def context(self, hidden: torch.Tensor, positions: torch.Tensor) -> LayerContext:
         return LayerContext(positions=positions, rope=None)
 
-    def logits(self, hidden_normed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Project normed hidden states to the vocabulary (with the model's soft-capping)."""
+    def logits(self, hidden_normed: torch.Tensor, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None | str = "head") -> torch.Tensor:
+        """Project normed hidden states to the vocabulary (with the model's soft-capping).
+        `weight`/`bias` replace the LM head's (e.g. rows of a restricted vocabulary); by default
+        the LM head's own bias, if any, applies."""
         head = self.lm_head
         w = head.weight if weight is None else weight
-        out = nn.functional.linear(hidden_normed, w, getattr(head, "bias", None))
+        b = getattr(head, "bias", None) if isinstance(bias, str) else bias
+        out = nn.functional.linear(hidden_normed, w, b)
         cap = self.logit_softcap
         if cap is not None:
             out = torch.tanh(out / cap) * cap

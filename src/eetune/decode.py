@@ -494,6 +494,15 @@ class Emitter:
             t = int(flat[b])
             self.emit(b, [t], [TokenStat(t, int(flat[B + b]), flat[2 * B + b])])
 
+    def emit_round(self, emitted: list[list[int]], draft_exit: int, num_layers: int) -> torch.Tensor:
+        """A self-spec round's tokens per row (accepted drafts, then the model's own token);
+        returns each row's newest token, the next round's input."""
+        for b, toks in enumerate(emitted):
+            stats = [TokenStat(t, draft_exit, float("nan"), drafted=True) for t in toks[:-1]]
+            stats.append(TokenStat(toks[-1], num_layers, float("nan")))
+            self.emit(b, toks, stats)
+        return torch.tensor([row[-1] for row in emitted], device=self.done.device)
+
     def all_done(self) -> bool:
         return all(self._done)
 
@@ -521,7 +530,7 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
         raise EETuneError(f"prompt of {longest} tokens + {opts.max_new_tokens} new tokens exceeds the model's context "
                           f"of {limit}: shorten the prompt or lower --max-new-tokens")
     device = next(bb.model.parameters()).device
-    B, L = len(prompts), bb.num_layers
+    L = bb.num_layers
     gen = None
     if opts.temperature > 0:
         gen = torch.Generator(device=device)
@@ -602,13 +611,8 @@ def _reference_loop(model, ids, pos, opts, emitter, gen, device, result) -> None
             emitted, n_acc, m, proposed = self_spec_round(state, tok, opts, done, gen, n_draft)
             result.rounds += 1
             result.drafted += proposed
-            result.accepted += sum(a for b, a in enumerate(n_acc) if not done[b])
-            for b in range(B):
-                toks = emitted[b]
-                stats = [TokenStat(t, draft_exit, float("nan"), drafted=True) for t in toks[:-1]]
-                stats.append(TokenStat(toks[-1], L, float("nan")))
-                emitter.emit(b, toks, stats)
-            tok = torch.tensor([row[-1] for row in emitted], device=device)
+            result.accepted += sum(a for a, live in zip(n_acc, emitter.live()) if live)
+            tok = emitter.emit_round(emitted, draft_exit, L)
         step += 1
     result.layer_token_passes = state.layer_token_passes
 

@@ -323,7 +323,7 @@ class Engine:
         self.passes = 0
         self.exit_set = set(model.exit_layers)
         self.gate_mode = opts.confidence == "gate"
-        self.screens: dict = {}  # exit -> (weight, bias) rows of the screen vocabulary
+        self._rows: dict = {}  # (exit, K) -> (weight, bias) rows of the K most frequent tokens
         self.replay = None
         self.like = torch.empty(0, dtype=self.dtype, device=device)  # dtype/device for rotary tables
 
@@ -347,12 +347,19 @@ class Engine:
         return head.transform(h[:, -1])
 
     def project(self, k: int, z: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
-        head = self.model.head(k)
+        """Exit k's logits; `weight`/`bias`: rows of a restricted vocabulary instead."""
         if weight is None:
-            return self.bb.logits(z, head.out_weight())
-        out = torch.nn.functional.linear(z, weight, bias)
-        cap = self.bb.logit_softcap
-        return torch.tanh(out / cap) * cap if cap is not None else out
+            return self.bb.logits(z, self.model.head(k).out_weight())
+        return self.bb.logits(z, weight, bias)
+
+    def vocab_rows(self, k: int, K: int) -> tuple:
+        """Exit k's output-projection rows (and bias) of the K most frequent tuning tokens,
+        sliced once per request: the screen's and the draft's restricted vocabulary."""
+        if (k, K) not in self._rows:
+            ids = self.model.vocab_by_frequency[:K]
+            b = getattr(self.bb.lm_head, "bias", None)
+            self._rows[(k, K)] = (self.model.head(k).out_weight()[ids], None if b is None else b[ids])
+        return self._rows[(k, K)]
 
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.bb.logits(self.bb.final_norm(h))
@@ -395,11 +402,7 @@ class Engine:
             # Screen: max-prob over the K most frequent tokens first. When the final layer's pick
             # is among them this over-estimates the full max-prob, so a row that fails the screen
             # would have failed the full test; only rows that pass pay the full projection.
-            if k not in self.screens:
-                ids = self.model.vocab_by_frequency[:opts.screen_vocab]
-                b = getattr(self.bb.lm_head, "bias", None)
-                self.screens[k] = (self.model.head(k).out_weight()[ids], None if b is None else b[ids])
-            small = self.project(k, z, *self.screens[k])
+            small = self.project(k, z, *self.vocab_rows(k, opts.screen_vocab))
             passing = ~decided & (small.float().softmax(-1).amax(-1) >= opts.threshold)
             if cand is not None:
                 passing = passing & cand
@@ -605,7 +608,7 @@ class Engine:
 def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) -> dict:
     """Decode the left-padded prompts `ids` with the lean engine, feeding `emitter` (decode.py's
     per-row bookkeeping). Returns engine statistics."""
-    from .decode import TokenStat, choose
+    from .decode import choose
     B, T = ids.shape
     bb = model.backbone
     L = bb.num_layers
@@ -642,7 +645,6 @@ def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) ->
         if auto:
             policy = DraftPolicy(model, measure_costs(model, opts), opts.draft_len, opts.draft_vocab, opts.verbose)
             stats["policy"] = policy
-        weights = {}
         rnd = 0
         while not emitter.all_done():
             left = emitter.max_remaining()
@@ -651,11 +653,7 @@ def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) ->
             else:
                 d, n = draft_exit, min(opts.draft_len, left - 1)
             if draft_ids is not None:
-                if d not in weights:
-                    w = model.head(d).out_weight()
-                    b = getattr(bb.lm_head, "bias", None)
-                    weights[d] = (w[draft_ids], None if b is None else b[draft_ids])
-                draft_weight, draft_bias = weights[d]
+                draft_weight, draft_bias = eng.vocab_rows(d, opts.draft_vocab)
             live = emitter.live()
             t_round = time.perf_counter()
             emitted, acc, proposed = eng.self_spec_round(tok, done.clone(), d, n, gen, draft_weight, draft_bias,
@@ -668,12 +666,7 @@ def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) ->
             stats["round_log"].append((proposed, accepted))
             if policy is not None:  # the round's host read has synchronised: the clock is honest
                 policy.observe(d, accepted, proposed, n, time.perf_counter() - t_round)
-            for b in range(B):
-                toks = emitted[b]
-                stat = [TokenStat(t, d, float("nan"), drafted=True) for t in toks[:-1]]
-                stat.append(TokenStat(toks[-1], L, float("nan")))
-                emitter.emit(b, toks, stat)
-            tok = torch.tensor([row[-1] for row in emitted], device=device)
+            tok = emitter.emit_round(emitted, d, L)
         if policy is not None and opts.verbose:
             print(policy.describe(), file=sys.stderr)
     else:
