@@ -159,6 +159,7 @@ def test_generate_json_and_stream(tiny_exits, capsys):
     (["--prompt", "w1", "--mode", "self-spec", "--draft-exit", "2"], "not one of the exits"),
     (["--prompt", "w1", "--mode", "self-spec", "--draft-exit", "best"], "neither an exit layer nor 'auto'"),
     (["--prompt", "w1", "--gate-filter", "0.5"], "no gates"),
+    (["--prompt", "w1", "--gate-filter", "-1"], "--gate-filter -1.0 is outside [0, inf)"),
     (["--prompt", "w1", "--screen-vocab", "0"], "--screen-vocab 0 is outside 1..97"),
 ])
 def test_generate_bad_input(tiny_exits, capsys, argv, match):

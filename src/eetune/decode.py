@@ -86,6 +86,9 @@ class DecodeOptions:
             raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR "
                               "--out OUT --gates-only`, or use --confidence max-prob")
         if self.gate_filter is not None:
+            if not (isinstance(self.gate_filter, (int, float)) and self.gate_filter >= 0
+                    and not math.isnan(self.gate_filter)):
+                raise EETuneError(f"--gate-filter {self.gate_filter} is outside [0, inf): give e.g. 0.5")
             if self.confidence != "max-prob":
                 raise EETuneError(f"--gate-filter works with --confidence max-prob only (got {self.confidence})")
             if not model.has_gates:
