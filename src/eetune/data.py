@@ -8,7 +8,12 @@ Sources (`--data SPEC`):
   `response` (optional `input`), `prompt` / `completion`, or `messages` (a list of
   `{"role", "content"}`); instruction rows are rendered with the tokenizer's chat template;
 - any other local file the Hugging Face `datasets` library reads (`.json`, `.parquet`,
-  `.csv`, `.arrow`), with the same row formats (needs `pip install datasets`).
+  `.csv`, `.arrow`), with the same row formats (needs `pip install datasets`);
+- `generated:N[:SOURCE]`: N tokens sampled from the backbone itself (eetune.selfdata); tuning only.
+
+Mixtures: `SPEC:WEIGHT,SPEC:WEIGHT,...` (e.g. `default:0.3,generated:200000:0.7`) trains on
+blocks drawn from each source in proportion to the weights (`parse_data_spec`, `mix_blocks`);
+each source keeps its own held-out documents.
 
 `load_texts(spec, tokenizer)` returns the rendered documents. `tokenize_documents` tokenises
 them once and caches the result under `$EETUNE_CACHE/tokens` (keyed by the source's content
@@ -21,8 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +37,98 @@ import torch
 from .errors import EETuneError
 
 DATASETS_SUFFIXES = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+NAMED_SOURCES = ("default", "default-dev")
 INSTRUCTION_FORMATS = "a 'text' field, instruction/response, prompt/completion or messages"
+
+
+# --- data specs and mixtures ---------------------------------------------------------------
+@dataclass(frozen=True)
+class DataPart:
+    """One source of a data spec: `spec` as `load_texts` reads it, or generated data."""
+    spec: str
+    weight: float = 1.0
+    generated: int | None = None  # N of `generated:N[:SOURCE]`
+    source: str = "default"  # SOURCE of generated data
+
+
+def _weight(text: str, part: str) -> float:
+    try:
+        w = float(text)
+    except ValueError:
+        raise EETuneError(f"data mixture weight {text!r} in {part!r} is not a number: write SPEC:WEIGHT, e.g. "
+                          f"default:0.3,generated:200000:0.7") from None
+    if not math.isfinite(w) or w < 0:
+        raise EETuneError(f"data mixture weight {text!r} in {part!r} must be finite and >= 0")
+    return w
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_data_spec(spec: str) -> list[DataPart]:
+    """`default` -> [DataPart("default")]; `default:0.3,generated:2000:0.7` -> two weighted parts.
+    A trailing `:NUMBER` is a weight; `generated:N[:SOURCE][:WEIGHT]` takes N first."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise EETuneError("empty --data: give a source such as default, a file, or generated:N")
+    parts = []
+    for raw in spec.split(","):
+        part = raw.strip()
+        if not part:
+            raise EETuneError(f"--data {spec!r} has an empty part: separate sources with single commas")
+        if part == "generated" or part.startswith("generated:"):
+            fields = part.split(":")[1:]
+            if not fields or not fields[0].strip().lstrip("-").isdigit():
+                raise EETuneError(f"{part!r}: write generated:N[:SOURCE][:WEIGHT] with N a whole number of tokens, "
+                                  f"e.g. generated:200000")
+            n = int(fields[0])
+            if n <= 0:
+                raise EETuneError(f"{part!r}: N must be a positive number of tokens, e.g. generated:200000")
+            rest, weight = fields[1:], 1.0
+            if rest and _is_number(rest[-1]):
+                weight = _weight(rest[-1], part)
+                rest = rest[:-1]
+            source = ":".join(rest) or "default"
+            from .selfdata import check_source
+            check_source(source)
+            parts.append(DataPart("generated", weight, n, source))
+            continue
+        name, sep, tail = part.rpartition(":")
+        if part in NAMED_SOURCES or Path(part).exists() or not sep or not (name in NAMED_SOURCES or Path(name).exists()):
+            parts.append(DataPart(part))  # a source as it is (one that does not exist is refused when read)
+        else:
+            parts.append(DataPart(name, _weight(tail, part)))
+    if not sum(p.weight for p in parts) > 0:
+        raise EETuneError(f"--data {spec!r}: the mixture weights sum to 0: give at least one positive weight")
+    return parts
+
+
+def mix_blocks(parts: list[torch.Tensor], weights: list[float], seed: int = 0,
+               max_blocks: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Training blocks of several sources in proportion to `weights`: as many blocks in all as
+    the sources hold together (at most `max_blocks`), source i giving round(w_i / sum(w) * total)
+    of them, its blocks taken in a seeded order and repeated if it has fewer. Returns the blocks
+    (shuffled together) and how many each source gave."""
+    total = sum(p.shape[0] for p in parts)
+    if max_blocks is not None:
+        total = min(total, max_blocks)
+    W = sum(weights)
+    counts = [round(w / W * total) for w in weights]
+    out = []
+    for i, (blocks, c) in enumerate(zip(parts, counts)):
+        if c == 0:
+            continue
+        g = torch.Generator().manual_seed(seed * 7919 + i)
+        reps = math.ceil(c / blocks.shape[0])
+        order = torch.cat([torch.randperm(blocks.shape[0], generator=g) for _ in range(reps)])[:c]
+        out.append(blocks[order])
+    mixed = torch.cat(out)
+    mixed = mixed[torch.randperm(mixed.shape[0], generator=torch.Generator().manual_seed(seed))]
+    return mixed, counts
 
 
 # --- reading rows --------------------------------------------------------------------------
@@ -227,20 +325,69 @@ def pack_blocks(tokenizer, texts: list[str], seq_len: int, max_blocks: int | Non
     return blocks
 
 
+def part_documents(part: DataPart, tokenizer, cache: bool = True, model=None, generation=None,
+                   progress: bool = True) -> list[torch.Tensor]:
+    """Token ids of every document of one source of a data spec (generated data needs `model`)."""
+    if part.generated is not None:
+        if model is None:
+            raise EETuneError("generated:N data is sampled from the model being tuned: use it with `eetune tune`")
+        from .selfdata import GenSettings, generated_documents
+        return generated_documents(model, tokenizer, part.generated, part.source, generation or GenSettings(),
+                                   progress=progress, cache=cache)
+    return tokenize_documents(part.spec, tokenizer, cache=cache)
+
+
+def _label(part: DataPart) -> str:
+    return f"generated:{part.generated}:{part.source}" if part.generated is not None else part.spec
+
+
 def train_val_blocks(spec: str, tokenizer, seq_len: int, val_blocks: int = 8, max_blocks: int | None = None,
-                     seed: int = 0, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                     seed: int = 0, cache: bool = True, model=None, generation=None,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Training and validation blocks of `spec`, split by whole documents.
 
-    Documents are shuffled with a fixed seed; the first ones, until they fill `val_blocks`
-    blocks, are held out for validation, the rest packed for training (at most `max_blocks`).
-    If the source is small, the validation slice shrinks to a tenth of it (at least one block);
-    `val_blocks=0` holds nothing out. Returns (train, val, info).
-    """
+    Documents are de-duplicated (exact copies, across the sources of a mixture too) and
+    shuffled with a fixed seed; the first ones, until they fill `val_blocks` blocks, are held
+    out for validation, the rest packed for training (at most `max_blocks`). If the source is
+    small, the validation slice shrinks to a tenth of it (at least one block); `val_blocks=0`
+    holds nothing out. A mixture splits each source on its own (its share of `val_blocks` by
+    weight, at least one block each) and mixes the training blocks by weight (`mix_blocks`).
+    `model` (and `generation`, an `eetune.selfdata.GenSettings`) serve `generated:N` sources.
+    Returns (train, val, info)."""
     if seq_len < 2:
         raise EETuneError(f"--seq-len {seq_len} is too short: give at least 2 tokens per block")
-    docs = tokenize_documents(spec, tokenizer, cache=cache)
+    parts = [p for p in parse_data_spec(spec) if p.weight > 0]
+    seen: set = set()
+    if len(parts) == 1:
+        docs = part_documents(parts[0], tokenizer, cache, model, generation, progress)
+        return _split(_label(parts[0]), docs, tokenizer, seq_len, val_blocks, max_blocks, seed, seen)
+    W = sum(p.weight for p in parts)
+    trains, vals, infos = [], [], []
+    for p in parts:
+        docs = part_documents(p, tokenizer, cache, model, generation, progress)
+        want = val_blocks if val_blocks <= 0 else max(1, round(val_blocks * p.weight / W))
+        tr, va, info = _split(_label(p), docs, tokenizer, seq_len, want, max_blocks, seed, seen)
+        trains.append(tr)
+        vals.append(va)
+        infos.append({**info, "weight": p.weight})
+    train, counts = mix_blocks(trains, [p.weight for p in parts], seed, max_blocks)
+    for info, c in zip(infos, counts):
+        info["train_blocks_mixed"] = c
+    val = torch.cat(vals)
+    info = {"source": spec, "parts": infos, "seq_len": seq_len,
+            "documents": sum(i["documents"] for i in infos),
+            "duplicates_removed": sum(i["duplicates_removed"] for i in infos),
+            "tokens": sum(i["tokens"] for i in infos), "train_blocks": int(train.shape[0]),
+            "val_blocks": int(val.shape[0]), "val_documents": sum(i["val_documents"] for i in infos)}
+    return train, val, info
+
+
+def _split(spec: str, docs: list[torch.Tensor], tokenizer, seq_len: int, val_blocks: int, max_blocks: int | None,
+           seed: int, seen: set) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One source's documents -> (train, val, info); `seen` holds the hashes of documents taken
+    from earlier sources of a mixture (updated)."""
     # Exact duplicates would leak across the split (a copy held out, another trained on): keep the first.
-    seen, unique = set(), []
+    unique = []
     for d in docs:
         key = hashlib.sha1(d.to(torch.int64).numpy().tobytes()).digest()
         if key not in seen:

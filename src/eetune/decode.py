@@ -620,6 +620,13 @@ def _reference_loop(model, ids, pos, opts, emitter, gen, device, result) -> None
     result.layer_token_passes = state.layer_token_passes
 
 
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of one user turn through the tokenizer's chat template, ready for the reply."""
+    x = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+    return list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x)
+
+
 def generate_text(model, tokenizer, prompts: list[str], opts: DecodeOptions, chat: bool = False,
                   stop: tuple[str, ...] = (), on_text=None) -> Generation:
     """Text in, text out: tokenise (optionally through the chat template), decode, cut at stop
@@ -629,9 +636,7 @@ def generate_text(model, tokenizer, prompts: list[str], opts: DecodeOptions, cha
     if chat:
         if getattr(tokenizer, "chat_template", None) is None:
             raise EETuneError("--chat needs a tokenizer with a chat template; this model has none: drop --chat")
-        ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for p in prompts]
-        ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
+        ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
     else:
         ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     if not opts.eos_token_ids:

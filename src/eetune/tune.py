@@ -90,6 +90,10 @@ class TuneConfig:
     progress: bool = True  # tqdm progress bar (rank 0)
     gates: bool = False  # after tuning the heads, fit a gate per exit on them (eetune.gates; one process)
     gates_only: bool = False  # train no heads: fit gates for the exits as they are, heads copied bit for bit
+    gen_temperature: float = 0.8  # generated:N data: sampling temperature (eetune.selfdata)
+    gen_top_p: float = 0.95  # generated:N data: nucleus mass
+    gen_max_new_tokens: int = 256  # generated:N data: continuation length cap per prompt
+    gen_batch_size: int = 16  # generated:N data: prompts decoded together
     gate_tokens: int = 16384  # training tokens for the gates, whole blocks of seq_len: ~1 min of a quiet 2-core
     #                           CPU for SmolLM2-135M (full forward + 3 vocabulary projections: ~230 tokens/s)
 
@@ -101,7 +105,8 @@ class TuneConfig:
     # Settings that must match for --resume to continue the same trajectory.
     TRAJECTORY = ("data", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay",
                   "weight_decay", "betas", "clip", "dtype", "seed", "loss_weights", "loss_weights_start",
-                  "loss_weights_warmup", "dynamic_weights", "distill", "val_blocks", "max_blocks", "cache_dtype")
+                  "loss_weights_warmup", "dynamic_weights", "distill", "val_blocks", "max_blocks", "cache_dtype",
+                  "gen_temperature", "gen_top_p", "gen_max_new_tokens", "gen_batch_size")
 
 
 # --- small pieces the loop uses ------------------------------------------------------------
@@ -323,8 +328,19 @@ def _append_log(path: Path, row: dict, fields: list[str]) -> None:
         csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerow(row)
 
 
+def generation_settings(cfg: TuneConfig):
+    """The `eetune.selfdata.GenSettings` of `generated:N` sources (seeded with the run's seed)."""
+    from .selfdata import GenSettings
+    return GenSettings(temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, max_new_tokens=cfg.gen_max_new_tokens,
+                       batch_size=cfg.gen_batch_size, seed=cfg.seed)
+
+
 def _check_config(cfg: TuneConfig, exit_layers) -> None:
+    from .data import parse_data_spec
+
     n = len(exit_layers)
+    if any(p.generated is not None for p in parse_data_spec(cfg.data)):  # refuses a malformed spec early
+        generation_settings(cfg).check()
     for name in ("seq_len", "batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise EETuneError(f"--{name.replace('_', '-')} must be at least 1")
@@ -439,7 +455,8 @@ def tune_gates(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone
     heads = {k: v for k, v in load_file(str(exits_dir / WEIGHTS_NAME)).items()
              if not (k.startswith(GATE_PREFIX) or k == VOCAB_KEY)}
     tokenizer = load_tokenizer(model.backbone)
-    train, val, data_info = train_val_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.val_blocks, cfg.max_blocks, seed=0)
+    train, val, data_info = train_val_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.val_blocks, cfg.max_blocks, seed=0,
+                                             model=model, generation=generation_settings(cfg), progress=cfg.progress)
     model.vocab_by_frequency = rank_vocabulary(train, model.backbone.vocab_size)
     summary = _fit_gates(model, train, val, data_info, cfg, exits_dir)
     write_exits_dir(out, exit_config.replace(gates=summary), heads, model.extra_tensors())
@@ -512,7 +529,8 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         if world > 1 and rank != 0:
             torch.distributed.barrier()
         train, val, data_info = train_val_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.val_blocks, cfg.max_blocks,
-                                                 seed=0)
+                                                 seed=0, model=model, generation=generation_settings(cfg),
+                                                 progress=cfg.progress and rank == 0)
         if world > 1 and rank == 0:
             torch.distributed.barrier()
         n_train = train.shape[0]
