@@ -1,8 +1,22 @@
-"""Generation-quality metrics used by the decode benchmark."""
+"""Evaluation: generation-quality metrics used by the decode benchmark, and the exit profile
+(share of tokens exiting vs agreement per max-prob threshold, exit costs in layers) checked against
+a slow reference, stored in exit_config.json, plotted, and driven by `eetune evaluate`."""
 
+import functools
+import json
+import sys
+
+import numpy as np
 import pytest
+import torch
+from conftest import V, peaky_backbone, tiny_backbone, tiny_model, word_tokenizer
 
-from eetune.evaluate import rouge_l, token_agreement
+from eetune.cli import main
+from eetune.config import CONFIG_NAME, ExitConfig
+from eetune.errors import EETuneError
+from eetune.evaluate import (PROFILE_THRESHOLDS, exit_costs, exit_metrics, format_profile, json_safe, plot_profile,
+                             rouge_l, store_profile, token_agreement)
+from eetune.model import EarlyExitModel, write_exits_dir
 
 
 def test_rouge_l_known_values():
@@ -19,3 +33,251 @@ def test_token_agreement():
     assert token_agreement([1, 9, 3, 4], [1, 2, 3, 4]) == 0.75
     assert token_agreement([1, 2], [1, 2, 3, 4]) == 0.5
     assert token_agreement([], []) == 1.0
+
+
+# --- the exit profile -----------------------------------------------------------------------
+
+def _model(peaky: bool = True, layers=(1, 3)):
+    bb = peaky_backbone("llama") if peaky else tiny_backbone("llama")
+    return EarlyExitModel.convert(bb, layers, arch="mlp")
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_model(peaky: bool = True):
+    """One model per kind for the tests that only read it (its measured costs are cached on it)."""
+    return _model(peaky)
+
+
+def _blocks(n: int = 5, t: int = 12, seed: int = 0):
+    return torch.randint(0, V, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_profile(model, blocks, thresholds):
+    """The slow, obvious profile: full logits of one block at a time, then plain Python over
+    every (exit, position) with a float64 softmax."""
+    maxp = {k: [] for k in model.exit_layers}
+    agree = {k: [] for k in model.exit_layers}
+    for i in range(blocks.shape[0]):
+        out = model(blocks[i:i + 1], final=True)
+        final = out.final_logits[0].double().numpy()
+        for k in model.exit_layers:
+            lg = out.exit_logits[k][0].double().numpy()
+            for pos in range(blocks.shape[1] - 1):  # the last position predicts nothing
+                row = lg[pos]
+                e = np.exp(row - row.max())
+                maxp[k].append(float((e / e.sum()).max()))
+                agree[k].append(int(np.argmax(row)) == int(np.argmax(final[pos])))
+    ref = {}
+    for k in model.exit_layers:
+        n = len(maxp[k])
+        share, agreement, count = [], [], []
+        for t in thresholds:
+            chosen = [a for p, a in zip(maxp[k], agree[k]) if p >= t]
+            count.append(len(chosen))
+            share.append(len(chosen) / n)
+            agreement.append(sum(chosen) / len(chosen) if chosen else None)
+        ref[str(k)] = {"share": share, "agreement": agreement, "count": count}
+    # guard against float32-vs-float64 ties: no probability sits on a threshold
+    assert all(abs(p - t) > 1e-5 for ps in maxp.values() for p in ps for t in thresholds)
+    return ref, n
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("thresholds", [PROFILE_THRESHOLDS, (0.97, 0.05, 0.5, 0.3)])
+def test_exit_profile_matches_reference(thresholds):
+    model, blocks = _model(), _blocks()
+    m = exit_metrics(model, blocks, batch_size=2, progress=False, thresholds=thresholds)  # 2 does not divide 5
+    prof = m["profile"]
+    assert prof["thresholds"] == sorted(thresholds)
+    ref, n = _reference_profile(model, blocks, prof["thresholds"])
+    assert prof["tokens"] == m["tokens"] == n == 5 * 11
+    assert set(prof["exits"]) == set(ref) == {"1", "3"}
+    for k, r in ref.items():
+        got = prof["exits"][k]
+        assert got["count"] == r["count"]
+        assert got["share"] == pytest.approx(r["share"])
+        for a, b in zip(got["agreement"], r["agreement"]):
+            assert (a is None and b is None) or a == pytest.approx(b)
+    # the curve is non-trivial here: some tokens exit at a high threshold, not all at a low one
+    assert any(0 < s < 1 for e in prof["exits"].values() for s in e["share"])
+    if 0.9 in prof["thresholds"]:  # the metrics table's confident share is the same count
+        i = prof["thresholds"].index(0.9)
+        for k, e in m["exits"].items():
+            assert e["confident_share"] == pytest.approx(prof["exits"][str(k)]["share"][i])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("peaky", [True, False])
+def test_exit_profile_monotone_and_none_when_nobody_exits(peaky):
+    m = exit_metrics(_model(peaky), _blocks(4, 16, seed=1), progress=False)
+    prof = m["profile"]
+    assert prof["thresholds"] == list(PROFILE_THRESHOLDS)
+    for e in prof["exits"].values():
+        assert all(a >= b for a, b in zip(e["share"], e["share"][1:]))  # share non-increasing in t
+        assert all(a >= b for a, b in zip(e["count"], e["count"][1:]))
+        assert all(0.0 <= s <= 1.0 for s in e["share"])
+        for c, a in zip(e["count"], e["agreement"]):
+            assert (a is None) == (c == 0) and (a is None or 0.0 <= a <= 1.0)
+    if not peaky:  # a random, flat model: no token is 99% sure at any exit
+        assert all(e["agreement"][-1] is None and e["share"][-1] == 0.0 for e in prof["exits"].values())
+
+
+@pytest.mark.parametrize("bad", [[], [1.5], [-0.1, 0.5], ["x"]])
+def test_exit_profile_bad_thresholds(bad):
+    with pytest.raises(EETuneError, match="thresholds"):
+        exit_metrics(_model(), _blocks(1, 4), progress=False, thresholds=bad)
+
+
+def test_exit_costs_in_layers():
+    model = _model()
+    c = exit_costs(model)
+    assert set(c["exits"]) == {"1", "3"} and c["num_layers"] == 4 and c["layer_s"] > 0
+    assert c["device"] == "cpu" and c["dtype"] == "float32"
+    for e in c["exits"].values():
+        assert e["transform_layers"] > 0 and e["projection_layers"] >= 0
+        assert e["layers"] == pytest.approx(e["transform_layers"] + e["projection_layers"])
+        assert e["projection_layers"] == pytest.approx(c["lm_head_layers"])  # the projection is timed as the LM head
+    assert exit_costs(model) == c  # measured once per model
+
+
+def _profile(model):
+    prof = exit_metrics(model, _blocks(), progress=False)["profile"]
+    return {**prof, "costs": exit_costs(model), "measured_on": {"data": "x.txt", "seq_len": 12, "blocks": 5}}
+
+
+def _no_nan(text: str):
+    def refuse(name):
+        raise AssertionError(f"{name} in stored JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@torch.no_grad()
+def test_store_profile_round_trip_and_atomic(tmp_path):
+    model = _shared_model()
+    d = tmp_path / "exits"
+    model.save_pretrained(d)
+    heads = (d / "exit_heads.safetensors").read_bytes()
+    prof = _profile(model)
+    prof["costs"]["lm_head_layers"] = float("nan")  # stored as null
+    assert ExitConfig.load(d).training is None
+    assert store_profile(d, prof) == d / CONFIG_NAME
+    stored = ExitConfig.load(d).training["exit_profile"]  # training created for it
+    assert stored == json_safe(prof) and stored["costs"]["lm_head_layers"] is None
+    assert stored["exits"]["3"]["share"] == prof["exits"]["3"]["share"]
+    assert _no_nan((d / CONFIG_NAME).read_text())["training"] == {"exit_profile": stored}
+    assert sorted(p.name for p in d.iterdir()) == [CONFIG_NAME, "exit_heads.safetensors"]  # no temporary left
+    assert (d / "exit_heads.safetensors").read_bytes() == heads
+    assert EarlyExitModel.from_pretrained(d, backbone=model.backbone).config.training["exit_profile"] == stored
+
+
+def test_store_profile_keeps_training_summary(tmp_path):
+    model = _shared_model()
+    d = tmp_path / "exits"
+    write_exits_dir(d, model.config.replace(training={"steps": 3, "data": {"source": "t.txt"}}),
+                    model.heads.state_dict())
+    (d / CONFIG_NAME).chmod(0o640)
+    prof = _profile(model)
+    store_profile(d, prof)
+    store_profile(d, prof)  # again: replaced, not nested
+    t = ExitConfig.load(d).training
+    assert t["steps"] == 3 and t["data"] == {"source": "t.txt"} and t["exit_profile"] == json_safe(prof)
+    assert (d / CONFIG_NAME).stat().st_mode & 0o777 == 0o640
+    with pytest.raises(EETuneError, match="not an exits directory"):
+        store_profile(tmp_path / "nothing", prof)
+
+
+def test_format_profile_table():
+    model = _shared_model(peaky=False)
+    prof = _profile(model)
+    text = format_profile(prof)
+    lines = text.splitlines()
+    assert "layer 1" in text and "layer 3" in text and "share" in text and "agree" in text
+    for t in PROFILE_THRESHOLDS:
+        assert any(line.split() and line.split()[0] == f"{t:g}" for line in lines), t
+    row99 = next(line for line in lines if line.split()[0] == "0.99")
+    assert row99.split()[1:] == ["0.0%", "-", "0.0%", "-"]  # nobody exits, agreement undefined
+    assert "cost" in text and "layers" in text
+
+
+def test_plot_profile_png_and_missing_matplotlib(tmp_path, monkeypatch):
+    prof = _profile(_shared_model())
+    assert plot_profile(prof, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert plot_profile(prof, tmp_path / "q.png") is False and not (tmp_path / "q.png").exists()
+
+
+# --- `eetune evaluate` with the profile --------------------------------------------------------
+@pytest.fixture
+def exits_dir(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    src = tmp_path / "tiny"
+    model.save_pretrained(src)
+    word_tokenizer().save_pretrained(src)
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 96}" for i in range(400)))
+    out = tmp_path / "exits"
+    assert main(["convert", "--model", str(src), "--exits", "1,3", "--arch", "mlp", "--out", str(out)]) == 0
+    return out, text
+
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_cli_evaluate_profile_stored_plotted(exits_dir, capsys):
+    out, text = exits_dir
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", str(text), "--seq-len", "16", "--max-blocks", "4", "--json"]) == 0
+    cap = capsys.readouterr()
+    m = json.loads(cap.out)
+    assert set(m["exits"]) == {"1", "3"}  # the metrics as before, the profile beside them
+    prof = m["profile"]
+    assert prof["thresholds"] == list(PROFILE_THRESHOLDS) and prof["tokens"] == 4 * 15
+    assert set(prof["costs"]["exits"]) == {"1", "3"} and prof["costs"]["lm_head_layers"] >= 0  # a difference of timings
+    on = prof["measured_on"]
+    assert on["seq_len"] == 16 and on["blocks"] == 4 and on["tokens"] == 60 and on["data"].endswith("eval.txt")
+    assert (out / "exit_profile.png").read_bytes()[:4] == b"\x89PNG"
+    assert "exit profile plot" in cap.err and "stored in" in cap.err
+    cfg_text = (out / CONFIG_NAME).read_text()
+    assert ExitConfig.load(out).training == {"exit_profile": prof}
+    _no_nan(cfg_text)
+
+    # --no-store: the exits directory is left byte for byte as it was (no PNG written into it)
+    (out / "exit_profile.png").unlink()
+    before = _snapshot(out)
+    assert main(["evaluate", str(out), "--data", str(text), "--seq-len", "16", "--max-blocks", "2",
+                 "--no-store"]) == 0
+    printed = capsys.readouterr().out
+    assert _snapshot(out) == before
+    assert "exit profile on 30 held-out tokens" in printed and "cost" in printed
+    assert "0.95" in printed and "stored" not in printed
+
+    # --no-store --plot elsewhere; --no-plot writes no PNG but stores
+    png = out.parent / "elsewhere.png"
+    assert main(["evaluate", str(out), "--data", str(text), "--seq-len", "16", "--max-blocks", "2", "--no-store",
+                 "--plot", str(png)]) == 0
+    assert png.is_file() and _snapshot(out) == before
+    assert main(["evaluate", str(out), "--data", str(text), "--seq-len", "8", "--max-blocks", "2", "--no-plot"]) == 0
+    assert sorted(_snapshot(out)) == [CONFIG_NAME, "exit_heads.safetensors"]
+    assert ExitConfig.load(out).training["exit_profile"]["measured_on"]["seq_len"] == 8
+
+
+def test_cli_evaluate_without_matplotlib_and_bad_plot_path(exits_dir, capsys, monkeypatch):
+    out, text = exits_dir
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", str(text), "--seq-len", "16", "--max-blocks", "2"]) == 0
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "plot skipped" in line]
+    assert len(skipped) == 1 and "pip install 'eetune[bench]'" in skipped[0]
+    assert not (out / "exit_profile.png").exists() and "exit_profile" in ExitConfig.load(out).training
+
+    before = _snapshot(out)
+    assert main(["evaluate", str(out), "--data", str(text), "--plot", str(out.parent / "no" / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--no-plot" in err
+    assert _snapshot(out) == before

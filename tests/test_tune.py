@@ -347,3 +347,46 @@ def test_tuning_lowers_every_exit_val_ce_on_default_model(tmp_path):
     after = tune(src, tmp_path / "tuned", c)
     for k in ("10", "20"):
         assert after["val_loss"][k] < before["val_loss"][k] - 1.0, (before["val_loss"], after["val_loss"])
+
+
+# --- best checkpoint (issue 9) ----------------------------------------------------------------
+def _logged_scores(train_dir, layers=("1", "3")):
+    rows = list(csv.DictReader(open(train_dir / "log.csv")))
+    ce = {int(r["step"]): -sum(float(r[f"val_{k}"]) for k in layers) / len(layers) for r in rows if r["val_1"]}
+    agree = {int(r["step"]): sum(float(r[f"val_agree_{k}"]) for k in layers) / len(layers) for r in rows if r["val_1"]}
+    return ce, agree
+
+
+OVERSHOOT = dict(steps=8, eval_every=1, lr=0.3, decay="constant", warmup=0)  # too high a rate: validation bounces
+
+
+def test_select_writes_the_heads_of_the_best_validation(world, tmp_path):
+    s = tune(world["norm"], tmp_path / "best", cfg(world, select="ce", **OVERSHOOT))
+    ce, _ = _logged_scores(tmp_path / "best.train")
+    ce[8] = s["last"]["score"]
+    best_step = max(sorted(ce), key=lambda k: ce[k])  # the first of equal scores
+    assert s["selected"]["step"] == best_step < 8, ce  # an earlier step validated better than the last
+    # those heads are what a run stopped at that step writes (a constant rate: the same trajectory)
+    ref = tune(world["norm"], tmp_path / "ref", cfg(world, select="last", **{**OVERSHOOT, "steps": best_step,
+                                                                             "eval_every": 0}))
+    a, b = heads(tmp_path / "best"), heads(tmp_path / "ref")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ref["selected"]["step"] == best_step
+    # --select last writes the last step's heads; agreement picks the best logged agreement
+    last = tune(world["norm"], tmp_path / "last", cfg(world, select="last", **OVERSHOOT))
+    assert last["selected"]["step"] == 8
+    by_agree = tune(world["norm"], tmp_path / "agree", cfg(world, select="agreement", **OVERSHOOT))
+    _, agree = _logged_scores(tmp_path / "agree.train")
+    agree[8] = by_agree["last"]["score"]
+    assert by_agree["selected"]["score"] == max(agree.values())
+    assert all(0 <= v <= 1 for v in agree.values())
+
+
+def test_resume_keeps_the_best_heads_of_the_checkpointed_part(world, tmp_path):
+    kw = {**OVERSHOOT, "select": "ce", "save_every": 3}
+    whole = tune(world["norm"], tmp_path / "whole", cfg(world, **kw))
+    tune(world["norm"], tmp_path / "part", cfg(world, **{**kw, "steps": 3}))
+    resumed = tune(world["norm"], tmp_path / "part", cfg(world, **{**kw, "resume": True}))
+    assert resumed["selected"] == whole["selected"]
+    a, b = heads(tmp_path / "part"), heads(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -106,41 +106,92 @@ def cmd_info(args):
 
 # --- evaluate ------------------------------------------------------------------------------
 def add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="per-exit held-out cross-entropy and agreement with the final layer",
+    p = sub.add_parser("evaluate", help="per-exit held-out cross-entropy, agreement with the final layer, and "
+                                        "the exit profile (share exiting vs agreement per threshold, exit costs)",
                        description="Teacher-forced evaluation of every exit on held-out text: next-token "
-                                   "cross-entropy, top-1 agreement with the final layer, confident share.")
+                                   "cross-entropy, top-1 agreement with the final layer, confident share. In the "
+                                   "same pass, the exit profile: for max-prob thresholds t = 0.1 .. 0.99, the share "
+                                   "of tokens that would exit at each exit (max-prob >= t) and their top-1 "
+                                   "agreement with the final layer, plus each exit's cost (transform + projection) "
+                                   "and the LM head's, measured in decoder-layer equivalents on this machine. The "
+                                   "profile is printed as a table, drawn as a PNG (DIR/exit_profile.png; needs "
+                                   "matplotlib) and stored in DIR/exit_config.json under "
+                                   "training.exit_profile with the data it was measured on.")
     p.add_argument("dir", help="exits directory")
     p.add_argument("--data", default="default-dev",
                    help="evaluation text: default-dev (BoolQ dev passages), a .txt/.jsonl file or folder")
-    p.epilog = "An exits directory with gates also gets their coverage/precision beside max-prob confidence."
+    p.epilog = ("An exits directory with gates also gets their coverage/precision beside max-prob confidence. "
+                "The plot needs matplotlib (pip install 'eetune[bench]'); without it the plot is skipped.")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--max-blocks", type=int, default=16, help="number of blocks to evaluate (default 16)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (the profile under 'profile')")
+    plot = p.add_mutually_exclusive_group()
+    plot.add_argument("--plot", metavar="PATH", default=None,
+                      help="where to save the exit-profile PNG (default: DIR/exit_profile.png; with --no-store, "
+                           "no plot unless --plot is given)")
+    plot.add_argument("--no-plot", action="store_true", help="draw no exit-profile PNG")
+    p.add_argument("--no-store", action="store_true",
+                   help="leave the exits directory untouched: no profile recorded in its exit_config.json "
+                        "(by default under training.exit_profile) and no PNG written into it")
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args):
+    import os
+    from pathlib import Path
+
     from .backbone import load_tokenizer
+    from .config import CONFIG_NAME
     from .data import load_texts, pack_blocks
-    from .evaluate import exit_metrics, format_gate_report, format_metrics
+    from .evaluate import (blocks_digest, exit_costs, exit_metrics, format_gate_report, format_metrics,
+                           format_profile, json_safe, plot_profile, store_profile)
     from .gates import gate_report
     from .model import EarlyExitModel
 
     if args.seq_len < 2 or args.max_blocks < 1 or args.batch_size < 1:
         raise EETuneError("--seq-len must be >= 2, --max-blocks and --batch-size >= 1")
+    plot_path = (Path(args.plot) if args.plot else None if args.no_plot or args.no_store
+                 else Path(args.dir) / "exit_profile.png")
+    if plot_path is not None and (plot_path.is_dir() or not plot_path.parent.is_dir()):
+        raise EETuneError(f"cannot write the plot to {plot_path} (a directory, or its folder does not exist): "
+                          f"give --plot a file path in an existing folder, or --no-plot")
+    if not args.no_store and (Path(args.dir) / CONFIG_NAME).is_file() and not os.access(args.dir, os.W_OK):
+        raise EETuneError(f"cannot store the exit profile: {args.dir} is not writable; pass --no-store")
     texts = load_texts(args.data)
     model = EarlyExitModel.from_pretrained(args.dir)
     blocks = pack_blocks(load_tokenizer(model.backbone), texts, args.seq_len, args.max_blocks)
     metrics = exit_metrics(model, blocks, args.batch_size, progress=sys.stderr.isatty())
     if len(model.gates):
         metrics["gates"] = gate_report(model, blocks, batch_size=args.batch_size, progress=sys.stderr.isatty())
+    profile = metrics["profile"]
+    profile["costs"] = exit_costs(model)
+    source = args.data
+    if Path(source).exists():  # a path as tune records it: relative to the working directory when inside it
+        try:
+            source = str(Path(source).resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            pass
+    profile["measured_on"] = {"data": source, "seq_len": args.seq_len, "blocks": int(blocks.shape[0]),
+                              "max_blocks": args.max_blocks, "tokens": profile["tokens"],
+                              "blocks_digest": blocks_digest(blocks)}
+    out = sys.stderr if args.json else sys.stdout  # notes; with --json stdout holds the JSON only
     if args.json:
-        print(json.dumps(metrics, indent=2, sort_keys=True))
+        print(json.dumps(json_safe(metrics), indent=2, sort_keys=True))
     else:
         print(format_metrics(metrics))
         if "gates" in metrics:
             print(format_gate_report(metrics["gates"]))
+        print(format_profile(profile))
+    if plot_path is not None:
+        if plot_profile(profile, plot_path, title=f"exit profile of {args.dir} ({profile['tokens']:,} tokens of "
+                                                  f"{source})"):
+            print(f"exit profile plot: {plot_path}", file=out)
+        else:
+            print("exit profile plot skipped: matplotlib is not installed (pip install 'eetune[bench]')", file=out)
+    if not args.no_store:
+        path = store_profile(args.dir, profile)
+        print(f"exit profile stored in {path} (training.exit_profile)", file=out)
 
 
 # --- tune ----------------------------------------------------------------------------------
@@ -151,7 +202,10 @@ def add_tune(sub):
     p.add_argument("dir", help="exits directory to tune (from `eetune convert`, or an earlier tune)")
     p.add_argument("--data", default="default",
                    help="training text: default (BoolQ training passages), .txt/.jsonl/.json/.parquet/.csv file, "
-                        "or a folder of .txt; JSONL rows: text, instruction/response, prompt/completion or messages")
+                        "or a folder of .txt (JSONL rows: text, instruction/response, prompt/completion or "
+                        "messages); generated:N[:SOURCE] samples N tokens from the model itself (SOURCE: default = "
+                        "BoolQ training questions and passages, or a file of prompts); mix sources with weights: "
+                        "default:0.3,generated:200000:0.7")
     p.add_argument("--out", required=True, help="tuned exits directory to write (new, empty, or an exits directory)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
@@ -177,6 +231,10 @@ def add_tune(sub):
     p.add_argument("--val-blocks", type=int, default=8, help="held-out validation blocks (default 8; 0 = none)")
     p.add_argument("--max-blocks", type=int, default=None, help="cap on training blocks read")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: at the end)")
+    p.add_argument("--select", default="agreement", choices=["agreement", "ce", "last"],
+                   help="heads to write: the best validated (by mean top-1 agreement with the final layer, the "
+                        "default, or by mean CE; candidates are every --eval-every validation and the last step) "
+                        "or the last")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: never)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --train-dir")
     p.add_argument("--train-dir", default=None, help="logs and checkpoints (default OUT.train)")
@@ -186,6 +244,11 @@ def add_tune(sub):
     p.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16"], help="cache storage (default bf16)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 over the backbone layers and heads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("generated data (--data generated:N: continuations sampled from the model, cached)")
+    g.add_argument("--gen-temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    g.add_argument("--gen-top-p", type=float, default=0.95, help="nucleus mass (default 0.95)")
+    g.add_argument("--gen-max-new-tokens", type=int, default=256, help="continuation cap per prompt (default 256)")
+    g.add_argument("--gen-batch-size", type=int, default=16, help="prompts decoded together (default 16)")
     g = p.add_argument_group("gates (learned exit decisions: a logistic probe per exit on its input hidden state)")
     gx = g.add_mutually_exclusive_group()
     gx.add_argument("--gates", action="store_true",
@@ -210,17 +273,26 @@ def cmd_tune(args):
         decay=args.decay, weight_decay=args.weight_decay, clip=args.clip, dtype=args.dtype, seed=args.seed,
         loss_weights=parse_weights(args.loss_weights), loss_weights_start=parse_weights(args.loss_weights_start),
         loss_weights_warmup=args.loss_weights_warmup, dynamic_weights=args.dynamic_weights, distill=args.distill,
-        val_blocks=args.val_blocks, max_blocks=args.max_blocks, eval_every=args.eval_every,
+        val_blocks=args.val_blocks, max_blocks=args.max_blocks, eval_every=args.eval_every, select=args.select,
         save_every=args.save_every, resume=args.resume, train_dir=args.train_dir, cache_hidden=args.cache_hidden,
         cache_dtype=args.cache_dtype, fsdp=args.fsdp, progress=not args.no_progress and sys.stderr.isatty(),
-        gates=args.gates, gates_only=args.gates_only, gate_tokens=args.gate_tokens)
+        gates=args.gates, gates_only=args.gates_only, gate_tokens=args.gate_tokens,
+        gen_temperature=args.gen_temperature, gen_top_p=args.gen_top_p, gen_max_new_tokens=args.gen_max_new_tokens,
+        gen_batch_size=args.gen_batch_size)
     s = tune(args.dir, args.out, cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if not args.gates_only:
-        val = ", ".join(f"exit {k}: {v:.3f}" for k, v in s["val_loss"].items()) or "no validation"
+        sel = s.get("selected")
+        if sel:
+            val = ", ".join(f"exit {k}: CE {v:.3f}, agreement {sel['val_agreement'][k]:.3f}"
+                            for k, v in sel["val_loss"].items())
+            which = (f"the heads of step {sel['step']} (best validation {args.select})" if sel["step"] != s["steps"]
+                     else "the last step's heads")
+        else:
+            val, which = "none (no held-out blocks)", "the last step's heads"
         print(f"wrote {args.out}: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_time_s']:.0f} s; "
-              f"validation CE {val}")
+              f"{which}; validation {val}")
     g = s.get("gates")
     if g:
         from .evaluate import format_gate_report

@@ -6,25 +6,68 @@ max-softmax probability reaches 0.9 (with the agreement among those: how often a
 early exit would have emitted the full model's token). The final layer's cross-entropy is
 reported alongside as the floor. `format_gate_report` prints the held-out report of learned
 exit gates (`eetune.gates.gate_report`) beside the max-prob confidence.
+
+The same single pass also yields each exit's *exit profile* (`metrics["profile"]`): for every
+threshold t of `PROFILE_THRESHOLDS`, the share of tokens whose max-prob is >= t (the tokens that
+would leave at that exit) and the top-1 agreement with the final layer among them (None where
+no token would leave). This curve, with what an exit costs, decides early-exit speed and
+quality. `exit_costs` measures that cost on the model's device with
+`eetune.engine.measure_costs`, in layer-equivalents (an exit's transform + projection divided
+by one decoder layer; the LM head likewise). `format_profile` prints the profile, `plot_profile`
+draws it (matplotlib, optional), and `store_profile` records it in the exits directory's
+exit_config.json as `training["exit_profile"]`, replacing the file atomically:
+
+    metrics = exit_metrics(model, blocks)            # metrics["profile"]: the curves
+    profile = {**metrics["profile"], "costs": exit_costs(model), "measured_on": {...}}
+    print(format_profile(profile)); plot_profile(profile, "exit_profile.png")
+    store_profile("runs/exits", profile)             # ExitConfig.load(...).training["exit_profile"]
 """
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import EETuneError
+
+# max-prob thresholds of the exit profile (share of tokens exiting, agreement among them)
+PROFILE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def _check_thresholds(thresholds) -> list[float]:
+    try:
+        ts = sorted({float(t) for t in thresholds})
+    except (TypeError, ValueError):
+        raise EETuneError(f"profile thresholds {thresholds!r} are not numbers: give e.g. 0.5,0.9") from None
+    if not ts or any(not 0.0 <= t <= 1.0 for t in ts):
+        raise EETuneError(f"profile thresholds {list(thresholds)} must be a non-empty list of probabilities in "
+                          f"[0, 1]: give e.g. 0.5,0.9,0.99")
+    return ts
+
 
 @torch.no_grad()
 def exit_metrics(model, blocks: torch.Tensor, batch_size: int = 8, confident: float = 0.9,
-                 progress: bool = True) -> dict:
-    """Per-exit metrics over `blocks` (N, T) of token ids. Returns
-    {"exits": {k: {"ce", "agreement", "confident_share", "confident_agreement"}}, "final_ce", "tokens"}."""
-    sums = {k: {"ce": 0.0, "agree": 0, "conf": 0, "conf_agree": 0} for k in model.exit_layers}
+                 progress: bool = True, thresholds=PROFILE_THRESHOLDS) -> dict:
+    """Per-exit metrics over `blocks` (N, T) of token ids, in one teacher-forced pass. Returns
+    {"exits": {k: {"ce", "agreement", "confident_share", "confident_agreement"}}, "final_ce", "tokens",
+    "confident_threshold", "profile"}; "profile" is {"thresholds" (ascending), "tokens", "exits":
+    {str(k): {"share", "agreement", "count"}}}, lists following the thresholds: the share of tokens
+    whose max-softmax probability is >= t, the top-1 agreement with the final layer among them
+    (None where there are none) and their number."""
+    ts = _check_thresholds(thresholds)
+    t_vec = torch.tensor(ts, dtype=torch.float32)
+    dev = next(model.backbone.model.parameters()).device
+    sums = {k: {"ce": 0.0, "agree": 0, "conf": 0, "conf_agree": 0, "n": torch.zeros(len(ts), dtype=torch.long),
+                "ok": torch.zeros(len(ts), dtype=torch.long)} for k in model.exit_layers}
     final_ce, tokens = 0.0, 0
     batches = range(0, blocks.shape[0], batch_size)
     for a in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
-        ids = blocks[a:a + batch_size]
+        ids = blocks[a:a + batch_size].to(dev)
         out = model(ids, final=True)
         targets = ids[:, 1:].reshape(-1)
         final = out.final_logits[:, :-1].float().reshape(-1, out.final_logits.shape[-1])
@@ -35,17 +78,51 @@ def exit_metrics(model, blocks: torch.Tensor, batch_size: int = 8, confident: fl
             lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             s = sums[k]
             s["ce"] += F.cross_entropy(lg, targets, reduction="sum").item()
-            pred = lg.argmax(-1)
-            s["agree"] += (pred == final_pred).sum().item()
-            conf = lg.softmax(-1).amax(-1) >= confident
+            agree = lg.argmax(-1) == final_pred
+            max_prob = lg.softmax(-1).amax(-1)
+            s["agree"] += agree.sum().item()
+            conf = max_prob >= confident
             s["conf"] += conf.sum().item()
-            s["conf_agree"] += ((pred == final_pred) & conf).sum().item()
-    exits = {}
+            s["conf_agree"] += (agree & conf).sum().item()
+            hit = max_prob.cpu()[None, :] >= t_vec[:, None]  # (thresholds, tokens)
+            s["n"] += hit.sum(1)
+            s["ok"] += (hit & agree.cpu()[None, :]).sum(1)
+    exits, profile = {}, {}
     for k, s in sums.items():
         exits[k] = {"ce": s["ce"] / tokens, "agreement": s["agree"] / tokens,
                     "confident_share": s["conf"] / tokens,
                     "confident_agreement": (s["conf_agree"] / s["conf"]) if s["conf"] else float("nan")}
-    return {"exits": exits, "final_ce": final_ce / tokens, "tokens": tokens, "confident_threshold": confident}
+        n, ok = s["n"].tolist(), s["ok"].tolist()
+        profile[str(k)] = {"share": [c / tokens for c in n], "agreement": [g / c if c else None for g, c in zip(ok, n)],
+                           "count": n}
+    return {"exits": exits, "final_ce": final_ce / tokens, "tokens": tokens, "confident_threshold": confident,
+            "profile": {"thresholds": ts, "tokens": tokens, "exits": profile}}
+
+
+def exit_costs(model, opts=None) -> dict:
+    """What each exit costs, measured on the model's device by `eetune.engine.measure_costs`
+    (one token on a 64-token context, best of 5; cached on the model) and expressed in
+    layer-equivalents: per exit, `transform_layers` (its transform: norm / MLP / block) and
+    `projection_layers` (its vocabulary projection, timed as the final norm + LM head) divided
+    by the cost of one decoder layer, and `layers`, their sum: the price of asking the exit.
+    `lm_head_layers` is the final norm + LM head in layers, `layer_s` one layer in seconds."""
+    from .decode import DecodeOptions
+    from .engine import measure_costs
+
+    c = measure_costs(model, opts if opts is not None else DecodeOptions())
+    layer = float(c["layer"])
+
+    def in_layers(seconds):
+        return float(seconds) / layer if layer > 0 and math.isfinite(seconds) else None
+
+    exits = {}
+    for k, h in c["heads"].items():
+        tr, pr = in_layers(h["transform"]), in_layers(h["projection"])
+        exits[str(k)] = {"transform_layers": tr, "projection_layers": pr,
+                         "layers": None if tr is None or pr is None else tr + pr}
+    p = next(model.backbone.model.parameters())
+    return {"layer_s": layer, "lm_head_layers": in_layers(c["final"]), "num_layers": int(c["num_layers"]),
+            "device": str(p.device), "dtype": str(p.dtype).replace("torch.", ""), "exits": exits}
 
 
 def format_metrics(metrics: dict) -> str:
@@ -78,6 +155,118 @@ def format_gate_report(report: dict, indent: str = "") -> str:
             lines.append(f"  {t:>5g}  {pct(g['coverage'][i]):>8} {pct(g['precision'][i])}  "
                          f"{pct(m['coverage'][i]):>12} {pct(m['precision'][i])}")
     return "\n".join(indent + line for line in lines)
+
+
+def format_profile(profile: dict, per_table: int = 4) -> str:
+    """A plain-text table of an exit profile: a row per threshold, a share and an agreement
+    column per exit (at most `per_table` exits side by side), and each exit's cost."""
+    ts, costs = profile["thresholds"], profile.get("costs") or {}
+
+    def pct(x):
+        return f"{x:7.1%}" if x is not None else f"{'-':>7}"
+
+    def layers(x):
+        return f"{x:.2f}" if x is not None else "?"
+
+    lines = [f"exit profile on {profile['tokens']:,} held-out tokens: share = tokens whose max-prob is >= t (they "
+             f"would exit),", "agree = top-1 agreement with the final layer among them"]
+    keys = list(profile["exits"])
+    for g in range(0, len(keys), per_table):
+        group = keys[g:g + per_table]
+        lines.append(f"{'':>6}" + "".join(f"  {'layer ' + k:>15}" for k in group))
+        lines.append(f"{'t':>6}" + "".join(f"  {'share':>7} {'agree':>7}" for _ in group))
+        for i, t in enumerate(ts):
+            lines.append(f"{t:>6g}" + "".join(f"  {pct(profile['exits'][k]['share'][i])} "
+                                              f"{pct(profile['exits'][k]['agreement'][i])}" for k in group))
+        if costs.get("exits"):
+            lines.append(f"{'cost':>6}" + "".join(
+                f"  {layers(costs['exits'].get(k, {}).get('layers')) + ' layers':>15}" for k in group))
+    if costs:
+        lines.append("cost = the exit's transform + projection in decoder-layer equivalents, measured on "
+                     f"{costs.get('device', '?')} {costs.get('dtype', '')}:")
+        lines.append(f"one layer = {costs['layer_s'] * 1e3:.3g} ms per token; the final norm + LM head = "
+                     f"{layers(costs.get('lm_head_layers'))} layers")
+    return "\n".join(lines)
+
+
+def plot_profile(profile: dict, path: str | Path, title: str | None = None) -> bool:
+    """Draw the exit profile as a PNG at `path`: x the share of tokens exiting, y the agreement
+    among them, one curve per exit, every threshold marked (some labelled). Returns False,
+    drawing nothing, when matplotlib is not installed (`pip install 'eetune[bench]'`)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    ts = profile["thresholds"]
+    label_at = {ts[0], ts[-1]} | {t for t in ts if t in (0.5, 0.9)}
+    costs = (profile.get("costs") or {}).get("exits") or {}
+    fig = Figure(figsize=(7, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for k, e in profile["exits"].items():
+        pts = [(s, a, t) for s, a, t in zip(e["share"], e["agreement"], ts) if a is not None]
+        cost = (costs.get(k) or {}).get("layers")
+        label = f"exit after layer {k}" + (f" ({cost:.2f} layers)" if cost is not None else "")
+        if not pts:
+            ax.plot([], [], marker="o", label=label + ": no token exits")
+            continue
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=label)
+        for s, a, t in pts:
+            if t in label_at:
+                ax.annotate(f"{t:g}", (s, a), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("share of tokens exiting (max-prob >= t)")
+    ax.set_ylabel("top-1 agreement with the final layer among them")
+    ax.set_title(title or f"exit profile ({profile['tokens']:,} tokens)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.text(0.01, 0.005, f"points: max-prob thresholds t = {', '.join(f'{t:g}' for t in ts)} (right to left)",
+             fontsize=7, color="0.35")
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+    return True
+
+
+def json_safe(obj):
+    """`obj` with every NaN/inf float replaced by None (valid JSON), tuples as lists, keys as str."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def store_profile(directory: str | Path, profile: dict) -> Path:
+    """Record `profile` in `directory`/exit_config.json as `training["exit_profile"]` (creating
+    `training` if the directory has none; other keys are kept as they are). The file is
+    replaced atomically: a temporary file in the same directory is written, flushed, synced and
+    renamed over it. NaN is stored as null. Returns the path written."""
+    from .config import CONFIG_NAME, ExitConfig
+    from .fsio import atomic_write_json
+
+    path = Path(directory) / CONFIG_NAME
+    ExitConfig.load(directory)  # an exits directory with a readable config, or a one-line error
+    data = json.loads(path.read_text())
+    training = data.get("training")
+    if training is None:
+        training = {}
+    if not isinstance(training, dict):
+        raise EETuneError(f"{path}: 'training' is not an object: fix or remove it, or pass --no-store")
+    data["training"] = {**training, "exit_profile": json_safe(profile)}
+    atomic_write_json(path, data)
+    return path
+
+
+def blocks_digest(blocks: torch.Tensor) -> str:
+    """A short fingerprint of evaluation blocks (which tokens a profile was measured on): the
+    first 16 hex digits of the SHA-256 of their int32 token ids."""
+    import hashlib
+    return hashlib.sha256(blocks.to(torch.int32).cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 # --- generation quality ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Crash-safe file writes: a file appears under its final name whole, or not at all.
 
 `atomic_write(path, write)` calls `write(tmp_path)` on a temporary name in the same directory,
-fsyncs the file, renames it over `path` and fsyncs the directory, so that after a crash (power
+fsyncs the file, gives it the mode of the file it replaces (or the umask's default), renames it
+over `path` and fsyncs the directory, so that after a crash (power
 loss included) the name holds either the old content or the new, never a torn file. A failure
 removes the temporary file. `atomic_write_text` / `atomic_write_json` are the common cases.
 """
@@ -34,6 +35,12 @@ def fsync_file(path: str | Path) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Write `path` through `write(tmp)` (which creates the file `tmp`), durably and atomically."""
     path = Path(path)
@@ -43,6 +50,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     try:
         write(tmp)
         fsync_file(tmp)
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())  # not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

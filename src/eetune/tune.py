@@ -21,6 +21,11 @@ state file, published by renaming a finished temporary directory and then atomic
 `checkpoints/latest.json`. `--resume` continues bit-exactly: the data order and learning rate
 are functions of the step number, and the optimizer and RNG states are restored.
 
+Validation (the end, and every `--eval-every` steps) reports each exit's CE and its top-1
+agreement with the final layer on the held-out blocks, both logged. `--select agreement` (the
+default) or `ce` writes the heads of the best validation rather than the last step's (kept in
+memory and in checkpoints, so a resumed run selects alike); the summary records both.
+
 Gates (eetune.gates): `--gates` fits a gate per exit to the heads just tuned, `--gates-only`
 (`tune_gates`) to the heads of the input directory without training them; both on
 `--gate-tokens` tokens of the training blocks, reported on the held-out blocks. Every written
@@ -81,6 +86,7 @@ class TuneConfig:
     val_blocks: int = 8  # held-out blocks (whole documents never trained on); 0: no validation
     max_blocks: int | None = None  # cap on training blocks read from the source
     eval_every: int = 0  # validation every N steps (0: at the end only)
+    select: str = "agreement"  # heads written: best validated by agreement (mean over exits) | ce | last
     save_every: int = 0  # checkpoint every N steps (0: none; then also none at the end)
     resume: bool = False  # continue from the training directory's latest checkpoint
     train_dir: str | None = None  # logs and checkpoints (default: OUT.train)
@@ -99,14 +105,14 @@ class TuneConfig:
 
     # Settings that only head training uses (refused with gates_only).
     HEAD_ONLY = ("steps", "tokens", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "betas",
-                 "clip", "loss_weights", "loss_weights_start", "loss_weights_warmup", "dynamic_weights", "distill",
+                 "clip", "select", "loss_weights", "loss_weights_start", "loss_weights_warmup", "dynamic_weights", "distill",
                  "eval_every", "save_every", "resume", "train_dir", "cache_hidden", "cache_dtype", "fsdp")
 
     # Settings that must match for --resume to continue the same trajectory.
     TRAJECTORY = ("data", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay",
                   "weight_decay", "betas", "clip", "dtype", "seed", "loss_weights", "loss_weights_start",
                   "loss_weights_warmup", "dynamic_weights", "distill", "val_blocks", "max_blocks", "cache_dtype",
-                  "gen_temperature", "gen_top_p", "gen_max_new_tokens", "gen_batch_size")
+                  "gen_temperature", "gen_top_p", "gen_max_new_tokens", "gen_batch_size", "select")
 
 
 # --- small pieces the loop uses ------------------------------------------------------------
@@ -210,9 +216,11 @@ def latest_checkpoint(train_dir: Path) -> Path | None:
     return d if (d / "state.json").is_file() else None
 
 
-def save_checkpoint(train_dir: Path, step: int, named_params: list, opt, state: dict, rank: int) -> Path | None:
-    """Write checkpoint `step` (heads, AdamW state, RNG, JSON state) and publish it atomically:
-    a temporary directory renamed to step-N, then latest.json replaced. Keeps the newest two."""
+def save_checkpoint(train_dir: Path, step: int, named_params: list, opt, state: dict, rank: int,
+                    best: dict | None = None) -> Path | None:
+    """Write checkpoint `step` (heads, AdamW state, RNG, JSON state, and the best validated heads
+    so far when `--select` keeps them) and publish it atomically: a temporary directory renamed
+    to step-N, then latest.json replaced. Keeps the newest two."""
     heads = {name: _full(p) for name, p in named_params}
     optim = {}
     for name, p in named_params:
@@ -231,6 +239,8 @@ def save_checkpoint(train_dir: Path, step: int, named_params: list, opt, state: 
         if torch.cuda.is_available():
             rng["torch_cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / "rng.safetensors"))
+        if best is not None:
+            save_file(best, str(tmp / "best.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         final = root / name
         if final.exists():
@@ -309,7 +319,15 @@ class HiddenCache:
 def log_fields(layers) -> list[str]:
     """The columns of log.csv (validation columns stay empty on steps without validation)."""
     return (["step", "tokens", "lr", "loss", *[f"loss_{k}" for k in layers], "grad_norm", "step_s",
-             "tokens_per_s", "elapsed_s", *[f"val_{k}" for k in layers]])
+             "tokens_per_s", "elapsed_s", *[f"val_{k}" for k in layers], *[f"val_agree_{k}" for k in layers]])
+
+
+def selection_score(select: str, val_loss: dict, val_agree: dict) -> float:
+    """What `--select` maximises: the mean top-1 agreement with the final layer over the exits,
+    or minus their mean validation CE."""
+    if select == "ce":
+        return -sum(val_loss.values()) / len(val_loss)
+    return sum(val_agree.values()) / len(val_agree)
 
 
 def _write_log(path: Path, rows: list[dict], fields: list[str]) -> None:
@@ -373,6 +391,8 @@ def _check_config(cfg: TuneConfig, exit_layers) -> None:
     if cfg.distill > 0 and cfg.cache_hidden:
         raise EETuneError("--distill needs the final layer on every step, which a --cache-hidden run skips: "
                           "use one or the other")
+    if cfg.select not in ("agreement", "ce", "last"):
+        raise EETuneError(f"unknown --select {cfg.select!r}: use agreement, ce or last")
     if cfg.val_blocks < 0 or cfg.eval_every < 0 or cfg.save_every < 0:
         raise EETuneError("--val-blocks, --eval-every and --save-every must be >= 0")
     if cfg.gates and cfg.gates_only:
@@ -542,8 +562,22 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         else:
             total_steps = math.ceil(n_train / G)
 
-        # 5. Economy: what of the trunk is needed at all.
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bf16" \
+            else contextlib.nullcontext
+        positions = torch.arange(cfg.seq_len, device=device)
         bb = model.backbone
+        # The final layer's top-1 on the held-out blocks, once, while every layer is still loaded:
+        # validation reports each exit's agreement with it (what --select agreement maximises).
+        val_final = []
+        with torch.no_grad(), autocast():
+            for a in range(0, val.shape[0], cfg.batch_size):
+                ids = val[a:a + cfg.batch_size].to(device)
+                pos = positions.expand(ids.shape[0], -1)
+                h = bb.embed(ids, pos)
+                h = bb.run_layers(h, 0, bb.num_layers, bb.context(h, pos))
+                val_final.append(bb.logits(bb.final_norm(h))[:, :-1].argmax(-1))
+
+        # 5. Economy: what of the trunk is needed at all.
         cache = None
         if cfg.cache_hidden:
             key = {"backbone": exit_config.backbone_fingerprint, "compute_dtype": cfg.dtype,
@@ -580,6 +614,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
 
         # 6. Resume: heads, optimizer and RNG state of the latest checkpoint, and its counters.
         start_step, tokens_seen, prior_time, log_rows = 0, 0, 0.0, []  # log_rows: kept on resume
+        best, best_heads = None, None  # --select: the best validation so far and its heads (on the CPU)
         run_settings = {k: (list(v) if isinstance(v, tuple) else v)
                         for k, v in dataclasses.asdict(cfg).items() if k in TuneConfig.TRAJECTORY}
         run_settings.update(world_size=world, exit_layers=list(layers), arch=exit_config.arch,
@@ -604,6 +639,9 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
             if use_cuda and "torch_cuda" in rng:
                 torch.cuda.set_rng_state(rng["torch_cuda"])
             start_step, tokens_seen, prior_time = state["step"], state["tokens"], state["wall_time_s"]
+            best = state.get("best")
+            if best is not None:
+                best_heads = load_file(str(resume_from / "best.safetensors"))
             if start_step >= total_steps:
                 raise EETuneError(f"the checkpoint in {train_dir} is at step {start_step}, the run asks for "
                                   f"{total_steps}: give more --steps/--tokens to continue tuning")
@@ -621,9 +659,6 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
             if use_cuda and "torch_cuda" in rng:
                 torch.cuda.set_rng_state(rng["torch_cuda"])
 
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bf16" \
-            else contextlib.nullcontext
-        positions = torch.arange(cfg.seq_len, device=device)
 
         def trunk(ids: torch.Tensor, index: list[int]):
             """Hidden states after each exit layer (from the cache when there), their layer
@@ -647,20 +682,24 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                 hiddens = cache.write(index, layers, hiddens)
             return hiddens, ctx, final_logits
 
-        def validate() -> dict[int, float]:
-            """Mean next-token CE per exit on the held-out blocks (every rank runs all of them)."""
-            sums = [0.0] * len(layers)
+        def validate() -> tuple[dict[int, float], dict[int, float]]:
+            """Mean next-token CE per exit on the held-out blocks, and each exit's top-1 agreement
+            with the final layer there (every rank runs all of them)."""
+            sums, agree = [0.0] * len(layers), [0] * len(layers)
             model.eval()
             with torch.no_grad():
-                for a in range(0, val.shape[0], cfg.batch_size):
+                for j, a in enumerate(range(0, val.shape[0], cfg.batch_size)):
                     ids = val[a:a + cfg.batch_size].to(device)
                     hiddens, ctx, _ = trunk(ids, list(range(n_train + a, n_train + a + ids.shape[0])))
                     with autocast():
                         logits = heads_core(hiddens, ctx)
                     for i, lg in enumerate(logits):
                         sums[i] += exit_loss(lg, ids, False, None, 0.0)[1].item() * ids.shape[0]
+                        agree[i] += (lg[:, :-1].argmax(-1) == val_final[j]).sum().item()
             model.train()
-            return {k: s / val.shape[0] for k, s in zip(layers, sums)}
+            n_pred = val.shape[0] * (cfg.seq_len - 1)
+            return ({k: s / val.shape[0] for k, s in zip(layers, sums)},
+                    {k: a / n_pred for k, a in zip(layers, agree)})
 
         # 7. The loop.
         model.train()
@@ -671,6 +710,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         last_good = resume_from
         train_loss = {k: float("nan") for k in layers}
         val_loss: dict[int, float] = {}
+        val_agree: dict[int, float] = {}
         for step in range(start_step, total_steps):
             t_step = time.time()
             lr = lr_at(step, total_steps, cfg)
@@ -715,8 +755,15 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                    **{f"loss_{k}": v for k, v in train_loss.items()}, "grad_norm": grad_norm, "step_s": step_s,
                    "tokens_per_s": G * cfg.seq_len / step_s, "elapsed_s": prior_time + time.time() - t0}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps and val.shape[0]:
-                val_loss = validate()
+                val_loss, val_agree = validate()
                 row.update({f"val_{k}": v for k, v in val_loss.items()})
+                row.update({f"val_agree_{k}": v for k, v in val_agree.items()})
+                if cfg.select != "last":
+                    score = selection_score(cfg.select, val_loss, val_agree)
+                    if best is None or score > best["score"]:  # every rank decides alike (same validation)
+                        best = {"step": step + 1, "score": score, "val_loss": {str(k): v for k, v in val_loss.items()},
+                                "val_agreement": {str(k): v for k, v in val_agree.items()}}
+                        best_heads = {name: _full(p).clone() for name, p in named}  # a copy, not a view
             if rank == 0:
                 _append_log(train_dir / "log.csv", row, log_fields(layers))
                 if tb is not None:
@@ -730,19 +777,33 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                 if cache is not None:
                     cache.flush()
                 state = {"step": step + 1, "tokens": tokens_seen, "wall_time_s": prior_time + time.time() - t0,
-                         "settings": run_settings, "total_steps": total_steps, "train_loss": train_loss}
-                last_good = save_checkpoint(train_dir, step + 1, named, opt, state, rank) or last_good
+                         "settings": run_settings, "total_steps": total_steps, "train_loss": train_loss, "best": best}
+                last_good = save_checkpoint(train_dir, step + 1, named, opt, state, rank, best_heads) or last_good
                 if world > 1:
                     torch.distributed.barrier()
         bar.close()
 
         # 8. Final validation, summary, the tuned exits directory.
+        #    With --select agreement|ce the heads written are the best validated ones (the last
+        #    step's validation included), not necessarily the last.
+        last = None
         if val.shape[0]:
-            val_loss = validate()
+            val_loss, val_agree = validate()
+            last = {"step": total_steps, "score": selection_score(cfg.select, val_loss, val_agree),
+                    "val_loss": {str(k): v for k, v in val_loss.items()},
+                    "val_agreement": {str(k): v for k, v in val_agree.items()}}
+        selected = last
+        if cfg.select != "last" and best is not None and last is not None and best["score"] > last["score"]:
+            selected = best
+            with torch.no_grad():
+                for name, p in named:
+                    p.copy_(_like(best_heads[name], p))
         wall = prior_time + time.time() - t0
         summary = {"data": data_info, "steps": total_steps, "tokens": tokens_seen, "wall_time_s": round(wall, 3),
                    "train_loss": {str(k): v for k, v in train_loss.items()},
                    "val_loss": {str(k): v for k, v in val_loss.items()},
+                   "val_agreement": {str(k): v for k, v in val_agree.items()},
+                   "select": cfg.select, "selected": selected, "last": last,
                    "settings": run_settings, "world_size": world, "fsdp": bool(cfg.fsdp and world > 1),
                    "cache_hidden": bool(cfg.cache_hidden), "trunk_layers_held": trunk_layers_held,
                    "exits_from": _recorded_path(exits_dir)}
