@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,17 +278,10 @@ def tokenize_documents(spec: str, tokenizer, cache: bool = True) -> list[torch.T
     if not docs:
         raise EETuneError(f"data {spec} tokenises to nothing: give a source with some text")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tokens-", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"ids": torch.cat(docs).to(torch.int32),
-                       "lengths": torch.tensor([d.numel() for d in docs], dtype=torch.long)}, tmp,
-                      metadata={"source": str(spec)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from .fsio import atomic_write
+        tensors = {"ids": torch.cat(docs).to(torch.int32),
+                   "lengths": torch.tensor([d.numel() for d in docs], dtype=torch.long)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"source": str(spec)}))
     return docs
 
 

@@ -56,15 +56,17 @@ def sha256_file(path: Path) -> str:
 
 @contextmanager
 def _staging(final: Path):
-    """Yield a temporary directory beside `final`; on success rename it to `final`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    """Yield a temporary directory beside `final` (clearing a dead process's leftovers); on
+    success sync it and rename it to `final` (eetune.fsio)."""
+    from .fsio import replace_dir, staging_dir
+
+    tmp = staging_dir(final)
     try:
         yield tmp
         if final.exists():  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            os.rename(tmp, final)
+            replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -66,3 +66,92 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, data) -> Path:
     """Sorted, indented JSON; NaN and infinities refused (they are not JSON)."""
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+# --- directories ----------------------------------------------------------------------------
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this host)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def staging_dir(target: str | Path) -> Path:
+    """A new empty directory beside `target` to build its next content in; its name carries
+    this process's pid so that `clean_stale` can tell a dead writer's leftovers."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+
+
+def clean_stale(target: str | Path) -> list[Path]:
+    """Remove the staging or replaced copies of `target` (`.NAME.tmp-PID-*`, `.NAME.old-PID*`)
+    left by processes that no longer run. Returns what was removed."""
+    import re
+    import shutil
+
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for entry in target.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE) == 0:
+        return True
+    return False  # e.g. a file system without RENAME_EXCHANGE: fall back
+
+
+def replace_dir(new: str | Path, target: str | Path) -> None:
+    """Publish the finished directory `new` (from `staging_dir`) as `target`, durably: its files
+    and itself are fsynced, then it takes `target`'s place. An existing `target` is swapped out
+    in one atomic step where the system allows (Linux), so the name never points at nothing and
+    never at a half-written directory; elsewhere two renames leave a brief gap. The old content
+    is removed afterwards; if a crash prevents that, `clean_stale` removes it on the next write."""
+    import shutil
+
+    new, target = Path(new), Path(target)
+    for f in new.rglob("*"):
+        if f.is_file():
+            fsync_file(f)
+    fsync_dir(new)
+    if not target.exists():
+        os.rename(new, target)
+    elif _exchange(new, target):  # `new` now holds the old content, under its staging name
+        shutil.rmtree(new, ignore_errors=True)
+    else:
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(target.parent)

@@ -14,9 +14,7 @@ parameters are trainable; the backbone is frozen and kept in eval mode.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,15 +280,16 @@ VOCAB_KEY = "vocab_by_frequency"  # token ids, most frequent in the tuning data 
 def write_exits_dir(directory: str | Path, config: ExitConfig, state: dict, extra: dict | None = None) -> None:
     """Write `config` and the head tensors `state` (plus gates / ranked vocabulary `extra`) as an
     exits directory, atomically."""
+    from .fsio import replace_dir, staging_dir
+
     directory = Path(directory)
     check_output_dir(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = staging_dir(directory)  # also removes what a crashed earlier write left beside it
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in {**state, **(extra or {})}.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "eetune": "exit_heads"})
         (tmp / CONFIG_NAME).write_text(config.to_json())
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -309,15 +308,3 @@ def check_output_dir(directory: Path) -> None:
         if any(directory.iterdir()) and not is_exits_dir(directory):
             raise EETuneError(f"output directory {directory} exists and is not an exits directory: "
                               f"choose a new or empty directory")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` into place as `target`, replacing an old `target` without a moment in which
-    a half-written directory is visible under that name."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-        os.rename(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, target)

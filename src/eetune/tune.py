@@ -42,7 +42,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,13 +198,8 @@ def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _save_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from .fsio import atomic_write_json
+    atomic_write_json(path, data)
 
 
 def latest_checkpoint(train_dir: Path) -> Path | None:
@@ -228,10 +222,13 @@ def save_checkpoint(train_dir: Path, step: int, named_params: list, opt, state: 
             optim[f"{name}/{key}"] = _full(v) if torch.is_tensor(v) else torch.tensor(v)
     if rank != 0:
         return None
+    from .fsio import replace_dir, staging_dir
+
     root = train_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    final = root / name
+    tmp = staging_dir(final)  # also removes what a killed earlier run left half-written
     try:
         save_file(heads, str(tmp / "heads.safetensors"))
         save_file(optim, str(tmp / "optimizer.safetensors"))
@@ -242,10 +239,7 @@ def save_checkpoint(train_dir: Path, step: int, named_params: list, opt, state: 
         if best is not None:
             save_file(best, str(tmp / "best.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        replace_dir(tmp, final)  # every file synced before latest.json points at it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -332,12 +326,14 @@ def selection_score(select: str, val_loss: dict, val_agree: dict) -> float:
 
 def _write_log(path: Path, rows: list[dict], fields: list[str]) -> None:
     """Start log.csv (header and the rows kept from a resumed run), atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=".log.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    from .fsio import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(path, write)
 
 
 def _append_log(path: Path, row: dict, fields: list[str]) -> None:
