@@ -455,8 +455,110 @@ def cmd_generate(args):
     print(f"[{args.mode}: {s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s{extra}]", file=sys.stderr)
 
 
+# --- scan ----------------------------------------------------------------------------------
+def add_scan(sub):
+    p = sub.add_parser("scan", help="where to put exits: fit a norm head after every layer, predict speedups",
+                       description="Exit-placement scan: one pass of the frozen backbone, a norm head (final norm + "
+                                   "frozen LM head) fitted after every layer, per-layer agreement and confidence on "
+                                   "held-out tokens, and the predicted speedup of every set of 1-3 exits. Takes a few "
+                                   "minutes on a CPU for SmolLM2-135M; nothing is written but --json and --plot.")
+    p.add_argument("model", help="local HF directory, .gguf file, hub id, or 'smollm2-135m' (the embedded default)")
+    p.add_argument("--data", default="default",
+                   help="text to scan: default (BoolQ training passages), a .txt/.jsonl/.json/.parquet/.csv file "
+                        "or a folder of .txt")
+    p.add_argument("--tokens", type=int, default=8192,
+                   help="tokens read, fitting + held out, in whole blocks (default 8192)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per backbone batch (default 8)")
+    p.add_argument("--holdout", type=float, default=0.75,
+                   help="share of the blocks held out to measure the heads (default 0.75; the rest fits them)")
+    p.add_argument("--loss", default="kl", choices=["kl", "ce"],
+                   help="head fitting loss: kl to the final layer's distribution (default) or next-token ce")
+    p.add_argument("--epochs", type=int, default=2, help="AdamW epochs over the fitting tokens (default 2)")
+    p.add_argument("--lr", type=float, default=5e-2, help="AdamW learning rate of the norm weights (default 5e-2)")
+    p.add_argument("--fit-batch", type=int, default=32, help="tokens per optimizer step (default 32)")
+    p.add_argument("--hidden-dtype", default="bf16", choices=["bf16", "fp32"],
+                   help="hidden states of every layer kept in memory as (default bf16)")
+    p.add_argument("--thresholds", default="0.5,0.8,0.9",
+                   help="confidence thresholds of the table (default 0.5,0.8,0.9)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="the exit threshold the exit sets are simulated at (default 0.9)")
+    p.add_argument("--target-agreement", type=float, default=0.95,
+                   help="rank only exit sets whose predicted agreement with the full model reaches this (default 0.95)")
+    p.add_argument("--head-cost", type=float, default=None, metavar="LAYERS",
+                   help="cost of one exit head and of the LM head in decoder-layer equivalents (default: measured)")
+    p.add_argument("--max-exits", type=int, default=3, choices=[1, 2, 3], help="largest exit set (default 3)")
+    p.add_argument("--top", type=int, default=5, help="exit sets to print (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="document order and fitting seed (default 0)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
+    p.add_argument("--plot", default="scan.png", metavar="PATH",
+                   help="PNG of agreement and confident share per layer (default scan.png; needs matplotlib)")
+    p.add_argument("--no-plot", action="store_true", help="draw no plot")
+    p.add_argument("--revision", default=None, help="hub revision of the model")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="backbone weights dtype (default fp32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_scan)
+
+
+def cmd_scan(args):
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from .backbone import load_backbone, load_tokenizer
+    from .scan import ScanConfig, format_report, run_scan, suggestion, write_json, write_plot
+
+    try:
+        thresholds = tuple(float(t) for t in args.thresholds.split(",") if t.strip())
+    except ValueError:
+        raise EETuneError(f"--thresholds {args.thresholds!r}: give comma-separated probabilities, e.g. 0.5,0.8,0.9") \
+            from None
+    cfg = ScanConfig(data=args.data, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                     holdout=args.holdout, loss=args.loss, epochs=args.epochs, lr=args.lr, fit_batch=args.fit_batch,
+                     hidden_dtype=args.hidden_dtype, thresholds=thresholds, threshold=args.threshold,
+                     target_agreement=args.target_agreement, head_cost=args.head_cost, max_exits=args.max_exits,
+                     top=args.top, seed=args.seed, progress=not args.no_progress and sys.stderr.isatty())
+    cfg.validate()  # before the (slow) model load
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise EETuneError(f"--device {args.device!r} is not a torch device: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EETuneError(f"--device {args.device}: no CUDA device on this machine: use --device cpu")
+    plot = None if args.no_plot else args.plot
+    for flag, path in (("--json", args.json), ("--plot", plot)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise EETuneError(f"{flag} {path}: folder {Path(path).parent} does not exist: create it or give "
+                              f"another path")
+    t0 = time.perf_counter()
+    backbone = load_backbone(args.model, dtype=args.dtype, revision=args.revision,
+                             trust_remote_code=args.trust_remote_code, device=args.device)
+    try:
+        tok = load_tokenizer(backbone)
+    except Exception as e:  # noqa: BLE001 - one line instead of a traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EETuneError(f"cannot load the tokenizer of {args.model}: {first}: give a model with its tokenizer") \
+            from None
+    result = run_scan(backbone, tok, cfg)
+    result["seconds"]["total_s"] = time.perf_counter() - t0
+    result["suggested"] = suggestion(result, args.model)
+    print(format_report(result, args.top, args.model))
+    print(f"(scan took {result['seconds']['total_s']:.0f} s)")
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if plot:
+        if write_plot(result, plot):
+            print(f"wrote {plot}")
+        else:
+            print("plot skipped: matplotlib is not installed (pip install 'eetune[bench]', or pass --no-plot)")
+
+
 # --- entry point ---------------------------------------------------------------------------
-VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate]
+VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate, add_scan]
 
 
 class _Parser(argparse.ArgumentParser):
