@@ -586,8 +586,11 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except EETuneError as e:
-        print(f"eetune: error: {e}", file=sys.stderr)
-        return 2
+        print(f"eetune: {'interrupted' if e.exit_code == 130 else 'error'}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("eetune: interrupted (Ctrl-C); nothing half-written is left under the output's name", file=sys.stderr)
+        return 130
     return 0
 
 

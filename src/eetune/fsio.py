@@ -155,3 +155,56 @@ def replace_dir(new: str | Path, target: str | Path) -> None:
         os.rename(new, target)
         shutil.rmtree(old, ignore_errors=True)
     fsync_dir(target.parent)
+
+
+# --- locks ----------------------------------------------------------------------------------
+class PidLock:
+    """An exclusive lock on a path held by a running process: the file `path` created with
+    O_EXCL and holding the holder's pid. A lock whose holder no longer runs is taken over with
+    a warning; one held by a live process is refused with a one-line EETuneError naming it."""
+
+    def __init__(self, path: str | Path, what: str, remedy: str):
+        self.path, self.what, self.remedy = Path(path), what, remedy
+        self.held = False
+
+    def acquire(self) -> "PidLock":
+        import sys
+
+        from .errors import EETuneError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and pid_alive(pid):
+                    raise EETuneError(f"{self.what} is in use by another eetune process (pid {pid}, lock "
+                                      f"{self.path}): {self.remedy}") from None
+                print(f"eetune: warning: taking over the stale lock {self.path} of process {pid or '?'}, which no "
+                      f"longer runs", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self.held = True
+            return self
+        raise EETuneError(f"cannot take the lock {self.path}: remove it if no eetune process is running")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                if self.path.read_text().strip() == str(os.getpid()):
+                    self.path.unlink()
+            except OSError:
+                pass
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

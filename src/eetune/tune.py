@@ -54,7 +54,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import WEIGHTS_NAME, ExitConfig
-from .errors import EETuneError
+from .errors import EETuneError, Interrupted
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -502,13 +502,6 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
     _check_config(cfg, layers)
     check_output_dir(out)
     train_dir = Path(cfg.train_dir) if cfg.train_dir else out.with_name(out.name + ".train")
-    resume_from = latest_checkpoint(train_dir)
-    if cfg.resume and resume_from is None:
-        raise EETuneError(f"--resume: no checkpoint in {train_dir}/{CHECKPOINTS} to resume from "
-                          f"(run without --resume, with --save-every N)")
-    if not cfg.resume and resume_from is not None:
-        raise EETuneError(f"{train_dir} holds checkpoints of an earlier run: pass --resume to continue it, or "
-                          f"remove it / give another --train-dir")
 
     # 2. Processes: one, or one per rank under torchrun (gloo on CPU, NCCL on GPU).
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -521,7 +514,23 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
         started_pg = True
+    locks, stop = [], None
     try:
+        # One run per output and training directory: rank 0 holds a pid lock beside each.
+        if rank == 0:
+            from .fsio import PidLock
+            for path, what, flag in ((out, "output directory", "--out"), (train_dir, "training directory",
+                                                                            "--train-dir")):
+                locks.append(PidLock(path.with_name(f".{path.name}.lock"), f"{what} {path}",
+                                     f"wait for it to finish, or give another {flag}").acquire())
+        resume_from = latest_checkpoint(train_dir)
+        if cfg.resume and resume_from is None:
+            raise EETuneError(f"--resume: no checkpoint in {train_dir}/{CHECKPOINTS} to resume from "
+                              f"(run without --resume, with --save-every N)")
+        if not cfg.resume and resume_from is not None:
+            raise EETuneError(f"{train_dir} holds checkpoints of an earlier run: pass --resume to continue it, or "
+                              f"remove it / give another --train-dir")
+
         # 3. Model: frozen backbone (eval, no grad), heads in fp32; layers past the deepest exit dropped.
         model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device))
         model.heads.float()
@@ -707,6 +716,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         train_loss = {k: float("nan") for k in layers}
         val_loss: dict[int, float] = {}
         val_agree: dict[int, float] = {}
+        stop = _stop_on_interrupt(world)
         for step in range(start_step, total_steps):
             t_step = time.time()
             lr = lr_at(step, total_steps, cfg)
@@ -777,6 +787,15 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                 last_good = save_checkpoint(train_dir, step + 1, named, opt, state, rank, best_heads) or last_good
                 if world > 1:
                     torch.distributed.barrier()
+            if stop["asked"]:  # Ctrl-C: the step is whole; save it and say how to go on
+                bar.close()
+                if cache is not None:
+                    cache.flush()
+                state = {"step": step + 1, "tokens": tokens_seen, "wall_time_s": prior_time + time.time() - t0,
+                         "settings": run_settings, "total_steps": total_steps, "train_loss": train_loss, "best": best}
+                path = save_checkpoint(train_dir, step + 1, named, opt, state, rank, best_heads)
+                raise Interrupted(f"stopped after step {step + 1} of {total_steps}; checkpoint {path} written, "
+                                  f"{out} not: run the same command with --resume to continue")
         bar.close()
 
         # 8. Final validation, summary, the tuned exits directory.
@@ -818,8 +837,35 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
             torch.distributed.barrier()
         return {**summary, "gates": gates} if gates else summary
     finally:
+        if stop is not None:
+            stop["restore"]()
+        for lock in locks:
+            lock.release()
         if started_pg:
             torch.distributed.destroy_process_group()
+
+
+def _stop_on_interrupt(world: int) -> dict:
+    """Turn the first Ctrl-C (SIGINT) of a one-process run into a request, `stop["asked"]`, that
+    the loop honours at the end of the current step (a checkpoint, then `Interrupted`); a
+    second Ctrl-C stops at once. `stop["restore"]()` puts the previous handler back."""
+    import signal
+    import threading
+
+    stop = {"asked": False, "restore": lambda: None}
+    if world > 1 or threading.current_thread() is not threading.main_thread():
+        return stop  # torchrun owns the signals of its workers
+
+    def ask(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        print("\neetune: stopping after this step to write a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, ask)
+    stop["restore"] = lambda: signal.signal(signal.SIGINT, previous)
+    return stop
 
 
 def _recorded_path(path: Path) -> str:

@@ -1,0 +1,90 @@
+"""Faults: interrupted and concurrent tuning (issue 11). What the user sees, what is on disk."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from eetune import fsio
+from eetune.errors import EETuneError
+from eetune.tune import TuneConfig, tune
+
+from tune_helpers import ENV, make_world, one_thread  # noqa: F401 (autouse fixture)
+from tune_helpers import head_tensors as heads
+
+ARGS = ["--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--no-progress"]
+DEAD_PID = 2 ** 22 + 12345  # above the default pid_max: no such process
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("faults"))
+
+
+def cfg(world, **kw):
+    return TuneConfig(**{**dict(data=str(world["docs"]), seq_len=32, batch_size=4, lr=1e-2, progress=False), **kw})
+
+
+def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(world, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "eetune.cli", "tune", str(world["mlp"]), "--data", str(world["docs"]), *ARGS,
+           "--decay", "constant", "--steps", "3000", "--out", str(out)]  # constant: lr independent of --steps
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "out.train" / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) > 3:  # a few steps done
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    line = err.strip().splitlines()[-1]
+    assert "stopped after step" in line and "--resume" in line
+    latest = json.loads((tmp_path / "out.train" / "checkpoints" / "latest.json").read_text())
+    assert 3 <= latest["step"] < 3000 and not out.exists()
+    assert not list(tmp_path.glob(".*.lock"))  # locks released
+    # resuming to a few more steps equals an uninterrupted run of that length
+    steps = latest["step"] + 2
+    done = subprocess.run([*cmd[:-4], "--steps", str(steps), "--out", str(out), "--resume"], env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ref = tune(world["mlp"], tmp_path / "ref", cfg(world, steps=steps, decay="constant"))
+    a, b = heads(out), heads(tmp_path / "ref")
+    assert ref["steps"] == steps and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_tune_into_a_held_directory_is_refused(world, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "out"
+        (tmp_path / ".out.lock").write_text(f"{holder.pid}\n")
+        with pytest.raises(EETuneError, match=rf"in use by another eetune process \(pid {holder.pid}"):
+            tune(world["norm"], out, cfg(world, steps=1))
+        (tmp_path / ".out.lock").unlink()
+        (tmp_path / ".out.train.lock").write_text(f"{holder.pid}\n")  # the training directory, too
+        with pytest.raises(EETuneError, match="training directory"):
+            tune(world["norm"], out, cfg(world, steps=1))
+        assert not out.exists() and (tmp_path / ".out.train.lock").read_text() == f"{holder.pid}\n"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(world, tmp_path, capsys):
+    (tmp_path / ".out.lock").write_text(f"{DEAD_PID}\n")
+    tune(world["norm"], tmp_path / "out", cfg(world, steps=1))
+    assert "taking over the stale lock" in capsys.readouterr().err
+    assert (tmp_path / "out" / "exit_config.json").is_file() and not list(tmp_path.glob(".*.lock"))
+
+
+def test_pid_lock_is_exclusive_and_released(tmp_path):
+    lock = fsio.PidLock(tmp_path / "x.lock", "thing", "wait").acquire()
+    assert (tmp_path / "x.lock").read_text().strip() == str(os.getpid())
+    lock.release()
+    assert not (tmp_path / "x.lock").exists()
