@@ -372,6 +372,12 @@ def test_select_writes_the_heads_of_the_best_validation(world, tmp_path):
     a, b = heads(tmp_path / "best"), heads(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert ref["selected"]["step"] == best_step
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["info", str(tmp_path / "best")]) == 0
+    assert f"(step {best_step}, best by ce)" in buf.getvalue() and "8 steps" in buf.getvalue()
     # --select last writes the last step's heads; agreement picks the best logged agreement
     last = tune(world["norm"], tmp_path / "last", cfg(world, select="last", **OVERSHOOT))
     assert last["selected"]["step"] == 8

@@ -88,8 +88,22 @@ def cmd_info(args):
     print(f"  {'frozen (backbone)':<22} {counts['frozen_backbone']:,}")
     for k, n in counts["per_exit"].items():
         print(f"  {'exit after layer ' + str(k):<22} {n:,} parameters")
-    if cfg.get("training"):
-        print(f"  {'training':<22} {json.dumps(cfg['training'], sort_keys=True)}")
+    t = cfg.get("training") or {}
+    if "steps" in t:
+        data = (t.get("data") or {}).get("source", "?")
+        print(f"  {'training':<22} {t['steps']} steps, {t.get('tokens', 0):,} tokens of {data} in "
+              f"{t.get('wall_time_s', 0):.0f} s")
+        sel = t.get("selected")
+        if sel:
+            which = "last step" if sel["step"] == t["steps"] else f"step {sel['step']}, best by {t.get('select')}"
+            print(f"  {'validation':<22} " + ", ".join(
+                f"exit {k}: CE {v:.3f}, agreement {sel['val_agreement'][k]:.3f}" for k, v in sel["val_loss"].items())
+                + f" ({which})")
+    prof = t.get("exit_profile")
+    if prof:
+        on = prof.get("measured_on") or {}
+        print(f"  {'exit profile':<22} measured on {prof.get('tokens', 0):,} tokens of {on.get('data', '?')} "
+              f"(`eetune evaluate` prints it; --json shows it)")
     print(f"  {'ranked vocabulary':<22} " + (f"{vocab:,} token ids (most frequent in the tuning data first)"
                                              if vocab is not None else "none"))
     g = cfg.get("gates") or {}
