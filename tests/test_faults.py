@@ -88,3 +88,94 @@ def test_pid_lock_is_exclusive_and_released(tmp_path):
     assert (tmp_path / "x.lock").read_text().strip() == str(os.getpid())
     lock.release()
     assert not (tmp_path / "x.lock").exists()
+
+
+# --- corrupt or foreign files: one line naming the file and the problem, exit code 2 -------------
+def _flip_data(d):
+    p = d / "exit_heads.safetensors"
+    b = bytearray(p.read_bytes())
+    b[-100] ^= 0xFF  # inside the last tensor's bytes
+    p.write_bytes(bytes(b))
+
+
+def _flip_header(d):
+    p = d / "exit_heads.safetensors"
+    b = bytearray(p.read_bytes())
+    b[20] ^= 0x5A
+    p.write_bytes(bytes(b))
+
+
+def _edit_tensors(fn):
+    def edit(d):
+        from safetensors.torch import load_file, save_file
+        t = load_file(str(d / "exit_heads.safetensors"))
+        fn(t)
+        save_file(t, str(d / "exit_heads.safetensors"))
+    return edit
+
+
+def _edit_config(fn):
+    def edit(d):
+        c = json.loads((d / "exit_config.json").read_text())
+        fn(c)
+        (d / "exit_config.json").write_text(json.dumps(c))
+    return edit
+
+
+def _first(t):
+    return next(iter(t))
+
+
+CORRUPT = {
+    "truncated heads": (lambda d: (d / "exit_heads.safetensors").write_bytes(
+        (d / "exit_heads.safetensors").read_bytes()[:300]), "unreadable"),
+    "empty heads": (lambda d: (d / "exit_heads.safetensors").write_bytes(b""), "unreadable"),
+    "bit flip in the data": (_flip_data, "checksum"),
+    "bit flip in the header": (_flip_header, "unreadable"),
+    "config not JSON": (lambda d: (d / "exit_config.json").write_text("{not json"), "not valid JSON"),
+    "config a JSON list": (lambda d: (d / "exit_config.json").write_text("[1, 2]"), "not an object"),
+    "config field of the wrong type": (_edit_config(lambda c: c.update(exit_layers="ten")), "wrong type"),
+    "config field missing": (_edit_config(lambda c: c.pop("num_layers")), "missing required fields"),
+    "exit layer beyond the model": (_edit_config(lambda c: c.update(exit_layers=[1, 99])), "beyond the model"),
+    "exits of another backbone": (_edit_config(lambda c: c.update(backbone_fingerprint="sha256:" + "0" * 32)),
+                                  "do not match the exits"),
+    "head shape of another backbone": (_edit_tensors(lambda t: t.update({_first(t): t[_first(t)][..., :-1].clone()})),
+                                       "has shape"),
+    "a tensor missing": (_edit_tensors(lambda t: t.pop(_first(t))), "does not match its config"),
+    "a foreign tensor": (_edit_tensors(lambda t: t.update(evil=torch.zeros(2))), "does not match its config"),
+    "NaN in the heads": (_edit_tensors(lambda t: t[_first(t)].fill_(float("nan"))), "NaN"),
+    "pickle instead of safetensors": (lambda d: ((d / "exit_heads.safetensors").unlink(),
+                                                 (d / "exit_heads.bin").write_bytes(b"\x80\x04junk")),
+                                      "no exit_heads.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_corrupt_exits_directory_is_one_line_with_code_2(world, tmp_path, capsys, case):
+    import shutil
+
+    from eetune.cli import main
+
+    d = tmp_path / "exits"
+    shutil.copytree(world["mlp"], d)
+    damage, words = CORRUPT[case]
+    damage(d)
+    assert main(["info", str(d)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("eetune: error:") and words in err, err
+    assert "Traceback" not in err
+
+
+def test_corrupt_token_cache_is_rebuilt(world, tmp_path, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    from eetune import data
+
+    monkeypatch.setenv("EETUNE_CACHE", str(tmp_path / "cache"))
+    tok = AutoTokenizer.from_pretrained(world["model"])
+    first = data.tokenize_documents(str(world["docs"]), tok)
+    (entry,) = (tmp_path / "cache" / "tokens").glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:50])  # torn
+    again = data.tokenize_documents(str(world["docs"]), tok)
+    assert "unreadable" in capsys.readouterr().err
+    assert [d.tolist() for d in again] == [d.tolist() for d in first]

@@ -95,10 +95,17 @@ class ExitConfig:
         except json.JSONDecodeError as e:
             raise EETuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): re-create it with "
                               f"`eetune convert`") from None
+        if not isinstance(data, dict):
+            raise EETuneError(f"{path} holds a JSON {type(data).__name__}, not an object: re-create it with "
+                              f"`eetune convert`")
         try:
             return cls.from_dict(data)
         except TypeError as e:
-            raise EETuneError(f"{path} is missing required fields ({e}): re-create it with `eetune convert`") from None
+            raise EETuneError(f"{path} is missing required fields or has fields of the wrong type ({e}): re-create "
+                              f"it with `eetune convert`") from None
+        except ValueError as e:
+            raise EETuneError(f"{path} has a field of the wrong type or value ({e}): re-create it with "
+                              f"`eetune convert`") from None
 
 
 def parse_exit_layers(spec: str, num_layers: int) -> tuple[int, ...]:

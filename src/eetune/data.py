@@ -269,8 +269,13 @@ def tokenize_documents(spec: str, tokenizer, cache: bool = True) -> list[torch.T
         key = hashlib.sha256(f"{_source_key(spec)}|{tokenizer_key(tokenizer)}|v1".encode()).hexdigest()[:32]
         path = _cache_root() / "tokens" / f"{key}.safetensors"
         if path.is_file():
-            t = load_file(str(path))
-            return list(torch.split(t["ids"].long(), t["lengths"].tolist()))
+            try:
+                t = load_file(str(path))
+                return list(torch.split(t["ids"].long(), t["lengths"].tolist()))
+            except Exception as e:  # noqa: BLE001 - a cache heals itself: tokenise again
+                import sys
+                print(f"eetune: warning: token cache {path} is unreadable ({type(e).__name__}); tokenising again",
+                      file=sys.stderr)
     texts = load_texts(spec, tokenizer)
     docs = [torch.tensor(ids, dtype=torch.long)
             for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .backbone import Adapter, fingerprint, load_backbone
@@ -204,12 +204,20 @@ class EarlyExitModel(nn.Module):
                               f"{config.backbone_fingerprint}): load them on their base model {config.base_model!r}")
         heads = nn.ModuleList(ExitHead(backbone, k, config.arch, "copy", config.output_embedding)
                               for k in config.exit_layers)
-        state = load_file(str(weights))
+        state = read_heads(weights)
         extra = {k: state.pop(k) for k in list(state) if k.startswith(GATE_PREFIX) or k == VOCAB_KEY}
-        missing, unexpected = heads.load_state_dict(state, strict=False)
+        expected = heads.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
         if missing or unexpected:
             raise EETuneError(f"{weights} does not match its config (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}): re-create the exits directory")
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise EETuneError(f"{weights}: tensor {k} has shape {tuple(v.shape)} but this backbone needs "
+                                  f"{tuple(expected[k].shape)}: load the exits on their base model "
+                                  f"{config.base_model!r} or re-create them")
+        heads.load_state_dict(state)
         dev = next(backbone.model.parameters()).device
         heads.to(device=dev)
         model = cls(backbone, config, heads)
@@ -287,12 +295,51 @@ def write_exits_dir(directory: str | Path, config: ExitConfig, state: dict, extr
     tmp = staging_dir(directory)  # also removes what a crashed earlier write left beside it
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in {**state, **(extra or {})}.items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "eetune": "exit_heads"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "eetune": "exit_heads",
+                                                              "sha256": tensors_digest(tensors)})
         (tmp / CONFIG_NAME).write_text(config.to_json())
         replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def tensors_digest(tensors: dict) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of `tensors` (stored in the heads file's
+    metadata when written, checked when read: a flipped bit in the data is caught)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_heads(path: Path) -> dict:
+    """The tensors of an `exit_heads.safetensors`, refusing (one line each) a file that cannot be
+    parsed (truncated, empty, a damaged header), whose content does not match the checksum it was
+    written with, or that holds NaN or infinite values."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise EETuneError(f"{path} is unreadable ({first}): it is truncated or corrupt; re-create the exits "
+                          f"directory (eetune convert / tune) or copy it again") from None
+    want = meta.get("sha256")
+    if want is not None and tensors_digest(state) != want:
+        raise EETuneError(f"{path} does not match the checksum it was written with: the file is corrupt; copy it "
+                          f"again or re-create the exits directory")
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise EETuneError(f"{path}: tensor {k} holds NaN or infinite values: tune again (lower --lr) or "
+                              f"re-create the exits directory")
+    return state
 
 
 def is_exits_dir(directory: Path) -> bool:
