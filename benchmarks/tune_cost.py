@@ -88,7 +88,7 @@ def run_ee(args, name: str, work: Path) -> dict:
                      "--output-embedding", emb, "--out", str(exits)]) == 0
     blocks = args.batch_size * args.steps
     cfg = TuneConfig(data="default", steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=1e-5,
-                     val_blocks=1, max_blocks=blocks, progress=False,
+                     val_blocks=1, max_blocks=blocks, progress=False, distill=0.0,  # the paper's LM loss
                      cache_hidden=str(work / f"cache-{arch}-{emb}") if cached else None)
     out = work / f"out-{name}"
     s = tune(exits, out, cfg)

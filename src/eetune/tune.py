@@ -81,7 +81,8 @@ class TuneConfig:
     loss_weights_start: tuple[float, ...] | None = None  # weights at step 0, ramped linearly to loss_weights
     loss_weights_warmup: int = 0  # steps of that ramp (0: no ramp)
     dynamic_weights: bool = False  # scale each token's CE by the exit's detached max-softmax probability
-    distill: float = 0.0  # alpha: loss = (1 - alpha) CE + alpha KL(final || exit); needs the full forward
+    distill: float | None = None  # alpha: loss = (1 - alpha) CE + alpha KL(final || exit); needs the full forward.
+    #                               None: 1 (the best measured recipe, benchmarks/recipes.py), 0 with cache_hidden
     val_blocks: int = 8  # held-out blocks (whole documents never trained on); 0: no validation
     max_blocks: int | None = None  # cap on training blocks read from the source
     eval_every: int = 0  # validation every N steps (0: at the end only)
@@ -349,6 +350,15 @@ def generation_settings(cfg: TuneConfig):
                        batch_size=cfg.gen_batch_size, seed=cfg.seed)
 
 
+def resolve_defaults(cfg: TuneConfig) -> TuneConfig:
+    """`cfg` with its automatic settings made explicit: `distill=None` becomes 1.0 (distillation
+    from the final layer: more top-1 agreement per tuning token than the LM loss in every
+    measured recipe), or 0.0 with `cache_hidden` (a cached run never computes the final layer)."""
+    if cfg.distill is None:
+        cfg = dataclasses.replace(cfg, distill=0.0 if cfg.cache_hidden else 1.0)
+    return cfg
+
+
 def _check_config(cfg: TuneConfig, exit_layers) -> None:
     from .data import parse_data_spec
 
@@ -382,9 +392,9 @@ def _check_config(cfg: TuneConfig, exit_layers) -> None:
                 raise EETuneError(f"--{name.replace('_', '-')} must be finite, non-negative and not all zero")
     if cfg.loss_weights_start is not None and cfg.loss_weights_warmup < 1:
         raise EETuneError("starting loss weights need --loss-weights-warmup N (steps, >= 1)")
-    if not 0 <= cfg.distill <= 1:
+    if cfg.distill is not None and not 0 <= cfg.distill <= 1:
         raise EETuneError(f"--distill {cfg.distill} is outside [0, 1]")
-    if cfg.distill > 0 and cfg.cache_hidden:
+    if cfg.distill is not None and cfg.distill > 0 and cfg.cache_hidden:
         raise EETuneError("--distill needs the final layer on every step, which a --cache-hidden run skips: "
                           "use one or the other")
     if cfg.select not in ("agreement", "ce", "last"):
@@ -497,6 +507,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
 
     # 1. Check everything we can before loading or writing anything.
     exits_dir, out = Path(exits_dir), Path(out)
+    cfg = resolve_defaults(cfg)
     exit_config = ExitConfig.load(exits_dir)  # refuses a directory that is not an exits directory
     layers = exit_config.exit_layers
     _check_config(cfg, layers)
