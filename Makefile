@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 # (distillation from the final layer; the best heads of 3 validations kept) and fit their gates,
 # show them again with their exit profile, then decode one prompt in full and with self-speculation
 # (identical text).
-DEMO_TUNE ?= --steps 60 --seq-len 128 --batch-size 4 --lr 3e-3 --warmup 5 --val-blocks 4 --eval-every 20 --gates \
+DEMO_TUNE ?= --steps 60 --seq-len 128 --batch-size 4 --lr 6e-3 --warmup 5 --val-blocks 4 --eval-every 20 --gates \
 	--gate-tokens 4096
 DEMO_PROMPT ?= Explain in two sentences why the sky is blue.
 demo: setup

@@ -179,3 +179,12 @@ def test_corrupt_token_cache_is_rebuilt(world, tmp_path, monkeypatch, capsys):
     again = data.tokenize_documents(str(world["docs"]), tok)
     assert "unreadable" in capsys.readouterr().err
     assert [d.tolist() for d in again] == [d.tolist() for d in first]
+
+
+def test_a_closed_pipe_is_not_a_traceback(world):
+    """`eetune info DIR | head -1`: the reader leaves early; no traceback, status 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "eetune.cli", "info", str(world["mlp"])], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the process has written anything (it is still importing)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

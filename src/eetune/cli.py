@@ -604,6 +604,10 @@ def main(argv=None) -> int:
     except EETuneError as e:
         print(f"eetune: {'interrupted' if e.exit_code == 130 else 'error'}: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except KeyboardInterrupt:
         print("eetune: interrupted (Ctrl-C); nothing half-written is left under the output's name", file=sys.stderr)
         return 130
