@@ -188,3 +188,14 @@ def test_a_closed_pipe_is_not_a_traceback(world):
     proc.stdout.close()  # before the process has written anything (it is still importing)
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_debug_shows_the_traceback_behind_a_one_line_error(tmp_path, capsys):
+    from eetune.cli import main
+
+    assert main(["info", str(tmp_path / "nowhere")]) == 2
+    plain = capsys.readouterr().err
+    assert len(plain.strip().splitlines()) == 1 and "Traceback" not in plain
+    assert main(["--debug", "info", str(tmp_path / "nowhere")]) == 2
+    debug = capsys.readouterr().err
+    assert "Traceback" in debug and debug.strip().splitlines()[-1] == plain.strip()

@@ -4,7 +4,8 @@
     eetune info runs/exits
     eetune evaluate runs/exits --data default-dev
 
-Bad input prints one line `eetune: error: ...` and exits with code 2, writing nothing.
+Bad input prints one line `eetune: error: ...` and exits with code 2, writing nothing (`eetune --debug
+VERB ...` also shows the traceback behind it).
 """
 
 from __future__ import annotations
@@ -589,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="eetune", description="Early-exit tuning and decoding for HF causal LMs.")
     parser.add_argument("--version", action="version", version=f"eetune {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message "
+                             "(also EETUNE_DEBUG=1)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
     for add in VERBS:
         add(sub)
@@ -602,6 +606,10 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except EETuneError as e:
+        import os
+        if args.debug or os.environ.get("EETUNE_DEBUG") == "1":
+            import traceback
+            traceback.print_exc()
         print(f"eetune: {'interrupted' if e.exit_code == 130 else 'error'}: {e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
