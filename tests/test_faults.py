@@ -199,3 +199,52 @@ def test_debug_shows_the_traceback_behind_a_one_line_error(tmp_path, capsys):
     assert main(["--debug", "info", str(tmp_path / "nowhere")]) == 2
     debug = capsys.readouterr().err
     assert "Traceback" in debug and debug.strip().splitlines()[-1] == plain.strip()
+
+
+# --- SIGKILL at many random points, checkpoint writes included ----------------------------------
+KILL_SEEDS = (0, 1, 2)
+KILLS_PER_SEED = 7  # 21 kill points in all
+
+
+@pytest.mark.parametrize("seed", KILL_SEEDS)
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(world, tmp_path, seed):
+    """Kill a run again and again at random moments (it checkpoints every 3 steps, so many kills
+    land inside a checkpoint write); after each kill the latest checkpoint is whole, and the
+    resumed run ends with the heads of a run never interrupted."""
+    import random
+
+    from safetensors.torch import load_file
+
+    from eetune.tune import latest_checkpoint
+
+    rng = random.Random(seed)
+    steps = 600
+    out, train = tmp_path / "out", tmp_path / "out.train"
+    cmd = [sys.executable, "-m", "eetune.cli", "tune", str(world["norm"]), "--data", str(world["docs"]), *ARGS,
+           "--distill", "0", "--seed", str(seed), "--steps", str(steps), "--save-every", "3", "--out", str(out)]
+    kills = 0
+    for _ in range(KILLS_PER_SEED):
+        resume = ["--resume"] if latest_checkpoint(train) is not None else []
+        proc = subprocess.Popen(cmd + resume, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 3.0))  # ~1 s to start, then ~100+ steps a second
+        if proc.poll() is not None:
+            break  # it finished first: no kill point
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        ck = latest_checkpoint(train)
+        if ck is not None:  # the last complete checkpoint is whole and readable
+            state = json.loads((ck / "state.json").read_text())
+            assert state["step"] % 3 == 0 and load_file(str(ck / "heads.safetensors"))
+        assert not out.exists()
+    print(f"seed {seed}: {kills} kills")
+    assert kills >= 3, "the run finished before it could be killed often enough"
+    resume = ["--resume"] if latest_checkpoint(train) is not None else []
+    done = subprocess.run(cmd + resume, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ref = tmp_path / "ref"
+    tune(world["norm"], ref, cfg(world, steps=steps, distill=0.0, seed=seed))
+    a, b = heads(out), heads(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    leftovers = [p.name for p in (train / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # a killed writer's staging directory is cleaned by the next write
