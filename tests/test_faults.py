@@ -248,3 +248,49 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(world,
     assert all(torch.equal(a[k], b[k]) for k in a)
     leftovers = [p.name for p in (train / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == []  # a killed writer's staging directory is cleaned by the next write
+
+
+# --- resources ------------------------------------------------------------------------------------
+def test_out_of_memory_suggests_grad_accum(world, tmp_path, monkeypatch):
+    import eetune.tune as tune_mod
+
+    calls = {"n": 0}
+    real = tune_mod.exit_loss
+
+    def oom(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 4:  # two steps of two exits go through
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+
+    monkeypatch.setattr(tune_mod, "exit_loss", oom)
+    with pytest.raises(EETuneError) as e:
+        tune(world["norm"], tmp_path / "out", cfg(world, steps=5, batch_size=4, save_every=1, distill=0.0))
+    msg = str(e.value)
+    assert "out of memory at step 3" in msg and "--batch-size 2 --grad-accum 2" in msg and "step-0000002" in msg
+    assert "\n" not in msg and not (tmp_path / "out").exists()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(world, tmp_path, monkeypatch):
+    import errno
+
+    import eetune.tune as tune_mod
+    from eetune.tune import latest_checkpoint
+
+    real = tune_mod.save_file
+    calls = {"n": 0}
+
+    def full(tensors, path, *a, **k):
+        if "optimizer" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third checkpoint's second file
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(tune_mod, "save_file", full)
+    with pytest.raises(EETuneError) as e:
+        tune(world["norm"], tmp_path / "out", cfg(world, steps=5, save_every=1, distill=0.0))
+    assert "no space left" in str(e.value) and "step-0000002 is intact" in str(e.value)
+    ck = latest_checkpoint(tmp_path / "out.train")
+    assert ck.name == "step-0000002" and (ck / "optimizer.safetensors").is_file()
+    assert not [p for p in (tmp_path / "out.train" / "checkpoints").iterdir() if p.name.startswith(".")]

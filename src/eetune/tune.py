@@ -241,6 +241,15 @@ def save_checkpoint(train_dir: Path, step: int, named_params: list, opt, state: 
             save_file(best, str(tmp / "best.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, final)  # every file synced before latest.json points at it
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        import errno
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            before = latest_checkpoint(train_dir)
+            raise EETuneError(f"no space left on the device writing checkpoint {name} in {root}: "
+                              + (f"the previous checkpoint {before.name} is intact; " if before else "")
+                              + "free some space, then run the same command with --resume") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -735,23 +744,33 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                 group["lr"] = lr
             weights = loss_weights_at(step, cfg, len(layers))
             step_ce = torch.zeros(len(layers), dtype=torch.float64)
-            for micro in range(cfg.grad_accum):
-                index = block_indices(step, micro, rank, world, cfg, n_train, perms)
-                ids = train[index].to(device)
-                hiddens, ctx, final_logits = trunk(ids, index)
-                last = micro == cfg.grad_accum - 1
-                if world > 1 and cfg.fsdp:
-                    heads_core.set_requires_gradient_sync(last)
-                sync = heads_train.no_sync() if (world > 1 and not cfg.fsdp and not last) else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        logits = heads_train(hiddens, ctx)
-                    loss = 0.0
-                    for i, lg in enumerate(logits):
-                        li, ce = exit_loss(lg, ids, cfg.dynamic_weights, final_logits, cfg.distill)
-                        loss = loss + weights[i] * li
-                        step_ce[i] += ce.double().cpu() / cfg.grad_accum
-                    (loss / cfg.grad_accum).backward()
+            try:
+                for micro in range(cfg.grad_accum):
+                    index = block_indices(step, micro, rank, world, cfg, n_train, perms)
+                    ids = train[index].to(device)
+                    hiddens, ctx, final_logits = trunk(ids, index)
+                    last = micro == cfg.grad_accum - 1
+                    if world > 1 and cfg.fsdp:
+                        heads_core.set_requires_gradient_sync(last)
+                    sync = (heads_train.no_sync() if (world > 1 and not cfg.fsdp and not last)
+                            else contextlib.nullcontext())
+                    with sync:
+                        with autocast():
+                            logits = heads_train(hiddens, ctx)
+                        loss = 0.0
+                        for i, lg in enumerate(logits):
+                            li, ce = exit_loss(lg, ids, cfg.dynamic_weights, final_logits, cfg.distill)
+                            loss = loss + weights[i] * li
+                            step_ce[i] += ce.double().cpu() / cfg.grad_accum
+                        (loss / cfg.grad_accum).backward()
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not _out_of_memory(e):
+                    raise
+                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                raise EETuneError(f"out of memory at step {step + 1} with --batch-size {cfg.batch_size} x --seq-len "
+                                  f"{cfg.seq_len}: lower --batch-size and raise --grad-accum to keep the global batch "
+                                  f"(e.g. --batch-size {max(1, cfg.batch_size // 2)} --grad-accum "
+                                  f"{cfg.grad_accum * 2}); {kept}") from None
             if world > 1:
                 torch.distributed.all_reduce(step_ce)
                 step_ce /= world
@@ -854,6 +873,15 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
             lock.release()
         if started_pg:
             torch.distributed.destroy_process_group()
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is an allocation failure (CUDA's OutOfMemoryError, or the CPU
+    allocator's RuntimeError)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "failed to allocate" in text
 
 
 def _stop_on_interrupt(world: int) -> dict:
