@@ -412,3 +412,31 @@ def test_default_recipe_distills_unless_hidden_states_are_cached(world, tmp_path
     assert s["settings"]["distill"] == 1.0 and s["trunk_layers_held"] == 4
     s = tune(world["norm"], tmp_path / "c", cfg(world, steps=2, distill=None, cache_hidden=str(tmp_path / "hc")))
     assert s["settings"]["distill"] == 0.0
+
+
+# --- two "nodes" through torchrun's own rendezvous (issue 11) -----------------------------------
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_nodes_through_c10d_rendezvous_match_one_process(world, tmp_path, mode):
+    """Two torchrun launchers (--nnodes 2, one process each) meet at a c10d rendezvous on
+    localhost, as two machines would; the heads equal one process's with the same global batch."""
+    import socket
+
+    one = tmp_path / "one"
+    tune(world["mlp"], one, cfg(world, steps=6, batch_size=4))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"eetune-{mode}",
+              "-m", "eetune.cli", "tune", str(world["mlp"]), "--data", str(world["docs"]), "--seq-len", "32",
+              "--batch-size", "2", "--lr", "1e-2", "--steps", "6", "--distill", "0", "--no-progress",
+              "--out", str(two)] + (["--fsdp"] if mode == "fsdp" else [])
+    nodes = [subprocess.Popen(launch, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [n.communicate(timeout=300)[1] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(e[-2000:] for e in errs)
+    a, b = heads(one), heads(two)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    summary = json.loads((two / "exit_config.json").read_text())["training"]
+    assert summary["world_size"] == 2 and summary["fsdp"] == (mode == "fsdp")
