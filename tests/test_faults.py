@@ -294,3 +294,39 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(world, tmp_path, m
     ck = latest_checkpoint(tmp_path / "out.train")
     assert ck.name == "step-0000002" and (ck / "optimizer.safetensors").is_file()
     assert not [p for p in (tmp_path / "out.train" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused(world, tmp_path, capsys):
+    import shutil
+
+    from conftest import word_tokenizer
+    from eetune.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    word_tokenizer(vocab_size=150).save_pretrained(model)  # ids up to 149; the model has 97 rows
+    assert main(["convert", "--model", str(model), "--exits", "1,3", "--arch", "norm", "--out",
+                 str(tmp_path / "exits")]) == 0
+    capsys.readouterr()
+    assert main(["tune", str(tmp_path / "exits"), "--data", str(world["docs"]), "--out", str(tmp_path / "t"),
+                 *ARGS, "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "150 tokens" in err and "vocabulary has 97" in err
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("damage", ["meta", "states"])
+def test_a_damaged_hidden_cache_is_one_line(world, tmp_path, capsys, damage):
+    from eetune.cli import main
+
+    hc = tmp_path / "hc"
+    args = ["tune", str(world["norm"]), "--data", str(world["docs"]), *ARGS, "--steps", "1", "--cache-hidden", str(hc)]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    if damage == "meta":
+        (hc / "meta.json").write_text("{torn")
+    else:
+        (hc / "h1.bin").write_bytes((hc / "h1.bin").read_bytes()[:100])
+    assert main([*args, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is damaged" in err and str(hc) in err

@@ -438,6 +438,9 @@ def load_tokenizer(adapter: Adapter):
     """The tokenizer that belongs to a backbone loaded by `load_backbone`."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(adapter.model_path, revision=getattr(adapter, "revision", None))
+    if len(tok) > adapter.vocab_size:  # its ids would index past the embedding table
+        raise EETuneError(f"the tokenizer in {adapter.model_path} has {len(tok):,} tokens but the model's vocabulary "
+                          f"has {adapter.vocab_size:,}: put the model's own tokenizer beside its weights")
     if tok.pad_token is None:  # batching needs one; padded slots are masked out anyway
         pad_id = getattr(adapter.config, "pad_token_id", None)
         tok.pad_token = tok.convert_ids_to_tokens(pad_id) if pad_id is not None else tok.eos_token

@@ -275,7 +275,12 @@ class HiddenCache:
         meta_path = self.dir / "meta.json"
         meta = {"key": key, "layers": list(self.layers), "shape": list(shape), "dtype": dtype}
         if meta_path.is_file():
-            have = json.loads(meta_path.read_text())
+            try:
+                have = json.loads(meta_path.read_text())
+                have["key"], have["shape"], have["dtype"], have["layers"]  # noqa: B018 - all present
+            except (ValueError, KeyError, TypeError):
+                raise EETuneError(f"--cache-hidden {directory}: {meta_path.name} is damaged: delete the directory "
+                                  f"(it is rebuilt) or give a new one") from None
             if have["key"] != key or have["shape"] != list(shape) or have["dtype"] != dtype \
                     or not set(self.layers) <= set(have["layers"]):
                 raise EETuneError(f"--cache-hidden {directory} holds hidden states of other data, backbone, exits "
@@ -292,8 +297,23 @@ class HiddenCache:
             _save_json_atomic(meta_path, meta)
         if world > 1:
             torch.distributed.barrier()
-        self.h = {k: np.memmap(self.dir / f"h{k}.bin", dtype=np.int16, mode="r+", shape=shape) for k in self.layers}
-        self.filled = np.memmap(self.dir / "filled.bin", dtype=np.uint8, mode="r+", shape=(n_blocks,))
+        # numpy would silently extend a truncated file with zeros (and serve them as hidden states)
+        sizes = {self.dir / f"h{k}.bin": math.prod(shape) * 2 for k in self.layers}
+        sizes[self.dir / "filled.bin"] = n_blocks
+        for path, size in sizes.items():
+            have_size = path.stat().st_size if path.is_file() else None
+            if have_size != size:
+                raise EETuneError(f"--cache-hidden {directory} is damaged ({path.name}: "
+                                  f"{'missing' if have_size is None else f'{have_size:,} bytes, not {size:,}'}): "
+                                  f"delete the directory (it is rebuilt) or give a new one")
+        try:
+            self.h = {k: np.memmap(self.dir / f"h{k}.bin", dtype=np.int16, mode="r+", shape=shape)
+                      for k in self.layers}
+            self.filled = np.memmap(self.dir / "filled.bin", dtype=np.uint8, mode="r+", shape=(n_blocks,))
+        except (OSError, ValueError) as e:  # a missing or truncated state file
+            raise EETuneError(f"--cache-hidden {directory} is damaged ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:80]}): delete the directory (it is rebuilt) or give a "
+                              f"new one") from None
 
     def complete(self, indices) -> bool:
         return bool(self.filled[np.asarray(indices)].all())
