@@ -330,3 +330,22 @@ def test_a_damaged_hidden_cache_is_one_line(world, tmp_path, capsys, damage):
     assert main([*args, "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is damaged" in err and str(hc) in err
+
+
+# --- untrusted input --------------------------------------------------------------------------------
+def test_pickled_model_weights_are_refused_unless_allowed(tmp_path, capsys):
+    from conftest import tiny_model
+    from eetune.cli import main
+
+    model = tmp_path / "pickled"
+    tiny_model("llama").save_pretrained(model)
+    from safetensors.torch import load_file
+    torch.save(load_file(str(model / "model.safetensors")), model / "pytorch_model.bin")  # a pickle
+    (model / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["convert", "--model", str(model), "--exits", "1,3", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pickled weights" in err and "--allow-pickle" in err
+    assert not (tmp_path / "a").exists()
+    assert main(["convert", "--model", str(model), "--exits", "1,3", "--out", str(tmp_path / "b"),
+                 "--allow-pickle"]) == 0

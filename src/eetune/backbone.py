@@ -374,12 +374,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_backbone(source: str, dtype: str | torch.dtype = "fp32", revision: str | None = None,
-                  trust_remote_code: bool = False, device: str | torch.device = "cpu") -> Adapter:
+                  trust_remote_code: bool = False, device: str | torch.device = "cpu",
+                  allow_pickle: bool = False) -> Adapter:
     """Load a causal LM and wrap it in its adapter, frozen and in eval mode.
 
     `source` is a local HF directory, a `.gguf` file (converted once and cached), a hub id
     (needs the network, or a copy in the local HF cache), or the alias `smollm2-135m` for the
-    embedded default. Unsupported architectures are refused before any weights load.
+    embedded default. Unsupported architectures are refused before any weights load. Only
+    safetensors weights are loaded: pickled ones (`.bin`, `.pt`), which can run code when
+    unpickled, are refused unless `allow_pickle` (or EETUNE_ALLOW_PICKLE=1) says they are trusted.
     """
     import os
     from pathlib import Path
@@ -422,8 +425,24 @@ def load_backbone(source: str, dtype: str | torch.dtype = "fp32", revision: str 
     except Exception as e:  # noqa: BLE001 - turn HF's multi-line errors into one line
         raise EETuneError(f"cannot read the model config of {source!r}: {str(e).splitlines()[0]}") from None
     check_supported_config(config)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype,
-                                                 trust_remote_code=trust_remote_code)
+    allow_pickle = allow_pickle or os.environ.get("EETUNE_ALLOW_PICKLE") == "1"
+    pickled = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+    if not allow_pickle and os.path.isdir(path):
+        files = os.listdir(path)
+        if not any(f.endswith(".safetensors") for f in files) and any(f.endswith(pickled) for f in files):
+            raise EETuneError(f"{source} holds only pickled weights ({sorted(f for f in files if f.endswith(pickled))[0]}"
+                              f"), which can run code when loaded: convert them to safetensors, or pass "
+                              f"--allow-pickle (EETUNE_ALLOW_PICKLE=1) if you trust them")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if allow_pickle else True)
+    except OSError as e:
+        if allow_pickle:
+            raise
+        raise EETuneError(f"no safetensors weights for {source!r} ({str(e).splitlines()[0][:100]}): eetune loads "
+                          f"safetensors only; pass --allow-pickle (EETUNE_ALLOW_PICKLE=1) to trust pickled "
+                          f"weights") from None
     model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -35,6 +35,9 @@ def add_convert(sub):
     p.add_argument("--revision", default=None, help="hub revision of --model")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype (default fp32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickled weights (.bin/.pt), which can run code when loaded; off by default: "
+                        "safetensors only (EETUNE_ALLOW_PICKLE=1 does the same for every verb)")
     p.add_argument("--out", required=True, help="exits directory to write (new, empty, or an exits directory)")
     p.set_defaults(func=cmd_convert)
 
@@ -48,7 +51,7 @@ def cmd_convert(args):
 
     check_output_dir(Path(args.out))  # refuse before the (slow) model load
     backbone = load_backbone(args.model, dtype=args.dtype, revision=args.revision,
-                             trust_remote_code=args.trust_remote_code)
+                             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     layers = parse_exit_layers(args.exits, backbone.num_layers)
     model = EarlyExitModel.convert(backbone, layers, arch=args.arch, init=args.init,
                                    output_embedding=args.output_embedding)
@@ -515,6 +518,9 @@ def add_scan(sub):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="backbone weights dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickled weights (.bin/.pt), which can run code when loaded; off by default: "
+                        "safetensors only (EETUNE_ALLOW_PICKLE=1 does the same for every verb)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_scan)
 
@@ -552,7 +558,8 @@ def cmd_scan(args):
                               f"another path")
     t0 = time.perf_counter()
     backbone = load_backbone(args.model, dtype=args.dtype, revision=args.revision,
-                             trust_remote_code=args.trust_remote_code, device=args.device)
+                             trust_remote_code=args.trust_remote_code, device=args.device,
+                             allow_pickle=args.allow_pickle)
     try:
         tok = load_tokenizer(backbone)
     except Exception as e:  # noqa: BLE001 - one line instead of a traceback
