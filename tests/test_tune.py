@@ -115,8 +115,12 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path, mode):
     one = tmp_path / "one"
     tune(world["mlp"], one, cfg(world, steps=6, grad_accum=1, batch_size=4))
     two = tmp_path / "two"
+    import socket
+    with socket.socket() as s:  # a port free now (a fixed one may still be held by an earlier run)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000 + (mode == "fsdp")), "-m", "eetune.cli", "tune", str(world["mlp"]),
+           str(port), "-m", "eetune.cli", "tune", str(world["mlp"]),
            "--data", str(world["docs"]), "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2", "--steps", "6",
            "--distill", "0", "--no-progress", "--out", str(two)] + (["--fsdp"] if mode == "fsdp" else [])
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)

@@ -532,7 +532,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         return {"gates": tune_gates(exits_dir, out, cfg, backbone=backbone)}
     from .backbone import load_tokenizer
     from .data import train_val_blocks
-    from .model import EarlyExitModel, check_output_dir, write_exits_dir
+    from .model import check_output_dir, write_exits_dir
 
     # 1. Check everything we can before loading or writing anything.
     exits_dir, out = Path(exits_dir), Path(out)
@@ -544,25 +544,12 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
     train_dir = Path(cfg.train_dir) if cfg.train_dir else out.with_name(out.name + ".train")
 
     # 2. Processes: one, or one per rank under torchrun (gloo on CPU, NCCL on GPU).
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    use_cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
-    started_pg = False
-    if world > 1 and not torch.distributed.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-        started_pg = True
+    world, rank, device, started_pg = _start_processes()
+    use_cuda = device.type == "cuda"
     locks, stop = [], None
     try:
-        # One run per output and training directory: rank 0 holds a pid lock beside each.
         if rank == 0:
-            from .fsio import PidLock
-            for path, what, flag in ((out, "output directory", "--out"), (train_dir, "training directory",
-                                                                            "--train-dir")):
-                locks.append(PidLock(path.with_name(f".{path.name}.lock"), f"{what} {path}",
-                                     f"wait for it to finish, or give another {flag}").acquire())
+            locks = _take_locks(out, train_dir)
         resume_from = latest_checkpoint(train_dir)
         if cfg.resume and resume_from is None:
             raise EETuneError(f"--resume: no checkpoint in {train_dir}/{CHECKPOINTS} to resume from "
@@ -572,22 +559,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                               f"remove it / give another --train-dir")
 
         # 3. Model: frozen backbone (eval, no grad), heads in fp32; layers past the deepest exit dropped.
-        model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device))
-        model.heads.float()
-        # The stored heads at full precision: a bf16 backbone builds its copied modules in bf16,
-        # and loading fp32 weights into those would round them before this cast back to fp32.
-        stored = load_file(str(exits_dir / WEIGHTS_NAME))
-        model.heads.load_state_dict({k: v for k, v in stored.items()
-                                     if not (k.startswith("gate.") or k == "vocab_by_frequency")})
-        if not any(p.requires_grad for p in model.heads.parameters()):  # e.g. embedding exits sharing the head
-            raise EETuneError(f"the exits in {exits_dir} have no trainable parameters ({exit_config.arch} exits with "
-                              f"a {exit_config.output_embedding} output embedding): convert again with "
-                              f"--output-embedding copy or another --arch")
-        if len(model.gates) and rank == 0:
-            print(f"note: the gates of {exits_dir} were fit to its old heads and are dropped"
-                  + (" (new ones are trained after tuning)" if cfg.gates else " (add --gates to train new ones)"),
-                  file=sys.stderr)
-        model.gates.clear()
+        model = _load_for_tuning(exits_dir, exit_config, cfg, backbone, device, rank)
         tokenizer = load_tokenizer(model.backbone)
 
         # 4. Data: packed blocks, a held-out validation slice of whole documents (rank 0 tokenises first).
@@ -600,12 +572,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
             torch.distributed.barrier()
         n_train = train.shape[0]
         G = cfg.batch_size * cfg.grad_accum * world  # blocks per optimizer step
-        if cfg.steps is not None:
-            total_steps = cfg.steps
-        elif cfg.tokens is not None:
-            total_steps = math.ceil(cfg.tokens / (G * cfg.seq_len))
-        else:
-            total_steps = math.ceil(n_train / G)
+        total_steps = cfg.steps or (math.ceil(cfg.tokens / (G * cfg.seq_len)) if cfg.tokens else math.ceil(n_train / G))
 
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bf16" \
             else contextlib.nullcontext
@@ -613,14 +580,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         bb = model.backbone
         # The final layer's top-1 on the held-out blocks, once, while every layer is still loaded:
         # validation reports each exit's agreement with it (what --select agreement maximises).
-        val_final = []
-        with torch.no_grad(), autocast():
-            for a in range(0, val.shape[0], cfg.batch_size):
-                ids = val[a:a + cfg.batch_size].to(device)
-                pos = positions.expand(ids.shape[0], -1)
-                h = bb.embed(ids, pos)
-                h = bb.run_layers(h, 0, bb.num_layers, bb.context(h, pos))
-                val_final.append(bb.logits(bb.final_norm(h))[:, :-1].argmax(-1))
+        val_final = _final_top1(bb, val, cfg.batch_size, device, autocast)
 
         # 5. Economy: what of the trunk is needed at all.
         cache = None
@@ -638,24 +598,8 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
                 model.release_unused_layers()
         from .model import ReleasedLayer
         trunk_layers_held = sum(not isinstance(layer, ReleasedLayer) for layer in bb.layers)
-        heads_core = _Heads(model.heads)
-        heads_train = heads_core
-        if world > 1 and cfg.fsdp:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-            mesh = init_device_mesh(device.type, (world,))
-            for layer in bb.layers:
-                if sum(p.numel() for p in layer.parameters()):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(heads_core, mesh=mesh)
-        elif world > 1:
-            heads_train = nn.parallel.DistributedDataParallel(heads_core, device_ids=[device.index] if use_cuda
-                                                              else None)
-        named = list(model.heads.named_parameters())
-        decay = [p for n, p in named if p.ndim >= 2]
-        no_decay = [p for n, p in named if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+        heads_core, heads_train = _wrap_parallel(model, cfg, world, device)
+        named, opt = _optimizer(model, cfg)
 
         # 6. Resume: heads, optimizer and RNG state of the latest checkpoint, and its counters.
         start_step, tokens_seen, prior_time, log_rows = 0, 0, 0.0, []  # log_rows: kept on resume
@@ -665,28 +609,9 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         run_settings.update(world_size=world, exit_layers=list(layers), arch=exit_config.arch,
                             cache_hidden=bool(cfg.cache_hidden))  # cached inputs are rounded: another trajectory
         if cfg.resume:
-            state = json.loads((resume_from / "state.json").read_text())
-            changed = sorted(k for k in run_settings if state["settings"].get(k) != run_settings[k])
-            if changed:
-                raise EETuneError(f"--resume with settings that differ from the checkpointed run ({', '.join(changed)}):"
-                                  f" use the same ones, or start a new run")
-            heads_state = load_file(str(resume_from / "heads.safetensors"))
-            optim_state = load_file(str(resume_from / "optimizer.safetensors"))
-            with torch.no_grad():
-                for name, p in named:
-                    p.copy_(_like(heads_state[name], p))
-            for name, p in named:
-                keys = [k.split("/", 1)[1] for k in optim_state if k.split("/", 1)[0] == name]
-                opt.state[p] = {k: (optim_state[f"{name}/{k}"] if k == "step" else
-                                    _like(optim_state[f"{name}/{k}"], p)) for k in keys}
-            rng = load_file(str(resume_from / "rng.safetensors"))
-            torch.set_rng_state(rng["torch_cpu"])
-            if use_cuda and "torch_cuda" in rng:
-                torch.cuda.set_rng_state(rng["torch_cuda"])
+            state, rng, best_heads = _restore(resume_from, run_settings, named, opt, use_cuda)
             start_step, tokens_seen, prior_time = state["step"], state["tokens"], state["wall_time_s"]
             best = state.get("best")
-            if best is not None:
-                best_heads = load_file(str(resume_from / "best.safetensors"))
             if start_step >= total_steps:
                 raise EETuneError(f"the checkpoint in {train_dir} is at step {start_step}, the run asks for "
                                   f"{total_steps}: give more --steps/--tokens to continue tuning")
@@ -893,6 +818,133 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
             lock.release()
         if started_pg:
             torch.distributed.destroy_process_group()
+
+
+# --- the steps of `tune`, named ------------------------------------------------------------
+def _start_processes() -> tuple[int, int, torch.device, bool]:
+    """(world size, rank, device, whether we started the process group): one process, or one
+    per rank under torchrun (gloo on the CPU, NCCL on GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    started = False
+    if world > 1 and not torch.distributed.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        started = True
+    return world, rank, device, started
+
+
+def _take_locks(out: Path, train_dir: Path) -> list:
+    """One run per output and training directory: a pid lock beside each (eetune.fsio.PidLock)."""
+    from .fsio import PidLock
+
+    locks = []
+    try:
+        for path, what, flag in ((out, "output directory", "--out"), (train_dir, "training directory",
+                                                                        "--train-dir")):
+            locks.append(PidLock(path.with_name(f".{path.name}.lock"), f"{what} {path}",
+                                 f"wait for it to finish, or give another {flag}").acquire())
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
+
+
+def _load_for_tuning(exits_dir: Path, exit_config: ExitConfig, cfg: TuneConfig, backbone, device, rank: int):
+    """The exits directory's model with its heads in fp32 as stored and trainable, gates dropped."""
+    from .model import EarlyExitModel
+
+    model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device))
+    model.heads.float()
+    # The stored heads at full precision: a bf16 backbone builds its copied modules in bf16,
+    # and loading fp32 weights into those would round them before this cast back to fp32.
+    stored = load_file(str(exits_dir / WEIGHTS_NAME))
+    model.heads.load_state_dict({k: v for k, v in stored.items()
+                                 if not (k.startswith("gate.") or k == "vocab_by_frequency")})
+    if not any(p.requires_grad for p in model.heads.parameters()):  # e.g. embedding exits sharing the head
+        raise EETuneError(f"the exits in {exits_dir} have no trainable parameters ({exit_config.arch} exits with "
+                          f"a {exit_config.output_embedding} output embedding): convert again with "
+                          f"--output-embedding copy or another --arch")
+    if len(model.gates) and rank == 0:
+        print(f"note: the gates of {exits_dir} were fit to its old heads and are dropped"
+              + (" (new ones are trained after tuning)" if cfg.gates else " (add --gates to train new ones)"),
+              file=sys.stderr)
+    model.gates.clear()
+    return model
+
+
+@torch.no_grad()
+def _final_top1(bb, val: torch.Tensor, batch_size: int, device, autocast) -> list[torch.Tensor]:
+    """The final layer's top-1 at every position but the last of the held-out blocks, per batch:
+    what validation measures each exit's agreement against (computed once, whole trunk)."""
+    out = []
+    positions = torch.arange(val.shape[1], device=device)
+    with autocast():
+        for a in range(0, val.shape[0], batch_size):
+            ids = val[a:a + batch_size].to(device)
+            pos = positions.expand(ids.shape[0], -1)
+            h = bb.embed(ids, pos)
+            h = bb.run_layers(h, 0, bb.num_layers, bb.context(h, pos))
+            out.append(bb.logits(bb.final_norm(h))[:, :-1].argmax(-1))
+    return out
+
+
+def _wrap_parallel(model, cfg: TuneConfig, world: int, device) -> tuple[nn.Module, nn.Module]:
+    """(the heads as one module, the module the loop calls): the same in one process; under
+    torchrun DDP around the heads, or FSDP2 over every backbone layer that runs and the heads."""
+    heads_core = _Heads(model.heads)
+    if world > 1 and cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        for layer in model.backbone.layers:
+            if sum(p.numel() for p in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(heads_core, mesh=mesh)
+        return heads_core, heads_core
+    if world > 1:
+        return heads_core, nn.parallel.DistributedDataParallel(
+            heads_core, device_ids=[device.index] if device.type == "cuda" else None)
+    return heads_core, heads_core
+
+
+def _optimizer(model, cfg: TuneConfig) -> tuple[list, torch.optim.Optimizer]:
+    """(named head parameters, AdamW over them: weight decay on matrices only)."""
+    named = list(model.heads.named_parameters())
+    decay = [p for n, p in named if p.ndim >= 2]
+    no_decay = [p for n, p in named if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    return named, opt
+
+
+def _restore(checkpoint: Path, run_settings: dict, named: list, opt, use_cuda: bool) -> tuple[dict, dict, dict | None]:
+    """Load a checkpoint into the heads and the optimizer and set the RNG state from it, refusing
+    one whose run had other settings. Returns (its state, its RNG tensors, its best heads or None)."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    changed = sorted(k for k in run_settings if state["settings"].get(k) != run_settings[k])
+    if changed:
+        raise EETuneError(f"--resume with settings that differ from the checkpointed run ({', '.join(changed)}):"
+                          f" use the same ones, or start a new run")
+    heads_state = load_file(str(checkpoint / "heads.safetensors"))
+    optim_state = load_file(str(checkpoint / "optimizer.safetensors"))
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(_like(heads_state[name], p))
+    for name, p in named:
+        keys = [k.split("/", 1)[1] for k in optim_state if k.split("/", 1)[0] == name]
+        opt.state[p] = {k: (optim_state[f"{name}/{k}"] if k == "step" else
+                            _like(optim_state[f"{name}/{k}"], p)) for k in keys}
+    rng = load_file(str(checkpoint / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if use_cuda and "torch_cuda" in rng:
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+    best_heads = load_file(str(checkpoint / "best.safetensors")) if state.get("best") is not None else None
+    return state, rng, best_heads
 
 
 def _out_of_memory(e: BaseException) -> bool:
