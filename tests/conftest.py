@@ -84,3 +84,14 @@ def word_tokenizer(vocab_size: int = V):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##")
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="[EOS]", pad_token="w0")
+
+
+def save_peaky_model_dir(path):
+    """A tiny Llama with a peaked LM head (confident tokens exist) saved as a Hugging Face
+    directory with the word-level tokenizer; returns `path`."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path

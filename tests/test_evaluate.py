@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import V, peaky_backbone, tiny_backbone, tiny_model, word_tokenizer
+from conftest import V, peaky_backbone, save_peaky_model_dir, tiny_backbone
 
 from eetune.cli import main
 from eetune.config import CONFIG_NAME, ExitConfig
@@ -211,12 +211,7 @@ def test_plot_profile_png_and_missing_matplotlib(tmp_path, monkeypatch):
 # --- `eetune evaluate` with the profile --------------------------------------------------------
 @pytest.fixture
 def exits_dir(tmp_path):
-    model = tiny_model("llama")
-    with torch.no_grad():
-        model.lm_head.weight.mul_(6.0)
-    src = tmp_path / "tiny"
-    model.save_pretrained(src)
-    word_tokenizer().save_pretrained(src)
+    src = save_peaky_model_dir(tmp_path / "tiny")
     text = tmp_path / "eval.txt"
     text.write_text(" ".join(f"w{(i * 7) % 96}" for i in range(400)))
     out = tmp_path / "exits"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, L, V, tiny_backbone, tiny_model, word_tokenizer
+from conftest import FAMILIES, L, V, save_peaky_model_dir, tiny_backbone
 
 from eetune import scan as S
 from eetune.cli import main
@@ -183,12 +183,7 @@ def scan_model(tmp_path, monkeypatch):
     """A tiny Llama directory with a peaked LM head (confident tokens exist) and a word tokenizer,
     and a JSONL file of 30 random 40-word documents."""
     monkeypatch.setenv("EETUNE_CACHE", str(tmp_path / "cache"))
-    model = tiny_model("llama")
-    with torch.no_grad():
-        model.lm_head.weight.mul_(6.0)
-    model_dir = tmp_path / "tiny-llama"
-    model.save_pretrained(model_dir)
-    word_tokenizer().save_pretrained(model_dir)
+    model_dir = save_peaky_model_dir(tmp_path / "tiny-llama")
     data = tmp_path / "text.jsonl"
     g = torch.Generator().manual_seed(7)
     with open(data, "w") as f:

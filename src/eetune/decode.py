@@ -620,6 +620,17 @@ def _reference_loop(model, ids, pos, opts, emitter, gen, device, result) -> None
     result.layer_token_passes = state.layer_token_passes
 
 
+def end_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """Every token id that ends a generation: the model config's EOS id(s) and the tokenizer's."""
+    eos = set()
+    for src in (getattr(model.backbone.config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            eos.add(src)
+        elif isinstance(src, (list, tuple)):
+            eos.update(src)
+    return tuple(sorted(eos))
+
+
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
     """Token ids of one user turn through the tokenizer's chat template, ready for the reply."""
     x = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -640,13 +651,7 @@ def generate_text(model, tokenizer, prompts: list[str], opts: DecodeOptions, cha
     else:
         ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     if not opts.eos_token_ids:
-        eos = set()
-        for src in (getattr(model.backbone.config, "eos_token_id", None), tokenizer.eos_token_id):
-            if isinstance(src, int):
-                eos.add(src)
-            elif isinstance(src, (list, tuple)):
-                eos.update(src)
-        opts = DecodeOptions(**{**opts.__dict__, "eos_token_ids": tuple(sorted(eos))})
+        opts = DecodeOptions(**{**opts.__dict__, "eos_token_ids": end_token_ids(model, tokenizer)})
     streams = [TextStream(tokenizer, stop) for _ in prompts]
 
     def on_tokens(b, toks, stats):

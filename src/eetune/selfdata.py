@@ -133,7 +133,9 @@ def cache_key(model, tokenizer, prompts: list[list[int]], n: int, settings: GenS
 
     h = hashlib.sha256()
     dtype = next(model.backbone.model.parameters()).dtype
-    h.update(json.dumps({"backbone": fingerprint(model.backbone.model), "dtype": str(dtype), "n": n,
+    # the exits directory's recorded fingerprint (checked on load) saves hashing every weight again
+    fp = getattr(model.config, "backbone_fingerprint", "") or fingerprint(model.backbone.model)
+    h.update(json.dumps({"backbone": fp, "dtype": str(dtype), "n": n,
                          "settings": asdict(settings), "version": FORMAT_VERSION}, sort_keys=True).encode())
     h.update(tokenizer_key(tokenizer).encode())
     for p in prompts:
@@ -169,7 +171,7 @@ def generated_documents(model, tokenizer, n: int, source: str = "default", setti
                         progress: bool = True, cache: bool = True) -> list[torch.Tensor]:
     """Documents (prompt + sampled continuation, token ids) holding at least `n` generated
     tokens, from the cache when there (see the module docstring)."""
-    from .decode import DecodeOptions, generate
+    from .decode import DecodeOptions, end_token_ids, generate
 
     if n < 1:
         raise EETuneError(f"generated:{n}: give a positive number of tokens, e.g. generated:200000")
@@ -191,12 +193,7 @@ def generated_documents(model, tokenizer, n: int, source: str = "default", setti
             news += new
             done += sum(new)
             chunk += 1
-    eos = set()
-    for src in (getattr(model.backbone.config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(src, int):
-            eos.add(src)
-        elif isinstance(src, (list, tuple)):
-            eos.update(src)
+    eos = end_token_ids(model, tokenizer)
     bar = tqdm(total=n, initial=min(done, n), unit="tok", desc="generate", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     was_training = model.training
@@ -206,7 +203,7 @@ def generated_documents(model, tokenizer, n: int, source: str = "default", setti
             batch = [prompts[(chunk * settings.batch_size + i) % len(prompts)] for i in range(settings.batch_size)]
             opts = DecodeOptions(mode="full", max_new_tokens=settings.max_new_tokens,
                                  temperature=settings.temperature, top_p=settings.top_p,
-                                 seed=settings.seed * 1_000_003 + chunk, eos_token_ids=tuple(sorted(eos)))
+                                 seed=settings.seed * 1_000_003 + chunk, eos_token_ids=eos)
             with torch.no_grad():
                 result = generate(model, batch, opts)
             new_docs = [torch.tensor(list(p) + list(r.ids), dtype=torch.long) for p, r in zip(batch, result.rows)]
