@@ -349,3 +349,67 @@ def test_pickled_model_weights_are_refused_unless_allowed(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
     assert main(["convert", "--model", str(model), "--exits", "1,3", "--out", str(tmp_path / "b"),
                  "--allow-pickle"]) == 0
+
+
+# --- a full disk or a forbidden path outside checkpoints: one line, nothing lost ---------------
+def test_disk_full_writing_an_exits_directory_keeps_the_old_one(world, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import eetune.model as model_mod
+    from eetune.cli import main
+
+    out = tmp_path / "exits"
+    assert main(["convert", "--model", str(world["model"]), "--exits", "1,3", "--arch", "norm", "--out",
+                 str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def full(tensors, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(model_mod, "save_file", full)
+    code = main(["convert", "--model", str(world["model"]), "--exits", "2", "--arch", "mlp", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no space left on the device" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exits"]  # no staging debris
+
+
+def test_disk_full_storing_the_exit_profile_keeps_the_old_config(world, tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+
+    import eetune.fsio as fsio
+    from eetune.cli import main
+
+    exits = tmp_path / "exits"
+    shutil.copytree(world["norm"], exits)
+    before = (exits / "exit_config.json").read_bytes()
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fsio, "fsync_file", full)
+    code = main(["evaluate", str(exits), "--data", str(world["docs"]), "--seq-len", "16", "--max-blocks", "2",
+                 "--no-plot"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no space left" in err and len(err.strip().splitlines()) == 1
+    assert (exits / "exit_config.json").read_bytes() == before
+    assert not [p for p in exits.iterdir() if p.name.startswith(".")]
+
+
+def test_a_path_we_may_not_write_is_one_line(world, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import eetune.fsio as fsio
+    from eetune.cli import main
+
+    def denied(path):  # what a folder of another user gives (this suite may run as root, who writes anywhere)
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(fsio, "staging_dir", denied)
+    code = main(["convert", "--model", str(world["model"]), "--exits", "1", "--arch", "norm", "--out",
+                 str(tmp_path / "exits")])
+    err = capsys.readouterr().err
+    assert code == 2 and "permission denied" in err and str(tmp_path / "exits") in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "exits").exists()

@@ -444,3 +444,28 @@ def test_two_nodes_through_c10d_rendezvous_match_one_process(world, tmp_path, mo
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     summary = json.loads((two / "exit_config.json").read_text())["training"]
     assert summary["world_size"] == 2 and summary["fsdp"] == (mode == "fsdp")
+
+
+# --- the loop's named steps compose to `tune` ------------------------------------------------
+def test_named_steps_compose_to_tune(world, tmp_path):
+    """`tune` is the recipe of its named steps: driving them by hand (set-up, three train steps,
+    a validation, finish) gives bit-identical heads and the same logged losses."""
+    from eetune import tune as T
+
+    c = cfg(world, steps=3, val_blocks=2, select="last")
+    ref = tune(world["mlp"], tmp_path / "ref", c)
+
+    out = tmp_path / "manual"
+    c2, exit_config, train_dir = T._check_run(world["mlp"], out, c)
+    model = T._load_for_tuning(world["mlp"], exit_config, c2, None, torch.device("cpu"), 0)
+    run = T._setup(model, world["mlp"], out, train_dir, exit_config, c2, 1, 0, torch.device("cpu"),
+                   caller_backbone=False)
+    assert run.total_steps == 3 and run.step == 0 and run.trunk_layers_held == 3  # layer 4 released
+    T._seed(run)
+    rows = [T.train_step(run) for _ in range(3)]
+    assert [r["step"] for r in rows] == [1, 2, 3] and run.tokens_seen == 3 * 4 * 32
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    summary = T._finish(run)
+    assert summary["train_loss"] == ref["train_loss"] and summary["val_loss"] == ref["val_loss"]
+    a, b = heads(tmp_path / "ref"), heads(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,7 +14,10 @@ import argparse
 import json
 import sys
 
+from .decode import DecodeOptions
 from .errors import EETuneError
+from .flags import add_fields, from_args
+from .tune import TuneConfig
 
 
 # --- convert -------------------------------------------------------------------------------
@@ -218,87 +221,32 @@ def add_tune(sub):
                        description="Train the exit heads of an exits directory on text with the backbone frozen "
                                    "and write the tuned exits directory. Under torchrun: DDP, or FSDP2 with --fsdp.")
     p.add_argument("dir", help="exits directory to tune (from `eetune convert`, or an earlier tune)")
-    p.add_argument("--data", default="default",
-                   help="training text: default (BoolQ training passages), .txt/.jsonl/.json/.parquet/.csv file, "
-                        "or a folder of .txt (JSONL rows: text, instruction/response, prompt/completion or "
-                        "messages); generated:N[:SOURCE] samples N tokens from the model itself (SOURCE: default = "
-                        "BoolQ training questions and passages, or a file of prompts); mix sources with weights: "
-                        "default:0.3,generated:200000:0.7")
     p.add_argument("--out", required=True, help="tuned exits directory to write (new, empty, or an exits directory)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
-    g.add_argument("--tokens", type=int, help="training tokens to see (instead of --steps)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per block (default 512)")
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per micro-batch per process (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="decay ends at lr x this (default 0.1)")
-    p.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps (default 0)")
-    p.add_argument("--decay", default="linear", choices=["linear", "cosine", "constant"], help="after warm-up")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default 1.0; 0 = off)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
-    p.add_argument("--seed", type=int, default=0, help="data-order seed (default 0)")
-    p.add_argument("--loss-weights", help="per-exit loss weights, e.g. 1,1 (default all 1)")
-    p.add_argument("--loss-weights-start", help="weights at step 0, ramped linearly to --loss-weights")
-    p.add_argument("--loss-weights-warmup", type=int, default=0, help="steps of that ramp (default 0)")
-    p.add_argument("--dynamic-weights", action="store_true",
-                   help="scale each token's loss by the exit's detached max-softmax probability (the paper's)")
-    p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
-                   help="loss = (1 - ALPHA) CE + ALPHA KL(final layer || exit); needs the full forward. Default 1 "
-                        "(the best measured recipe: more agreement with the final layer per tuning token), 0 with "
-                        "--cache-hidden; --distill 0 is the paper's LM loss, whose trunk stops at the deepest exit")
-    p.add_argument("--val-blocks", type=int, default=8, help="held-out validation blocks (default 8; 0 = none)")
-    p.add_argument("--max-blocks", type=int, default=None, help="cap on training blocks read")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: at the end)")
-    p.add_argument("--select", default="agreement", choices=["agreement", "ce", "last"],
-                   help="heads to write: the best validated (by mean top-1 agreement with the final layer, the "
-                        "default, or by mean CE; candidates are every --eval-every validation and the last step) "
-                        "or the last")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: never)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --train-dir")
-    p.add_argument("--train-dir", default=None, help="logs and checkpoints (default OUT.train)")
-    p.add_argument("--cache-hidden", default=None, metavar="DIR",
-                   help="memory-mapped cache of the trunk's hidden states at the exits (later epochs and other "
-                        "head configurations on the same exits skip the backbone)")
-    p.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16"], help="cache storage (default bf16)")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 over the backbone layers and heads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("generated data (--data generated:N: continuations sampled from the model, cached)")
-    g.add_argument("--gen-temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    g.add_argument("--gen-top-p", type=float, default=0.95, help="nucleus mass (default 0.95)")
-    g.add_argument("--gen-max-new-tokens", type=int, default=256, help="continuation cap per prompt (default 256)")
-    g.add_argument("--gen-batch-size", type=int, default=16, help="prompts decoded together (default 16)")
+    # Every other flag is a field of TuneConfig: its type, default, choices and help come from there.
+    add_fields(p, TuneConfig, ["data"])
+    add_fields(p.add_mutually_exclusive_group(), TuneConfig, ["steps", "tokens"])
+    add_fields(p, TuneConfig, ["seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay",
+                               "weight_decay", "betas", "clip", "dtype", "seed", "loss_weights", "loss_weights_start",
+                               "loss_weights_warmup", "dynamic_weights", "distill", "val_blocks", "max_blocks",
+                               "eval_every", "select", "save_every", "resume", "train_dir", "cache_hidden",
+                               "cache_dtype", "fsdp", "progress"],
+               metavars={"distill": "ALPHA", "cache_hidden": "DIR", "train_dir": "DIR", "betas": "B1,B2",
+                         "loss_weights": "W1,W2,...", "loss_weights_start": "W1,W2,..."})
+    add_fields(p.add_argument_group("generated data (--data generated:N: continuations sampled from the model, "
+                                    "cached)"), TuneConfig,
+               ["gen_temperature", "gen_top_p", "gen_max_new_tokens", "gen_batch_size"])
     g = p.add_argument_group("gates (learned exit decisions: a logistic probe per exit on its input hidden state)")
-    gx = g.add_mutually_exclusive_group()
-    gx.add_argument("--gates", action="store_true",
-                    help="after tuning the heads, fit a gate per exit to them (labels: exit top-1 == final "
-                         "top-1; held-out report in exit_config.json); one process, not under torchrun")
-    gx.add_argument("--gates-only", action="store_true",
-                    help="train no heads: fit gates to the heads of DIR as they are and copy the heads unchanged")
-    g.add_argument("--gate-tokens", type=int, default=16384, metavar="N",
-                   help="training tokens for the gates, whole blocks of --seq-len (default 16384: about a minute "
-                        "on a 2-core CPU for SmolLM2-135M)")
+    add_fields(g.add_mutually_exclusive_group(), TuneConfig, ["gates", "gates_only"])
+    add_fields(g, TuneConfig, ["gate_tokens"], metavars={"gate_tokens": "N"})
     p.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args):
     import os
 
-    from .tune import TuneConfig, parse_weights, tune
+    from .tune import tune
 
-    cfg = TuneConfig(
-        data=args.data, steps=args.steps, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
-        decay=args.decay, weight_decay=args.weight_decay, clip=args.clip, dtype=args.dtype, seed=args.seed,
-        loss_weights=parse_weights(args.loss_weights), loss_weights_start=parse_weights(args.loss_weights_start),
-        loss_weights_warmup=args.loss_weights_warmup, dynamic_weights=args.dynamic_weights, distill=args.distill,
-        val_blocks=args.val_blocks, max_blocks=args.max_blocks, eval_every=args.eval_every, select=args.select,
-        save_every=args.save_every, resume=args.resume, train_dir=args.train_dir, cache_hidden=args.cache_hidden,
-        cache_dtype=args.cache_dtype, fsdp=args.fsdp, progress=not args.no_progress and sys.stderr.isatty(),
-        gates=args.gates, gates_only=args.gates_only, gate_tokens=args.gate_tokens,
-        gen_temperature=args.gen_temperature, gen_top_p=args.gen_top_p, gen_max_new_tokens=args.gen_max_new_tokens,
-        gen_batch_size=args.gen_batch_size)
+    cfg = from_args(TuneConfig, args, progress=args.progress and sys.stderr.isatty())
     s = tune(args.dir, args.out, cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -336,32 +284,12 @@ def add_generate(sub):
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap each prompt as a user turn of the tokenizer's chat template (default: on when the "
                         "tokenizer has one, as instruct models expect; --no-chat for plain text)")
-    p.add_argument("--mode", default="early-exit", choices=["full", "early-exit", "self-spec"],
-                   help="decoding mode (default early-exit)")
-    p.add_argument("--threshold", type=float, default=0.9,
-                   help="exit / keep drafting when confidence >= this (default 0.9; > 1 never exits early)")
-    p.add_argument("--confidence", default="max-prob", choices=["max-prob", "margin", "entropy", "gate"],
-                   help="confidence measure (default max-prob, as the paper); gate: the exits' learned gates "
-                        "(`tune --gates`), which skip an exit's head unless it fires")
-    p.add_argument("--draft-len", type=int, default=4, help="self-spec: most tokens drafted per round (default 4)")
-    p.add_argument("--draft-exit", default=None, type=_draft_exit,
-                   help="self-spec: exit layer that drafts (default deepest), or 'auto' (a cost model picks the "
-                        "exit and draft length per round)")
-    p.add_argument("--draft-vocab", type=int, default=None, metavar="K",
-                   help="self-spec: draft over the K most frequent tokens of the tuning data only (still lossless)")
-    p.add_argument("--screen-vocab", type=int, default=None, metavar="K",
-                   help="early-exit, max-prob: take each exit's max-prob over the K most frequent tuning tokens "
-                        "first and run the full vocabulary projection only if that reaches the threshold")
-    p.add_argument("--gate-filter", type=float, default=None, metavar="T",
-                   help="early-exit, max-prob: run an exit's head only where its gate (`tune --gates`) reaches T")
-    p.add_argument("--engine", default="lean", choices=["lean", "reference"],
-                   help="decoding engine: lean (default) or the slow, obvious reference")
-    p.add_argument("--verbose", action="store_true", help="print the --draft-exit auto cost model's figures")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    # The decoding flags are fields of DecodeOptions: type, default, choices and help come from there.
+    add_fields(p, DecodeOptions, ["mode", "threshold", "confidence", "draft_len", "draft_exit", "draft_vocab",
+                                  "screen_vocab", "gate_filter", "engine", "verbose", "max_new_tokens",
+                                  "temperature", "top_k", "top_p", "seed"],
+               defaults={"mode": "early-exit"}, types={"draft_exit": _draft_exit},
+               metavars={"draft_vocab": "K", "screen_vocab": "K", "gate_filter": "T", "draft_exit": "LAYER|auto"})
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--show-exits", action="store_true",
@@ -419,11 +347,7 @@ def cmd_generate(args):
     if args.stream and len(prompts) != 1:
         raise EETuneError("--stream takes exactly one prompt")
     model = EarlyExitModel.from_pretrained(args.dir)
-    opts = DecodeOptions(mode=args.mode, threshold=args.threshold, confidence=args.confidence,
-                         draft_len=args.draft_len, draft_exit=args.draft_exit, draft_vocab=args.draft_vocab,
-                         screen_vocab=args.screen_vocab, gate_filter=args.gate_filter,
-                         engine=args.engine, verbose=args.verbose, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    opts = from_args(DecodeOptions, args)
     opts.validate(model)
     tok = load_tokenizer(model.backbone)
     colour = args.show_exits and sys.stdout.isatty()
@@ -623,10 +547,32 @@ def main(argv=None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
+    except OSError as e:  # a full disk or a path we may not write: one line, unless debugging
+        import os
+        line = _os_error_line(e)
+        if line is None or args.debug or os.environ.get("EETUNE_DEBUG") == "1":
+            raise
+        print(f"eetune: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("eetune: interrupted (Ctrl-C); nothing half-written is left under the output's name", file=sys.stderr)
         return 130
     return 0
+
+
+def _os_error_line(e: OSError) -> str | None:
+    """The one line for a resource or permission error of the file system (None: another kind of
+    OSError, shown with its traceback). Every file eetune writes goes to a temporary name first,
+    so what the name held before is still there."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{where}: nothing was half-written, what was there before is kept; "
+                f"free some space and run the same command again")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{e.strerror.lower()}{where}: give a path you may write to (or read, for inputs)"
+    return None
 
 
 def _quiet_transformers():

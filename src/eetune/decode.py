@@ -42,25 +42,37 @@ ENGINES = ("lean", "reference")
 
 @dataclass
 class DecodeOptions:
-    mode: str = "full"  # full | early-exit | self-spec
+    """How to decode. Each field's comment is also its `eetune generate --help` text (eetune.flags)."""
+    mode: str = "full"  # decoding mode: full depth, lossy early exit by confidence, or lossless self-speculation
     max_new_tokens: int = 128  # tokens to generate per prompt (at most)
-    threshold: float = 0.9  # exit (or keep drafting) when confidence >= threshold; > 1 never exits
-    confidence: str = "max-prob"  # max-prob (the paper) | margin (top1 - top2) | entropy (1 - H/log V) | gate
+    threshold: float = 0.9  # exit (early-exit) or keep drafting (self-spec) when confidence >= this; > 1 never
+    #                         exits early
+    confidence: str = "max-prob"  # confidence measure: max-prob (the paper), margin (top1 - top2), entropy
+    #                               (1 - H/log V), or gate: the exits' learned gates (`tune --gates`), which skip
+    #                               an exit's head unless it fires
     draft_len: int = 4  # self-spec: most tokens drafted per round
-    draft_exit: int | str | None = None  # self-spec: exit layer that drafts (default: the deepest), or "auto"
-    draft_vocab: int | None = None  # self-spec: draft over the K most frequent tuning tokens only (None: all)
-    screen_vocab: int | None = None  # early-exit max-prob: screen on the K most frequent tokens first (None: off)
-    gate_filter: float | None = None  # early-exit max-prob: run an exit's head only where its gate >= this
-    engine: str = "lean"  # lean (engine.py) | reference (this module: slow, obvious)
-    verbose: bool = False  # print the draft policy's figures (draft_exit="auto")
+    draft_exit: int | str | None = None  # self-spec: the exit layer that drafts (default: the deepest), or auto (a
+    #                                      cost model picks the exit and draft length per round)
+    draft_vocab: int | None = None  # self-spec: draft over the K most frequent tokens of the tuning data only
+    #                                 (still lossless)
+    screen_vocab: int | None = None  # early-exit, max-prob: take each exit's max-prob over the K most frequent
+    #                                  tuning tokens first and run the full vocabulary projection only if that
+    #                                  reaches the threshold
+    gate_filter: float | None = None  # early-exit, max-prob: run an exit's head only where its gate (`tune
+    #                                   --gates`) reaches T
+    engine: str = "lean"  # decoding engine: lean (eetune.engine) or the slow, obvious reference (eetune.decode)
+    verbose: bool = False  # print the --draft-exit auto cost model's figures
     replay: tuple | None = None  # benchmarks only: forced exit layer per token (early-exit) or
     #                              (drafted, accepted) per round (self-spec), for engine timing
-    temperature: float = 0.0  # 0: greedy; > 0: sampling
+    temperature: float = 0.0  # 0: greedy; > 0: sampling at this temperature
     top_k: int = 0  # sampling: keep the k most likely tokens (0: all)
     top_p: float = 1.0  # sampling: nucleus mass
-    seed: int | None = None  # sampling: random seed (reproducible output)
+    seed: int | None = None  # sampling seed (reproducible output)
     eos_token_ids: tuple[int, ...] = ()  # generation of a row stops after one of these
     record_logits: bool = False  # keep the logits used at every step (tests, analysis)
+
+    # Values a string setting may take (also the flags' choices).
+    CHOICES = {"mode": MODES, "confidence": CONFIDENCES, "engine": ENGINES}
 
     def validate(self, model) -> None:
         if self.mode not in MODES:

@@ -7,9 +7,11 @@
     from eetune.tune import TuneConfig, tune
     summary = tune("runs/exits", "runs/tuned", TuneConfig(data="default", steps=200, lr=1e-3))
 
-The loop is written out in one function, `tune`. Per optimizer step it takes a global batch of
-token blocks (each rank its slice of it), runs the trunk in eval mode under `no_grad` up to the
-deepest exit (layers past it are not even kept in memory, unless `--distill` needs the final
+`tune` reads as the recipe: check the settings, start the processes, take the locks, load the
+model, `_setup` (data, parallel wrapping, optimizer), `_resume`, then the loop of `train_step`
+with validation, logging and checkpoints, and `_finish`; the state they share is a `TuneRun`.
+Per optimizer step `train_step` takes a global batch of token blocks (each rank its slice of
+it), runs the trunk (`trunk`) in eval mode under `no_grad` up to the deepest exit (layers past it are not even kept in memory, unless `--distill` needs the final
 distribution), or reads the trunk's hidden states from a `--cache-hidden` directory; computes
 `sum_i w_i * CE_i` over the exits (optionally token-wise dynamic weights, optionally KL to the
 final layer); back-propagates into the heads only; clips; steps AdamW with warm-up and decay.
@@ -62,46 +64,64 @@ LATEST = "latest.json"
 
 @dataclass
 class TuneConfig:
-    data: str = "default"  # data source (see eetune.data): default, .txt/.jsonl/.json/.parquet/.csv, folder
-    steps: int | None = None  # optimizer steps; None: from `tokens`, else one epoch of the training blocks
-    tokens: int | None = None  # training tokens to see (alternative to `steps`)
+    """Every setting of a tuning run. Each field's comment is also its `eetune tune --help` text
+    (eetune.flags generates the flags from these fields)."""
+    data: str = "default"  # training text: default (BoolQ training passages), a .txt/.jsonl/.json/.parquet/.csv
+    #                        file or a folder of .txt (JSONL rows: text, instruction/response, prompt/completion or
+    #                        messages); generated:N[:SOURCE] samples N tokens from the model itself (SOURCE:
+    #                        default = BoolQ training questions and passages, or a file of prompts); mix sources
+    #                        with weights: default:0.3,generated:200000:0.7
+    steps: int | None = None  # optimizer steps (default: from --tokens, else one epoch of the training blocks)
+    tokens: int | None = None  # training tokens to see (instead of --steps)
     seq_len: int = 512  # tokens per block
-    batch_size: int = 8  # blocks per micro-batch on each rank
-    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks
+    batch_size: int = 8  # blocks per micro-batch on each process
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch-size x grad-accum x processes
     lr: float = 1e-4  # peak learning rate (the paper's scripts: 1e-4)
-    min_lr_ratio: float = 0.1  # decay ends at lr * min_lr_ratio (the paper: 1e-4 -> 1e-5)
+    min_lr_ratio: float = 0.1  # the decay ends at lr x this (the paper: 1e-4 -> 1e-5)
     warmup: int = 0  # linear learning-rate warm-up steps
-    decay: str = "linear"  # linear | cosine | constant, after the warm-up
+    decay: str = "linear"  # learning-rate schedule after the warm-up
     weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only; norms and biases never)
-    betas: tuple[float, float] = (0.9, 0.95)  # Adam betas of the paper's scripts
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, as beta1,beta2 (the paper's scripts: 0.9,0.95)
     clip: float = 1.0  # max global gradient norm (0: no clipping)
-    dtype: str = "fp32"  # fp32 | bf16 (bf16: backbone weights and autocast; heads kept in fp32)
+    dtype: str = "fp32"  # compute: fp32, or bf16 (backbone weights and autocast; heads kept in fp32)
     seed: int = 0  # data order (and anything random)
-    loss_weights: tuple[float, ...] | None = None  # per-exit weights w_i (default all 1)
-    loss_weights_start: tuple[float, ...] | None = None  # weights at step 0, ramped linearly to loss_weights
+    loss_weights: tuple[float, ...] | None = None  # per-exit loss weights w_i, e.g. 1,0.5 (default: all 1)
+    loss_weights_start: tuple[float, ...] | None = None  # loss weights at step 0, ramped linearly to --loss-weights
     loss_weights_warmup: int = 0  # steps of that ramp (0: no ramp)
-    dynamic_weights: bool = False  # scale each token's CE by the exit's detached max-softmax probability
-    distill: float | None = None  # alpha: loss = (1 - alpha) CE + alpha KL(final || exit); needs the full forward.
-    #                               None: 1 (the best measured recipe, benchmarks/recipes.py), 0 with cache_hidden
-    val_blocks: int = 8  # held-out blocks (whole documents never trained on); 0: no validation
-    max_blocks: int | None = None  # cap on training blocks read from the source
-    eval_every: int = 0  # validation every N steps (0: at the end only)
-    select: str = "agreement"  # heads written: best validated by agreement (mean over exits) | ce | last
-    save_every: int = 0  # checkpoint every N steps (0: none; then also none at the end)
-    resume: bool = False  # continue from the training directory's latest checkpoint
+    dynamic_weights: bool = False  # scale each token's loss by the exit's detached max-softmax probability (the
+    #                                paper's dynamic weighting)
+    distill: float | None = None  # ALPHA: loss = (1 - ALPHA) CE + ALPHA KL(final layer || exit); needs the full
+    #                               forward. Default 1 (the best measured recipe, benchmarks/recipes.py: more
+    #                               agreement with the final layer per tuning token), 0 with --cache-hidden; 0 is
+    #                               the paper's LM loss, whose trunk stops at the deepest exit
+    val_blocks: int = 8  # held-out validation blocks (whole documents never trained on; 0: none)
+    max_blocks: int | None = None  # cap on the training blocks read from the source
+    eval_every: int = 0  # validate every N steps (0: at the end only)
+    select: str = "agreement"  # heads to write: the best validated by mean top-1 agreement with the final layer,
+    #                            or by mean CE (candidates: every --eval-every validation and the last step), or
+    #                            the last step's
+    save_every: int = 0  # checkpoint every N steps (0: never, not even at the end)
+    resume: bool = False  # continue from the latest checkpoint of --train-dir
     train_dir: str | None = None  # logs and checkpoints (default: OUT.train)
-    cache_hidden: str | None = None  # directory of memory-mapped trunk hidden states at the exits
-    cache_dtype: str = "bf16"  # bf16 | fp16 storage of cached hidden states
-    fsdp: bool = False  # under torchrun: FSDP2 fully_shard of the backbone layers, heads their own unit
-    progress: bool = True  # tqdm progress bar (rank 0)
-    gates: bool = False  # after tuning the heads, fit a gate per exit on them (eetune.gates; one process)
-    gates_only: bool = False  # train no heads: fit gates for the exits as they are, heads copied bit for bit
-    gen_temperature: float = 0.8  # generated:N data: sampling temperature (eetune.selfdata)
-    gen_top_p: float = 0.95  # generated:N data: nucleus mass
-    gen_max_new_tokens: int = 256  # generated:N data: continuation length cap per prompt
-    gen_batch_size: int = 16  # generated:N data: prompts decoded together
-    gate_tokens: int = 16384  # training tokens for the gates, whole blocks of seq_len: ~1 min of a quiet 2-core
-    #                           CPU for SmolLM2-135M (full forward + 3 vocabulary projections: ~230 tokens/s)
+    cache_hidden: str | None = None  # directory of a memory-mapped cache of the trunk's hidden states at the exits
+    #                                  (later epochs and other head configurations on the same exits skip the
+    #                                  backbone)
+    cache_dtype: str = "bf16"  # storage dtype of the cached hidden states
+    fsdp: bool = False  # under torchrun: FSDP2 over the backbone layers and the heads (default: DDP)
+    progress: bool = True  # progress bar (process 0, on a terminal)
+    gates: bool = False  # after tuning the heads, fit a gate per exit to them (labels: exit top-1 == final
+    #                      top-1; held-out report in exit_config.json); one process, not under torchrun
+    gates_only: bool = False  # train no heads: fit gates to the heads of DIR as they are, heads copied unchanged
+    gen_temperature: float = 0.8  # generated data: sampling temperature (eetune.selfdata)
+    gen_top_p: float = 0.95  # generated data: nucleus mass
+    gen_max_new_tokens: int = 256  # generated data: continuation length cap per prompt
+    gen_batch_size: int = 16  # generated data: prompts decoded together
+    gate_tokens: int = 16384  # training tokens for the gates, whole blocks of --seq-len (16384: about a minute
+    #                           on a 2-core CPU for SmolLM2-135M: full forward + 3 vocabulary projections)
+
+    # Values a string setting may take (also the flags' choices).
+    CHOICES = {"decay": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16"),
+               "select": ("agreement", "ce", "last"), "cache_dtype": ("bf16", "fp16")}
 
     # Settings that only head training uses (refused with gates_only).
     HEAD_ONLY = ("steps", "tokens", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "betas",
@@ -405,12 +425,11 @@ def _check_config(cfg: TuneConfig, exit_layers) -> None:
         raise EETuneError("--steps and --tokens must be positive")
     if not cfg.lr > 0 or not 0 <= cfg.min_lr_ratio <= 1 or cfg.warmup < 0 or cfg.weight_decay < 0 or cfg.clip < 0:
         raise EETuneError("--lr must be > 0, --warmup/--weight-decay/--clip >= 0, min lr ratio in [0, 1]")
-    if cfg.decay not in ("linear", "cosine", "constant"):
-        raise EETuneError(f"unknown --decay {cfg.decay!r}: use linear, cosine or constant")
-    if cfg.dtype not in ("fp32", "bf16"):
-        raise EETuneError(f"unknown --dtype {cfg.dtype!r}: use fp32 or bf16")
-    if cfg.cache_dtype not in ("bf16", "fp16"):
-        raise EETuneError(f"unknown cache dtype {cfg.cache_dtype!r}: use bf16 or fp16")
+    for name, allowed in TuneConfig.CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise EETuneError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise EETuneError(f"--betas {cfg.betas}: give two numbers in [0, 1), e.g. 0.9,0.95")
     for name in ("loss_weights", "loss_weights_start"):
         w = getattr(cfg, name)
         if w is not None:
@@ -426,8 +445,6 @@ def _check_config(cfg: TuneConfig, exit_layers) -> None:
     if cfg.distill is not None and cfg.distill > 0 and cfg.cache_hidden:
         raise EETuneError("--distill needs the final layer on every step, which a --cache-hidden run skips: "
                           "use one or the other")
-    if cfg.select not in ("agreement", "ce", "last"):
-        raise EETuneError(f"unknown --select {cfg.select!r}: use agreement, ce or last")
     if cfg.val_blocks < 0 or cfg.eval_every < 0 or cfg.save_every < 0:
         raise EETuneError("--val-blocks, --eval-every and --save-every must be >= 0")
     if cfg.gates and cfg.gates_only:
@@ -449,16 +466,6 @@ def _check_config(cfg: TuneConfig, exit_layers) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise EETuneError("gates are trained in one process: tune the heads under torchrun without --gates, "
                               "then run `eetune tune OUT --gates-only` without torchrun")
-
-
-def parse_weights(spec: str | None) -> tuple[float, ...] | None:
-    """`"1,0.5"` -> (1.0, 0.5)."""
-    if spec is None:
-        return None
-    try:
-        return tuple(float(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise EETuneError(f"cannot read loss weights {spec!r}: give numbers such as 1,1") from None
 
 
 def rank_vocabulary(blocks: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -530,287 +537,39 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
     `cfg.gates_only` trains no heads at all (`tune_gates`)."""
     if cfg.gates_only:
         return {"gates": tune_gates(exits_dir, out, cfg, backbone=backbone)}
-    from .backbone import load_tokenizer
-    from .data import train_val_blocks
-    from .model import check_output_dir, write_exits_dir
-
-    # 1. Check everything we can before loading or writing anything.
     exits_dir, out = Path(exits_dir), Path(out)
-    cfg = resolve_defaults(cfg)
-    exit_config = ExitConfig.load(exits_dir)  # refuses a directory that is not an exits directory
-    layers = exit_config.exit_layers
-    _check_config(cfg, layers)
-    check_output_dir(out)
-    train_dir = Path(cfg.train_dir) if cfg.train_dir else out.with_name(out.name + ".train")
-
-    # 2. Processes: one, or one per rank under torchrun (gloo on CPU, NCCL on GPU).
+    cfg, exit_config, train_dir = _check_run(exits_dir, out, cfg)  # before loading or writing anything
     world, rank, device, started_pg = _start_processes()
-    use_cuda = device.type == "cuda"
     locks, stop = [], None
     try:
         if rank == 0:
             locks = _take_locks(out, train_dir)
-        resume_from = latest_checkpoint(train_dir)
-        if cfg.resume and resume_from is None:
-            raise EETuneError(f"--resume: no checkpoint in {train_dir}/{CHECKPOINTS} to resume from "
-                              f"(run without --resume, with --save-every N)")
-        if not cfg.resume and resume_from is not None:
-            raise EETuneError(f"{train_dir} holds checkpoints of an earlier run: pass --resume to continue it, or "
-                              f"remove it / give another --train-dir")
-
-        # 3. Model: frozen backbone (eval, no grad), heads in fp32; layers past the deepest exit dropped.
+        resume_from = _checkpoint_to_resume(train_dir, cfg)
         model = _load_for_tuning(exits_dir, exit_config, cfg, backbone, device, rank)
-        tokenizer = load_tokenizer(model.backbone)
-
-        # 4. Data: packed blocks, a held-out validation slice of whole documents (rank 0 tokenises first).
-        if world > 1 and rank != 0:
-            torch.distributed.barrier()
-        train, val, data_info = train_val_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.val_blocks, cfg.max_blocks,
-                                                 seed=0, model=model, generation=generation_settings(cfg),
-                                                 progress=cfg.progress and rank == 0)
-        if world > 1 and rank == 0:
-            torch.distributed.barrier()
-        n_train = train.shape[0]
-        G = cfg.batch_size * cfg.grad_accum * world  # blocks per optimizer step
-        total_steps = cfg.steps or (math.ceil(cfg.tokens / (G * cfg.seq_len)) if cfg.tokens else math.ceil(n_train / G))
-
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bf16" \
-            else contextlib.nullcontext
-        positions = torch.arange(cfg.seq_len, device=device)
-        bb = model.backbone
-        # The final layer's top-1 on the held-out blocks, once, while every layer is still loaded:
-        # validation reports each exit's agreement with it (what --select agreement maximises).
-        val_final = _final_top1(bb, val, cfg.batch_size, device, autocast)
-
-        # 5. Economy: what of the trunk is needed at all.
-        cache = None
-        if cfg.cache_hidden:
-            key = {"backbone": exit_config.backbone_fingerprint, "compute_dtype": cfg.dtype,
-                   "blocks": _blocks_digest(torch.cat([train, val]))}
-            cache = HiddenCache(Path(cfg.cache_hidden), layers, n_train + val.shape[0], cfg.seq_len, bb.hidden_size,
-                                cfg.cache_dtype, key, rank, world)
-        # Partial loading: free the layers no step needs; gates need the final layer's top-1, and a
-        # backbone the caller passed in is theirs, left whole (its unused layers still never run).
-        if cfg.distill == 0 and not cfg.gates and backbone is None:
-            if cache is not None and cache.complete(range(n_train + val.shape[0])):
-                model.release_unused_layers(0)  # every hidden state is on disk: no backbone layer needed
-            else:
-                model.release_unused_layers()
-        from .model import ReleasedLayer
-        trunk_layers_held = sum(not isinstance(layer, ReleasedLayer) for layer in bb.layers)
-        heads_core, heads_train = _wrap_parallel(model, cfg, world, device)
-        named, opt = _optimizer(model, cfg)
-
-        # 6. Resume: heads, optimizer and RNG state of the latest checkpoint, and its counters.
-        start_step, tokens_seen, prior_time, log_rows = 0, 0, 0.0, []  # log_rows: kept on resume
-        best, best_heads = None, None  # --select: the best validation so far and its heads (on the CPU)
-        run_settings = {k: (list(v) if isinstance(v, tuple) else v)
-                        for k, v in dataclasses.asdict(cfg).items() if k in TuneConfig.TRAJECTORY}
-        run_settings.update(world_size=world, exit_layers=list(layers), arch=exit_config.arch,
-                            cache_hidden=bool(cfg.cache_hidden))  # cached inputs are rounded: another trajectory
+        run = _setup(model, exits_dir, out, train_dir, exit_config, cfg, world, rank, device,
+                     caller_backbone=backbone is not None)
         if cfg.resume:
-            state, rng, best_heads = _restore(resume_from, run_settings, named, opt, use_cuda)
-            start_step, tokens_seen, prior_time = state["step"], state["tokens"], state["wall_time_s"]
-            best = state.get("best")
-            if start_step >= total_steps:
-                raise EETuneError(f"the checkpoint in {train_dir} is at step {start_step}, the run asks for "
-                                  f"{total_steps}: give more --steps/--tokens to continue tuning")
-        if rank == 0:
-            train_dir.mkdir(parents=True, exist_ok=True)
-            log_path = train_dir / "log.csv"
-            if cfg.resume and log_path.is_file():
-                with open(log_path, newline="") as f:
-                    log_rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-            _write_log(log_path, log_rows, log_fields(layers))
-            tb = _tensorboard(train_dir / "tb")
-        torch.manual_seed(cfg.seed)  # seeds CUDA too: restore both generators after it
-        if cfg.resume:
-            torch.set_rng_state(rng["torch_cpu"])
-            if use_cuda and "torch_cuda" in rng:
-                torch.cuda.set_rng_state(rng["torch_cuda"])
-
-
-        def trunk(ids: torch.Tensor, index: list[int]):
-            """Hidden states after each exit layer (from the cache when there), their layer
-            context, and the final logits when distillation needs them."""
-            pos = positions.expand(ids.shape[0], -1)
-            if cache is not None and cache.complete(index):
-                hiddens = [h.to(device) for h in cache.read(index, layers)]
-                return hiddens, bb.context(hiddens[0], pos), None
-            with torch.no_grad(), autocast():
-                h = bb.embed(ids, pos)
-                ctx = bb.context(h, pos)
-                hiddens, done = [], 0
-                for k in layers:
-                    h = bb.run_layers(h, done, k, ctx)
-                    hiddens.append(h)
-                    done = k
-                final_logits = None
-                if cfg.distill > 0:
-                    final_logits = bb.logits(bb.final_norm(bb.run_layers(h, done, bb.num_layers, ctx)))
-            if cache is not None:
-                hiddens = cache.write(index, layers, hiddens)
-            return hiddens, ctx, final_logits
-
-        def validate() -> tuple[dict[int, float], dict[int, float]]:
-            """Mean next-token CE per exit on the held-out blocks, and each exit's top-1 agreement
-            with the final layer there (every rank runs all of them)."""
-            sums, agree = [0.0] * len(layers), [0] * len(layers)
-            model.eval()
-            with torch.no_grad():
-                for j, a in enumerate(range(0, val.shape[0], cfg.batch_size)):
-                    ids = val[a:a + cfg.batch_size].to(device)
-                    hiddens, ctx, _ = trunk(ids, list(range(n_train + a, n_train + a + ids.shape[0])))
-                    with autocast():
-                        logits = heads_core(hiddens, ctx)
-                    for i, lg in enumerate(logits):
-                        sums[i] += exit_loss(lg, ids, False, None, 0.0)[1].item() * ids.shape[0]
-                        agree[i] += (lg[:, :-1].argmax(-1) == val_final[j]).sum().item()
-            model.train()
-            n_pred = val.shape[0] * (cfg.seq_len - 1)
-            return ({k: s / val.shape[0] for k, s in zip(layers, sums)},
-                    {k: a / n_pred for k, a in zip(layers, agree)})
-
-        # 7. The loop.
-        model.train()
-        perms: dict[int, list[int]] = {}
-        bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="tune",
-                   disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
-        t0 = time.time()
-        last_good = resume_from
-        train_loss = {k: float("nan") for k in layers}
-        val_loss: dict[int, float] = {}
-        val_agree: dict[int, float] = {}
+            _resume(run, resume_from)
+        run.last_good = resume_from
+        _open_log(run)
+        _seed(run)
         stop = _stop_on_interrupt(world)
-        for step in range(start_step, total_steps):
-            t_step = time.time()
-            lr = lr_at(step, total_steps, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            weights = loss_weights_at(step, cfg, len(layers))
-            step_ce = torch.zeros(len(layers), dtype=torch.float64)
-            try:
-                for micro in range(cfg.grad_accum):
-                    index = block_indices(step, micro, rank, world, cfg, n_train, perms)
-                    ids = train[index].to(device)
-                    hiddens, ctx, final_logits = trunk(ids, index)
-                    last = micro == cfg.grad_accum - 1
-                    if world > 1 and cfg.fsdp:
-                        heads_core.set_requires_gradient_sync(last)
-                    sync = (heads_train.no_sync() if (world > 1 and not cfg.fsdp and not last)
-                            else contextlib.nullcontext())
-                    with sync:
-                        with autocast():
-                            logits = heads_train(hiddens, ctx)
-                        loss = 0.0
-                        for i, lg in enumerate(logits):
-                            li, ce = exit_loss(lg, ids, cfg.dynamic_weights, final_logits, cfg.distill)
-                            loss = loss + weights[i] * li
-                            step_ce[i] += ce.double().cpu() / cfg.grad_accum
-                        (loss / cfg.grad_accum).backward()
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not _out_of_memory(e):
-                    raise
-                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-                raise EETuneError(f"out of memory at step {step + 1} with --batch-size {cfg.batch_size} x --seq-len "
-                                  f"{cfg.seq_len}: lower --batch-size and raise --grad-accum to keep the global batch "
-                                  f"(e.g. --batch-size {max(1, cfg.batch_size // 2)} --grad-accum "
-                                  f"{cfg.grad_accum * 2}); {kept}") from None
-            if world > 1:
-                torch.distributed.all_reduce(step_ce)
-                step_ce /= world
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.clip if cfg.clip > 0 else math.inf)
-            grad_norm = float(_full(grad_norm)) if torch.is_tensor(grad_norm) else float(grad_norm)
-            if not (torch.isfinite(step_ce).all() and math.isfinite(grad_norm)):
-                bad = [k for k, v in zip(layers, step_ce.tolist()) if not math.isfinite(v)] or ["gradient"]
-                kept = (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written")
-                raise EETuneError(f"non-finite loss at step {step + 1} (exit {bad[0]}): stopped, {out} not written, "
-                                  f"{kept}; lower --lr or check the data, then --resume")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tokens_seen += G * cfg.seq_len
-            step_s = time.time() - t_step
-            train_loss = dict(zip(layers, step_ce.tolist()))
-            row = {"step": step + 1, "tokens": tokens_seen, "lr": lr, "loss": sum(w * v for w, v in
-                                                                                   zip(weights, step_ce.tolist())),
-                   **{f"loss_{k}": v for k, v in train_loss.items()}, "grad_norm": grad_norm, "step_s": step_s,
-                   "tokens_per_s": G * cfg.seq_len / step_s, "elapsed_s": prior_time + time.time() - t0}
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps and val.shape[0]:
-                val_loss, val_agree = validate()
-                row.update({f"val_{k}": v for k, v in val_loss.items()})
-                row.update({f"val_agree_{k}": v for k, v in val_agree.items()})
-                if cfg.select != "last":
-                    score = selection_score(cfg.select, val_loss, val_agree)
-                    if best is None or score > best["score"]:  # every rank decides alike (same validation)
-                        best = {"step": step + 1, "score": score, "val_loss": {str(k): v for k, v in val_loss.items()},
-                                "val_agreement": {str(k): v for k, v in val_agree.items()}}
-                        best_heads = {name: _full(p).clone() for name, p in named}  # a copy, not a view
-            if rank == 0:
-                _append_log(train_dir / "log.csv", row, log_fields(layers))
-                if tb is not None:
-                    for key, v in row.items():
-                        if key != "step":
-                            tb.add_scalar(key, v, step + 1)
-                bar.set_postfix({**{f"L{k}": f"{v:.3f}" for k, v in train_loss.items()},
-                                 "tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
-            bar.update(1)
-            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == total_steps):
-                if cache is not None:
-                    cache.flush()
-                state = {"step": step + 1, "tokens": tokens_seen, "wall_time_s": prior_time + time.time() - t0,
-                         "settings": run_settings, "total_steps": total_steps, "train_loss": train_loss, "best": best}
-                last_good = save_checkpoint(train_dir, step + 1, named, opt, state, rank, best_heads) or last_good
-                if world > 1:
-                    torch.distributed.barrier()
+        bar = tqdm(total=run.total_steps, initial=run.step, unit="step", desc="tune",
+                   disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
+        while run.step < run.total_steps:
+            row = train_step(run)
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total_steps and run.val.shape[0]:
+                _validate_and_select(run, row)
+            _log(run, row, bar)
+            if cfg.save_every and (run.step % cfg.save_every == 0 or run.step == run.total_steps):
+                _checkpoint(run)
             if stop["asked"]:  # Ctrl-C: the step is whole; save it and say how to go on
                 bar.close()
-                if cache is not None:
-                    cache.flush()
-                state = {"step": step + 1, "tokens": tokens_seen, "wall_time_s": prior_time + time.time() - t0,
-                         "settings": run_settings, "total_steps": total_steps, "train_loss": train_loss, "best": best}
-                path = save_checkpoint(train_dir, step + 1, named, opt, state, rank, best_heads)
-                raise Interrupted(f"stopped after step {step + 1} of {total_steps}; checkpoint {path} written, "
+                path = _checkpoint(run)
+                raise Interrupted(f"stopped after step {run.step} of {run.total_steps}; checkpoint {path} written, "
                                   f"{out} not: run the same command with --resume to continue")
         bar.close()
-
-        # 8. Final validation, summary, the tuned exits directory.
-        #    With --select agreement|ce the heads written are the best validated ones (the last
-        #    step's validation included), not necessarily the last.
-        last = None
-        if val.shape[0]:
-            val_loss, val_agree = validate()
-            last = {"step": total_steps, "score": selection_score(cfg.select, val_loss, val_agree),
-                    "val_loss": {str(k): v for k, v in val_loss.items()},
-                    "val_agreement": {str(k): v for k, v in val_agree.items()}}
-        selected = last
-        if cfg.select != "last" and best is not None and last is not None and best["score"] > last["score"]:
-            selected = best
-            with torch.no_grad():
-                for name, p in named:
-                    p.copy_(_like(best_heads[name], p))
-        wall = prior_time + time.time() - t0
-        summary = {"data": data_info, "steps": total_steps, "tokens": tokens_seen, "wall_time_s": round(wall, 3),
-                   "train_loss": {str(k): v for k, v in train_loss.items()},
-                   "val_loss": {str(k): v for k, v in val_loss.items()},
-                   "val_agreement": {str(k): v for k, v in val_agree.items()},
-                   "select": cfg.select, "selected": selected, "last": last,
-                   "settings": run_settings, "world_size": world, "fsdp": bool(cfg.fsdp and world > 1),
-                   "cache_hidden": bool(cfg.cache_hidden), "trunk_layers_held": trunk_layers_held,
-                   "exits_from": _recorded_path(exits_dir)}
-        if exit_config.training:
-            summary["previous"] = exit_config.training
-        state = {name: _full(p) for name, p in named}  # every rank joins the gathers
-        gates = None
-        if rank == 0:
-            model.vocab_by_frequency = rank_vocabulary(train, bb.vocab_size)
-            if cfg.gates:  # one process (checked above): fit to the heads just tuned
-                gates = _fit_gates(model, train, val, data_info, cfg, exits_dir)
-            write_exits_dir(out, exit_config.replace(training=summary, gates=gates), state, model.extra_tensors())
-            if tb is not None:
-                tb.close()
-        if world > 1:
-            torch.distributed.barrier()
-        return {**summary, "gates": gates} if gates else summary
+        return _finish(run)
     finally:
         if stop is not None:
             stop["restore"]()
@@ -820,7 +579,371 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
             torch.distributed.destroy_process_group()
 
 
+@dataclass(eq=False)
+class TuneRun:
+    """What a tuning run holds while it trains: its settings, model, data, parallel wrappers and
+    optimizer (from `_setup`), and its progress (`step` is the number of steps done)."""
+    cfg: TuneConfig
+    exits_dir: Path
+    out: Path
+    train_dir: Path
+    exit_config: ExitConfig
+    world: int
+    rank: int
+    device: torch.device
+    model: nn.Module
+    train: torch.Tensor  # training blocks (n, seq_len)
+    val: torch.Tensor  # held-out blocks
+    data_info: dict
+    val_final: list  # the final layer's top-1 on the held-out blocks, per validation batch
+    cache: HiddenCache | None
+    heads_core: nn.Module  # the heads as one module
+    heads_train: nn.Module  # what the step calls (DDP/FSDP-wrapped under torchrun)
+    named: list  # (name, parameter) of the heads
+    opt: torch.optim.Optimizer
+    total_steps: int
+    run_settings: dict  # what --resume checks
+    trunk_layers_held: int
+    step: int = 0
+    tokens_seen: int = 0
+    prior_time: float = 0.0  # wall time of the steps before a resume
+    t0: float = dataclasses.field(default_factory=time.time)
+    best: dict | None = None  # --select: the best validation so far
+    best_heads: dict | None = None  # and its heads (copies)
+    last_good: Path | None = None  # the newest complete checkpoint
+    train_loss: dict = dataclasses.field(default_factory=dict)
+    val_loss: dict = dataclasses.field(default_factory=dict)
+    val_agree: dict = dataclasses.field(default_factory=dict)
+    perms: dict = dataclasses.field(default_factory=dict)  # data order per epoch (block_indices)
+    rng: dict | None = None  # a resumed run's generator states, put back after seeding
+    tb: object = None  # TensorBoard writer (rank 0, when installed)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.exit_config.exit_layers
+
+    @property
+    def global_batch(self) -> int:
+        """Blocks per optimizer step, over every micro-batch and process."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world
+
+    def autocast(self):
+        if self.cfg.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def wall_time(self) -> float:
+        return self.prior_time + time.time() - self.t0
+
+
 # --- the steps of `tune`, named ------------------------------------------------------------
+def _check_run(exits_dir: Path, out: Path, cfg: TuneConfig) -> tuple[TuneConfig, ExitConfig, Path]:
+    """Everything that can be checked before loading or writing anything: (the settings with
+    their defaults resolved, the exits' configuration, the training directory)."""
+    from .model import check_output_dir
+
+    cfg = resolve_defaults(cfg)
+    exit_config = ExitConfig.load(exits_dir)  # refuses a directory that is not an exits directory
+    _check_config(cfg, exit_config.exit_layers)
+    check_output_dir(out)
+    return cfg, exit_config, Path(cfg.train_dir) if cfg.train_dir else out.with_name(out.name + ".train")
+
+
+def _checkpoint_to_resume(train_dir: Path, cfg: TuneConfig) -> Path | None:
+    """The latest checkpoint of `train_dir`, which --resume needs and a fresh run must not find."""
+    latest = latest_checkpoint(train_dir)
+    if cfg.resume and latest is None:
+        raise EETuneError(f"--resume: no checkpoint in {train_dir}/{CHECKPOINTS} to resume from "
+                          f"(run without --resume, with --save-every N)")
+    if not cfg.resume and latest is not None:
+        raise EETuneError(f"{train_dir} holds checkpoints of an earlier run: pass --resume to continue it, or "
+                          f"remove it / give another --train-dir")
+    return latest
+
+
+def _setup(model, exits_dir: Path, out: Path, train_dir: Path, exit_config: ExitConfig, cfg: TuneConfig,
+           world: int, rank: int, device, caller_backbone: bool) -> TuneRun:
+    """Data (packed blocks and a held-out slice of whole documents; rank 0 tokenises first), the
+    final layer's held-out top-1, the hidden-state cache, the layers no step needs released,
+    parallel wrapping and the optimizer."""
+    from .backbone import load_tokenizer
+    from .data import train_val_blocks
+    from .model import ReleasedLayer
+
+    layers = exit_config.exit_layers
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    train, val, data_info = train_val_blocks(cfg.data, load_tokenizer(model.backbone), cfg.seq_len, cfg.val_blocks,
+                                             cfg.max_blocks, seed=0, model=model,
+                                             generation=generation_settings(cfg),
+                                             progress=cfg.progress and rank == 0)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+    n_train, bb = train.shape[0], model.backbone
+    G = cfg.batch_size * cfg.grad_accum * world
+    total_steps = cfg.steps or (math.ceil(cfg.tokens / (G * cfg.seq_len)) if cfg.tokens else math.ceil(n_train / G))
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bf16" \
+        else contextlib.nullcontext
+    # While every layer is still loaded: what validation measures each exit's agreement against.
+    val_final = _final_top1(bb, val, cfg.batch_size, device, autocast)
+    cache = None
+    if cfg.cache_hidden:
+        key = {"backbone": exit_config.backbone_fingerprint, "compute_dtype": cfg.dtype,
+               "blocks": _blocks_digest(torch.cat([train, val]))}
+        cache = HiddenCache(Path(cfg.cache_hidden), layers, n_train + val.shape[0], cfg.seq_len, bb.hidden_size,
+                            cfg.cache_dtype, key, rank, world)
+    # Free the layers no step needs; gates need the final layer's top-1, and a backbone the
+    # caller passed in is theirs, left whole (its unused layers still never run).
+    if cfg.distill == 0 and not cfg.gates and not caller_backbone:
+        if cache is not None and cache.complete(range(n_train + val.shape[0])):
+            model.release_unused_layers(0)  # every hidden state is on disk: no backbone layer needed
+        else:
+            model.release_unused_layers()
+    held = sum(not isinstance(layer, ReleasedLayer) for layer in bb.layers)
+    heads_core, heads_train = _wrap_parallel(model, cfg, world, device)
+    named, opt = _optimizer(model, cfg)
+    run_settings = {k: (list(v) if isinstance(v, tuple) else v)
+                    for k, v in dataclasses.asdict(cfg).items() if k in TuneConfig.TRAJECTORY}
+    run_settings.update(world_size=world, exit_layers=list(layers), arch=exit_config.arch,
+                        cache_hidden=bool(cfg.cache_hidden))  # cached inputs are rounded: another trajectory
+    return TuneRun(cfg=cfg, exits_dir=exits_dir, out=out, train_dir=train_dir, exit_config=exit_config, world=world,
+                   rank=rank, device=device, model=model, train=train, val=val, data_info=data_info,
+                   val_final=val_final, cache=cache, heads_core=heads_core, heads_train=heads_train, named=named,
+                   opt=opt, total_steps=total_steps, run_settings=run_settings, trunk_layers_held=held,
+                   train_loss={k: float("nan") for k in layers})
+
+
+def _resume(run: TuneRun, checkpoint: Path) -> None:
+    """Heads, optimizer, RNG, best validation and counters from `checkpoint`."""
+    state, rng, run.best_heads = _restore(checkpoint, run.run_settings, run.named, run.opt,
+                                          run.device.type == "cuda")
+    run.step, run.tokens_seen, run.prior_time = state["step"], state["tokens"], state["wall_time_s"]
+    run.best = state.get("best")
+    run.rng = rng
+    if run.step >= run.total_steps:
+        raise EETuneError(f"the checkpoint in {run.train_dir} is at step {run.step}, the run asks for "
+                          f"{run.total_steps}: give more --steps/--tokens to continue tuning")
+
+
+def _seed(run: TuneRun) -> None:
+    """Seed the run; a resumed run then puts back the generators' states of its checkpoint
+    (`torch.manual_seed` seeds CUDA too, so both are restored after it)."""
+    torch.manual_seed(run.cfg.seed)
+    rng = run.rng
+    if rng is not None:
+        torch.set_rng_state(rng["torch_cpu"])
+        if run.device.type == "cuda" and "torch_cuda" in rng:
+            torch.cuda.set_rng_state(rng["torch_cuda"])
+
+
+def _open_log(run: TuneRun) -> None:
+    """Rank 0: the training directory, `log.csv` (a resumed run keeps its rows up to the
+    checkpoint's step) and TensorBoard."""
+    if run.rank != 0:
+        return
+    run.train_dir.mkdir(parents=True, exist_ok=True)
+    log_path, rows = run.train_dir / "log.csv", []
+    if run.cfg.resume and log_path.is_file():
+        with open(log_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= run.step]
+    _write_log(log_path, rows, log_fields(run.layers))
+    run.tb = _tensorboard(run.train_dir / "tb")
+
+
+def trunk(run: TuneRun, ids: torch.Tensor, index: list[int]):
+    """(hidden states after each exit layer, their layer context, the final logits when
+    distillation needs them, else None) for the blocks `index` (token ids `ids`): read from the
+    hidden-state cache when it has them, else one frozen pass up to the deepest exit."""
+    bb, layers, device = run.model.backbone, run.layers, run.device
+    pos = torch.arange(ids.shape[1], device=device).expand(ids.shape[0], -1)
+    if run.cache is not None and run.cache.complete(index):
+        hiddens = [h.to(device) for h in run.cache.read(index, layers)]
+        return hiddens, bb.context(hiddens[0], pos), None
+    with torch.no_grad(), run.autocast():
+        h = bb.embed(ids, pos)
+        ctx = bb.context(h, pos)
+        hiddens, done = [], 0
+        for k in layers:
+            h = bb.run_layers(h, done, k, ctx)
+            hiddens.append(h)
+            done = k
+        final_logits = None
+        if run.cfg.distill > 0:
+            final_logits = bb.logits(bb.final_norm(bb.run_layers(h, done, bb.num_layers, ctx)))
+    if run.cache is not None:
+        hiddens = run.cache.write(index, layers, hiddens)
+    return hiddens, ctx, final_logits
+
+
+def train_step(run: TuneRun) -> dict:
+    """One optimizer step (step number `run.step`, 0-based): the global batch in micro-batches,
+    the weighted exit losses back-propagated into the heads only, clipping, AdamW. Advances
+    `run.step` and returns the step's log row. Out of memory and a non-finite loss or gradient
+    stop the run with a one-line error naming the step and the last good checkpoint."""
+    cfg, layers, step = run.cfg, run.layers, run.step
+    t_step = time.time()
+    lr = lr_at(step, run.total_steps, cfg)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    weights = loss_weights_at(step, cfg, len(layers))
+    step_ce = torch.zeros(len(layers), dtype=torch.float64)
+    kept = f"the last good checkpoint is {run.last_good}" if run.last_good else "no checkpoint was written"
+    try:
+        for micro in range(cfg.grad_accum):
+            index = block_indices(step, micro, run.rank, run.world, cfg, run.train.shape[0], run.perms)
+            ids = run.train[index].to(run.device)
+            hiddens, ctx, final_logits = trunk(run, ids, index)
+            last = micro == cfg.grad_accum - 1
+            if run.world > 1 and cfg.fsdp:
+                run.heads_core.set_requires_gradient_sync(last)
+            sync = (run.heads_train.no_sync() if (run.world > 1 and not cfg.fsdp and not last)
+                    else contextlib.nullcontext())
+            with sync:
+                with run.autocast():
+                    logits = run.heads_train(hiddens, ctx)
+                loss = 0.0
+                for i, lg in enumerate(logits):
+                    li, ce = exit_loss(lg, ids, cfg.dynamic_weights, final_logits, cfg.distill)
+                    loss = loss + weights[i] * li
+                    step_ce[i] += ce.double().cpu() / cfg.grad_accum
+                (loss / cfg.grad_accum).backward()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise EETuneError(f"out of memory at step {step + 1} with --batch-size {cfg.batch_size} x --seq-len "
+                          f"{cfg.seq_len}: lower --batch-size and raise --grad-accum to keep the global batch "
+                          f"(e.g. --batch-size {max(1, cfg.batch_size // 2)} --grad-accum "
+                          f"{cfg.grad_accum * 2}); {kept}") from None
+    if run.world > 1:
+        torch.distributed.all_reduce(step_ce)
+        step_ce /= run.world
+    params = [p for _, p in run.named]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
+    grad_norm = float(_full(grad_norm)) if torch.is_tensor(grad_norm) else float(grad_norm)
+    if not (torch.isfinite(step_ce).all() and math.isfinite(grad_norm)):
+        bad = [k for k, v in zip(layers, step_ce.tolist()) if not math.isfinite(v)] or ["gradient"]
+        raise EETuneError(f"non-finite loss at step {step + 1} (exit {bad[0]}): stopped, {run.out} not written, "
+                          f"{kept}; lower --lr or check the data, then --resume")
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens_seen += run.global_batch * cfg.seq_len
+    step_s = time.time() - t_step
+    run.train_loss = dict(zip(layers, step_ce.tolist()))
+    return {"step": run.step, "tokens": run.tokens_seen, "lr": lr,
+            "loss": sum(w * v for w, v in zip(weights, step_ce.tolist())),
+            **{f"loss_{k}": v for k, v in run.train_loss.items()}, "grad_norm": grad_norm, "step_s": step_s,
+            "tokens_per_s": run.global_batch * cfg.seq_len / step_s, "elapsed_s": run.wall_time()}
+
+
+def validate(run: TuneRun) -> tuple[dict[int, float], dict[int, float]]:
+    """(mean next-token CE per exit, top-1 agreement of each exit with the final layer) on the
+    held-out blocks; every rank runs all of them."""
+    cfg, layers, val = run.cfg, run.layers, run.val
+    n_train = run.train.shape[0]
+    sums, agree = [0.0] * len(layers), [0] * len(layers)
+    run.model.eval()
+    with torch.no_grad():
+        for j, a in enumerate(range(0, val.shape[0], cfg.batch_size)):
+            ids = val[a:a + cfg.batch_size].to(run.device)
+            hiddens, ctx, _ = trunk(run, ids, list(range(n_train + a, n_train + a + ids.shape[0])))
+            with run.autocast():
+                logits = run.heads_core(hiddens, ctx)
+            for i, lg in enumerate(logits):
+                sums[i] += exit_loss(lg, ids, False, None, 0.0)[1].item() * ids.shape[0]
+                agree[i] += (lg[:, :-1].argmax(-1) == run.val_final[j]).sum().item()
+    run.model.train()
+    n_pred = val.shape[0] * (cfg.seq_len - 1)
+    return ({k: s / val.shape[0] for k, s in zip(layers, sums)},
+            {k: a / n_pred for k, a in zip(layers, agree)})
+
+
+def _validation(run: TuneRun) -> dict:
+    """Validate now: the record --select compares (step, score, CE and agreement per exit)."""
+    run.val_loss, run.val_agree = validate(run)
+    return {"step": run.step, "score": selection_score(run.cfg.select, run.val_loss, run.val_agree),
+            "val_loss": {str(k): v for k, v in run.val_loss.items()},
+            "val_agreement": {str(k): v for k, v in run.val_agree.items()}}
+
+
+def _validate_and_select(run: TuneRun, row: dict) -> None:
+    """A validation during the run: logged in `row`; with --select agreement|ce, a copy of the
+    heads is kept when it is the best so far (every rank decides alike: same validation)."""
+    record = _validation(run)
+    row.update({f"val_{k}": v for k, v in run.val_loss.items()})
+    row.update({f"val_agree_{k}": v for k, v in run.val_agree.items()})
+    if run.cfg.select != "last" and (run.best is None or record["score"] > run.best["score"]):
+        run.best = record
+        run.best_heads = {name: _full(p).clone() for name, p in run.named}  # a copy, not a view
+
+
+def _log(run: TuneRun, row: dict, bar) -> None:
+    """Rank 0: append the row to log.csv (and TensorBoard); advance the progress bar."""
+    if run.rank == 0:
+        _append_log(run.train_dir / "log.csv", row, log_fields(run.layers))
+        if run.tb is not None:
+            for key, v in row.items():
+                if key != "step":
+                    run.tb.add_scalar(key, v, run.step)
+        bar.set_postfix({**{f"L{k}": f"{v:.3f}" for k, v in run.train_loss.items()},
+                         "tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
+    bar.update(1)
+
+
+def _checkpoint(run: TuneRun) -> Path | None:
+    """Write checkpoint `run.step` (every rank joins; rank 0 writes) and return its path."""
+    if run.cache is not None:
+        run.cache.flush()
+    state = {"step": run.step, "tokens": run.tokens_seen, "wall_time_s": run.wall_time(),
+             "settings": run.run_settings, "total_steps": run.total_steps, "train_loss": run.train_loss,
+             "best": run.best}
+    path = save_checkpoint(run.train_dir, run.step, run.named, run.opt, state, run.rank, run.best_heads)
+    run.last_good = path or run.last_good
+    if run.world > 1:
+        torch.distributed.barrier()
+    return path
+
+
+def _finish(run: TuneRun) -> dict:
+    """The final validation; with --select agreement|ce the best validated heads (the last
+    step's included) replace the last ones; the summary; gates when asked; the tuned exits
+    directory, written atomically by rank 0. Returns the summary."""
+    from .model import write_exits_dir
+
+    cfg, bb = run.cfg, run.model.backbone
+    last = _validation(run) if run.val.shape[0] else None
+    selected = last
+    if cfg.select != "last" and run.best is not None and last is not None and run.best["score"] > last["score"]:
+        selected = run.best
+        with torch.no_grad():
+            for name, p in run.named:
+                p.copy_(_like(run.best_heads[name], p))
+    summary = {"data": run.data_info, "steps": run.total_steps, "tokens": run.tokens_seen,
+               "wall_time_s": round(run.wall_time(), 3),
+               "train_loss": {str(k): v for k, v in run.train_loss.items()},
+               "val_loss": {str(k): v for k, v in run.val_loss.items()},
+               "val_agreement": {str(k): v for k, v in run.val_agree.items()},
+               "select": cfg.select, "selected": selected, "last": last,
+               "settings": run.run_settings, "world_size": run.world, "fsdp": bool(cfg.fsdp and run.world > 1),
+               "cache_hidden": bool(cfg.cache_hidden), "trunk_layers_held": run.trunk_layers_held,
+               "exits_from": _recorded_path(run.exits_dir)}
+    if run.exit_config.training:
+        summary["previous"] = run.exit_config.training
+    state = {name: _full(p) for name, p in run.named}  # every rank joins the gathers
+    gates = None
+    if run.rank == 0:
+        run.model.vocab_by_frequency = rank_vocabulary(run.train, bb.vocab_size)
+        if cfg.gates:  # one process (checked): fit to the heads just tuned
+            gates = _fit_gates(run.model, run.train, run.val, run.data_info, cfg, run.exits_dir)
+        write_exits_dir(run.out, run.exit_config.replace(training=summary, gates=gates), state,
+                        run.model.extra_tensors())
+        if run.tb is not None:
+            run.tb.close()
+    if run.world > 1:
+        torch.distributed.barrier()
+    return {**summary, "gates": gates} if gates else summary
+
+
 def _start_processes() -> tuple[int, int, torch.device, bool]:
     """(world size, rank, device, whether we started the process group): one process, or one
     per rank under torchrun (gloo on the CPU, NCCL on GPUs)."""
