@@ -10,8 +10,12 @@ training blocks and the same optimizer (AdamW, betas 0.9/0.95, clip 1.0, fp32):
   depth): `norm` with copied and with shared output embeddings, `mlp` and `layer` (copied output
   embeddings, the paper's default), and an epoch served from `--cache-hidden` (every hidden state
   already on disk, so no backbone layer is held or run) for `norm` copy and shared.
-Each configuration runs in a fresh process, so its peak resident memory (ru_maxrss) is its own.
-Step time is the median over the steps after the first. Prints one JSON line per configuration
+Each configuration runs in a fresh process (its exits are converted in another), so its peak
+resident memory is its own: peak RSS (VmHWM) above the process's RSS right after importing torch,
+transformers (with the model's modelling module), accelerate, safetensors and eetune (the
+baseline, also reported), so the ratios compare what each
+configuration allocates rather than the shared libraries. With the paper's LM loss (`--distill 0`,
+used here) tune loads the backbone only up to the deepest exit (partial loading). Step time is the median over the steps after the first. Prints one JSON line per configuration
 with its ratios to `full`, and writes them all with machine, versions and settings to
 benchmarks/results/tune_cost.json.
 """
@@ -41,8 +45,13 @@ CONFIGS = {  # name -> (arch, output embedding, served from the hidden-state cac
 EXITS = (10, 20)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: the peak, in KiB on Linux
 
 
 def run_full(args) -> dict:
@@ -83,9 +92,11 @@ def run_ee(args, name: str, work: Path) -> dict:
 
     arch, emb, cached = CONFIGS[name]
     exits = work / f"exits-{arch}-{emb}"
-    if not exits.exists():
-        assert main(["convert", "--model", "smollm2-135m", "--exits", ",".join(map(str, EXITS)), "--arch", arch,
-                     "--output-embedding", emb, "--out", str(exits)]) == 0
+    if args.convert_only:
+        if not exits.exists():
+            assert main(["convert", "--model", "smollm2-135m", "--exits", ",".join(map(str, EXITS)), "--arch",
+                         arch, "--output-embedding", emb, "--out", str(exits)]) == 0
+        return {}
     blocks = args.batch_size * args.steps
     cfg = TuneConfig(data="default", steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=1e-5,
                      val_blocks=1, max_blocks=blocks, progress=False, distill=0.0,  # the paper's LM loss
@@ -102,20 +113,31 @@ def run_ee(args, name: str, work: Path) -> dict:
 
 def child(args) -> None:
     import torch
+    import transformers  # noqa: F401 - part of the baseline
+
+    import eetune  # noqa: F401
+    from eetune.backbone import model_config
+    sys.path.insert(0, str(Path(__file__).parent))
+    from load_memory import import_model_code
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    import_model_code(model_config("smollm2-135m"))
+    baseline = proc_status_mb("VmRSS")
     work = Path(args.work)
     if args.one == "full":
         r = run_full(args)
     else:
         r = run_ee(args, args.one, work)
-    r["peak_rss_mb"] = peak_rss_mb()
+    peak = proc_status_mb("VmHWM")
+    r.update(peak_rss_mb=peak, baseline_rss_mb=baseline, peak_above_baseline_mb=peak - baseline)
     print("RESULT " + json.dumps(r))
 
 
-def spawn(args, name: str, work: Path) -> dict:
+def spawn(args, name: str, work: Path, convert_only: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--work", str(work), "--batch-size", str(args.batch_size),
            "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--threads", str(args.threads)]
+    cmd += ["--convert-only"] if convert_only else []
     p = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
@@ -133,6 +155,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tune_cost.json"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--convert-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         return child(args)
@@ -155,10 +178,12 @@ def main() -> None:
         full = spawn(args, "full", work)
         full_step = statistics.median(full["step_s"][1:])
         row = {"config": "full", "step_s": full_step, "peak_rss_mb": full["peak_rss_mb"],
+               "baseline_rss_mb": full["baseline_rss_mb"], "peak_above_baseline_mb": full["peak_above_baseline_mb"],
                "trainable_params": full["trainable_params"], "settings": settings}
         print(json.dumps(row), flush=True)
         rows.append(row)
         for name in args.configs.split(","):
+            spawn(args, name, work, convert_only=True)  # not measured
             if CONFIGS[name][2]:  # fill the cache first (one epoch over the same blocks), not measured
                 spawn(args, name, work)
             r = spawn(args, name, work)
@@ -166,7 +191,10 @@ def main() -> None:
             row = {"config": name, "arch": CONFIGS[name][0], "output_embedding": CONFIGS[name][1],
                    "from_cache": CONFIGS[name][2], "step_s": step, "peak_rss_mb": r["peak_rss_mb"],
                    "trainable_params": r["trainable_params"], "trunk_layers_held": r["trunk_layers_held"],
-                   "step_time_ratio": step / full_step, "peak_memory_ratio": r["peak_rss_mb"] / full["peak_rss_mb"],
+                   "baseline_rss_mb": r["baseline_rss_mb"], "peak_above_baseline_mb": r["peak_above_baseline_mb"],
+                   "step_time_ratio": step / full_step,
+                   "peak_memory_ratio": r["peak_above_baseline_mb"] / full["peak_above_baseline_mb"],
+                   "peak_rss_ratio": r["peak_rss_mb"] / full["peak_rss_mb"],
                    "settings": settings}
             print(json.dumps(row), flush=True)
             rows.append(row)

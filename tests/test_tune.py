@@ -130,6 +130,7 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path, mode):
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # they trained
     summary = json.loads((two / "exit_config.json").read_text())["training"]
     assert summary["world_size"] == 2 and summary["fsdp"] == (mode == "fsdp")
+    assert summary["trunk_layers_loaded"] == 3  # partial loading: layer 4 of 4 never loaded on either rank
 
 
 def test_bf16_run_starts_from_the_stored_fp32_heads(world, tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +227,51 @@ class Adapter:
             hidden = self.call_layer(self.layers[i], i, hidden, ctx, cache, i)
         return hidden
 
+    # --- partial loading -------------------------------------------------------------------
+    def is_loaded(self, i: int) -> bool:
+        return not isinstance(self.layers[i], ReleasedLayer)
+
+    def released_count(self) -> int:
+        """How many decoder layers are not in memory."""
+        return sum(not self.is_loaded(i) for i in range(self.num_layers))
+
+    def build_layer(self, i: int) -> nn.Module:
+        """A new decoder layer of index i (0-based) of this backbone's class, dtype and device,
+        with uninitialised weights (to be overwritten)."""
+        from accelerate import init_empty_weights
+
+        held = self.layers[i]
+        cls = held.layer_class if isinstance(held, ReleasedLayer) else type(held)
+        if cls is None:
+            raise EETuneError(f"cannot rebuild backbone layer {i + 1}: its class is unknown; reload the model whole")
+        ref = self.lm_head.weight
+        with init_empty_weights(include_buffers=False):
+            layer = cls(self.config, layer_idx=i)
+        for module in layer.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.device.type == "meta":
+                    module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=ref.dtype, device=ref.device),
+                                                            requires_grad=False)
+        return layer.to(device=ref.device).eval()
+
+    def layer_module(self, i: int) -> nn.Module:
+        """Decoder layer i (0-based): the one in memory, or, for a layer that partial loading left
+        out, a copy read from the model's safetensors files now (the caller drops it when done,
+        so streaming through the missing layers holds one of them at a time)."""
+        if self.is_loaded(i):
+            return self.layers[i]
+        path = getattr(self, "model_path", None)
+        files = _safetensors_files(path) if path else {}
+        if not files:
+            raise EETuneError(f"backbone layer {i + 1} is not loaded and {path} has no safetensors files to read it "
+                              f"from: load the model with all its layers")
+        layer = self.build_layer(i)
+        prefix = f"{layer_list_prefix(self.model)}.{i}."
+        names = {n: prefix + n for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
+                 if n in layer.state_dict()}
+        _read_into(layer, names, files, self.lm_head.weight.dtype, getattr(self.model, "base_model_prefix", ""))
+        return layer.to(self.lm_head.weight.device)
+
 
 class LlamaLikeAdapter(Adapter):
     family = "llama-like"
@@ -305,6 +351,22 @@ class GPT2Adapter(Adapter):
         return layer(hidden, past_key_values=cache, attention_mask=mask, use_cache=cache is not None)
 
 
+class ReleasedLayer(nn.Module):
+    """Stands in for a backbone layer that is not in memory: never loaded (`load_backbone(...,
+    up_to_layer=k)`) or freed (`EarlyExitModel.release_unused_layers`). It keeps the layer's
+    index and class, so an exit that needs a fresh layer of that kind can still build one, and
+    refuses to run."""
+
+    def __init__(self, index: int, layer_class: type | None = None):
+        super().__init__()
+        self.index = index
+        self.layer_class = layer_class
+
+    def forward(self, *args, **kwargs):
+        raise EETuneError(f"backbone layer {self.index + 1} is not loaded (partial loading, or released to save "
+                          f"memory): load the model with all its layers to run it")
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     """Pick the adapter for a loaded HF causal LM, or refuse it with a one-line reason."""
     model_type = getattr(model.config, "model_type", "?")
@@ -328,17 +390,29 @@ def check_supported_config(config) -> None:
             f"causal LM of type {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
-def fingerprint(model: nn.Module) -> str:
+def fingerprint(model: nn.Module, layers: int | None = None) -> str:
     """A short hash that identifies the backbone weights, independent of fp32/bf16 loading.
 
     For every tensor (sorted by name): its name, shape, and up to 4096 evenly strided values
     rounded to bf16. Cheap (milliseconds for 100M+ parameters) and sensitive to any different
-    checkpoint, fine-tune or architecture.
+    checkpoint, fine-tune or architecture. `layers=k` covers the embeddings, the final norm, the
+    LM head and decoder layers 1..k only (what a model loaded up to layer k holds), so exits can
+    be checked against a partially loaded backbone; None covers every layer.
     """
+    skip = None
+    if layers is not None:
+        prefix = layer_list_prefix(model)
+        skip = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         if not torch.is_floating_point(t):
             continue
+        if skip is not None:
+            m = skip.match(name)
+            if m and int(m.group(1)) >= layers:
+                continue
+        if t.device.type == "meta":
+            raise EETuneError(f"cannot fingerprint tensor {name}: it is not loaded")
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step][:4096].to(torch.bfloat16).view(torch.int16)
@@ -346,6 +420,15 @@ def fingerprint(model: nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(sample.cpu().numpy().tobytes())
     return "sha256:" + h.hexdigest()[:32]
+
+
+def layer_list_prefix(model: nn.Module) -> str:
+    """The name of the model's decoder-layer list in its state dict (model.layers, transformer.h)."""
+    layers = adapter_for(model).layers
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise EETuneError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
 DEFAULT_ALIAS = "smollm2-135m"
@@ -373,25 +456,16 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_backbone(source: str, dtype: str | torch.dtype = "fp32", revision: str | None = None,
-                  trust_remote_code: bool = False, device: str | torch.device = "cpu",
-                  allow_pickle: bool = False) -> Adapter:
-    """Load a causal LM and wrap it in its adapter, frozen and in eval mode.
-
-    `source` is a local HF directory, a `.gguf` file (converted once and cached), a hub id
-    (needs the network, or a copy in the local HF cache), or the alias `smollm2-135m` for the
-    embedded default. Unsupported architectures are refused before any weights load. Only
-    safetensors weights are loaded: pickled ones (`.bin`, `.pt`), which can run code when
-    unpickled, are refused unless `allow_pickle` (or EETUNE_ALLOW_PICKLE=1) says they are trusted.
-    """
+def _resolve_source(source: str, revision: str | None) -> tuple[str, str]:
+    """(what transformers loads: a local directory or a hub id, what exits record as the base
+    model). The default alias and .gguf files resolve to their converted safetensors copies."""
     import os
     from pathlib import Path
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from . import defaults
 
-    torch_dtype = _resolve_dtype(dtype)
     recorded = source
     if source == DEFAULT_ALIAS:
         path = str(defaults.default_model_dir())
@@ -417,13 +491,56 @@ def load_backbone(source: str, dtype: str | torch.dtype = "fp32", revision: str 
                 raise EETuneError(
                     f"model {source!r} is neither a local path nor in the local Hugging Face cache, and the hub "
                     f"is unreachable (offline): pass a local directory, a .gguf file or '{DEFAULT_ALIAS}'") from None
+    return path, recorded
+
+
+def _read_config(path: str, source: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except EETuneError:
         raise
     except Exception as e:  # noqa: BLE001 - turn HF's multi-line errors into one line
         raise EETuneError(f"cannot read the model config of {source!r}: {str(e).splitlines()[0]}") from None
+
+
+def model_config(source: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The HF config of what `load_backbone(source)` would load, without loading any weights
+    (refusing unsupported architectures)."""
+    path, _ = _resolve_source(source, revision)
+    config = _read_config(path, source, revision, trust_remote_code)
+    check_supported_config(config)
+    return config
+
+
+def load_backbone(source: str, dtype: str | torch.dtype = "fp32", revision: str | None = None,
+                  trust_remote_code: bool = False, device: str | torch.device = "cpu",
+                  allow_pickle: bool = False, up_to_layer: int | None = None,
+                  also_layers: tuple[int, ...] = ()) -> Adapter:
+    """Load a causal LM and wrap it in its adapter, frozen and in eval mode.
+
+    Partial loading: `up_to_layer=k` holds only the embeddings, decoder layers 1..k (plus the
+    0-based indices in `also_layers`), the final norm and the LM head; the other layers are
+    `ReleasedLayer` placeholders, so numbering and per-layer attention types are unchanged.
+    From a directory of safetensors (the default model and converted GGUF files included) the
+    model is built on the meta device and only those tensors are read, one by one; the other
+    layers are never materialised. A hub id or pickled weights are loaded whole and the other
+    layers freed (peak memory: the whole model).
+
+    `source` is a local HF directory, a `.gguf` file (converted once and cached), a hub id
+    (needs the network, or a copy in the local HF cache), or the alias `smollm2-135m` for the
+    embedded default. Unsupported architectures are refused before any weights load. Only
+    safetensors weights are loaded: pickled ones (`.bin`, `.pt`), which can run code when
+    unpickled, are refused unless `allow_pickle` (or EETUNE_ALLOW_PICKLE=1) says they are trusted.
+    """
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _resolve_dtype(dtype)
+    path, recorded = _resolve_source(source, revision)
+    config = _read_config(path, source, revision, trust_remote_code)
     check_supported_config(config)
     allow_pickle = allow_pickle or os.environ.get("EETUNE_ALLOW_PICKLE") == "1"
     pickled = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -433,6 +550,22 @@ def load_backbone(source: str, dtype: str | torch.dtype = "fp32", revision: str 
             raise EETuneError(f"{source} holds only pickled weights ({sorted(f for f in files if f.endswith(pickled))[0]}"
                               f"), which can run code when loaded: convert them to safetensors, or pass "
                               f"--allow-pickle (EETUNE_ALLOW_PICKLE=1) if you trust them")
+    n_layers = getattr(config, "num_hidden_layers", None)
+    wanted = None
+    if up_to_layer is not None:
+        if isinstance(up_to_layer, bool) or not isinstance(up_to_layer, int) or not 0 <= up_to_layer <= n_layers:
+            raise EETuneError(f"up_to_layer {up_to_layer!r} is outside the model: {source} has {n_layers} layers; "
+                              f"give 0..{n_layers}")
+        bad = [i for i in also_layers if not 0 <= i < n_layers]
+        if bad:
+            raise EETuneError(f"layer index {bad[0]} is outside the model: {source} has {n_layers} layers")
+        wanted = set(range(up_to_layer)) | set(also_layers)
+        if len(wanted) == n_layers:
+            wanted = None  # every layer: a plain load
+    if wanted is not None and os.path.isdir(path) and _safetensors_files(path):
+        model = _load_partial(path, config, torch_dtype, wanted, trust_remote_code)
+        model.to(device)
+        return _wrap(model, recorded, revision, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code,
@@ -443,7 +576,16 @@ def load_backbone(source: str, dtype: str | torch.dtype = "fp32", revision: str 
         raise EETuneError(f"no safetensors weights for {source!r} ({str(e).splitlines()[0][:100]}): eetune loads "
                           f"safetensors only; pass --allow-pickle (EETUNE_ALLOW_PICKLE=1) to trust pickled "
                           f"weights") from None
+    if wanted is not None:  # loaded whole (a hub id or pickled weights): free what was not asked for
+        layers = adapter_for(model).layers
+        for i in range(len(layers)):
+            if i not in wanted:
+                layers[i] = ReleasedLayer(i, type(layers[i]))
     model.to(device)
+    return _wrap(model, recorded, revision, path)
+
+
+def _wrap(model: nn.Module, recorded: str, revision: str | None, path: str) -> Adapter:
     model.eval()
     model.requires_grad_(False)
     adapter = adapter_for(model)
@@ -451,6 +593,78 @@ def load_backbone(source: str, dtype: str | torch.dtype = "fp32", revision: str 
     adapter.revision = revision
     adapter.model_path = path
     return adapter
+
+
+def _safetensors_files(path: str) -> dict[str, str]:
+    """{tensor name: file} of a directory's safetensors weights (sharded with an index, or one
+    model.safetensors); {} when there are none."""
+    import json
+    import os
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    return {}
+
+
+def _read_into(root: nn.Module, names: dict[str, str], files: dict[str, str], dtype: torch.dtype,
+               base_prefix: str) -> None:
+    """Set the tensors `names` ({name in root: name in the checkpoint}) of `root` from the
+    safetensors `files` ({checkpoint name: file}), one tensor at a time, floating ones cast to
+    `dtype`. A checkpoint may store names without the model's base prefix (GPT-2's
+    `h.0...` for `transformer.h.0...`); names found in neither form are left as they are."""
+    from safetensors import safe_open
+
+    strip = base_prefix + "." if base_prefix else None
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for name, key in names.items():
+        if key not in files and strip and key.startswith(strip) and key[len(strip):] in files:
+            key = key[len(strip):]
+        if key in files:
+            by_file.setdefault(files[key], []).append((name, key))
+    for file, items in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name, key in items:
+                t = f.get_tensor(key)
+                if torch.is_floating_point(t):
+                    t = t.to(dtype)
+                module_name, _, attr = name.rpartition(".")
+                module = root.get_submodule(module_name)
+                if attr in module._parameters:
+                    module._parameters[attr] = nn.Parameter(t, requires_grad=False)
+                else:
+                    module._buffers[attr] = t
+
+
+def _load_partial(path: str, config, dtype: torch.dtype, wanted: set[int], trust_remote_code: bool) -> nn.Module:
+    """The model of `path` with only the decoder layers in `wanted` (0-based) materialised: built
+    on the meta device (buffers such as rotary frequencies are computed for real), then every
+    tensor it still needs read from the safetensors files one at a time and cast to `dtype`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    layers = adapter_for(model).layers
+    for i in range(len(layers)):
+        if i not in wanted:
+            layers[i] = ReleasedLayer(i, type(layers[i]))  # its meta tensors go with it
+    names = {n: n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+             if t.device.type == "meta"}
+    _read_into(model, names, _safetensors_files(path), dtype, getattr(model, "base_model_prefix", ""))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # the LM head is the (loaded) input embedding
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if missing:
+        raise EETuneError(f"{path}: tensor {missing[0]} is not in its safetensors files: give a complete model "
+                          f"directory")
+    return model
 
 
 def load_tokenizer(adapter: Adapter):

@@ -48,14 +48,20 @@ def add_convert(sub):
 def cmd_convert(args):
     from pathlib import Path
 
-    from .backbone import load_backbone
-    from .config import parse_exit_layers
+    from .backbone import load_backbone, model_config
+    from .config import ExitConfig, parse_exit_layers
     from .model import EarlyExitModel, check_output_dir
 
     check_output_dir(Path(args.out))  # refuse before the (slow) model load
+    config = model_config(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    depth = config.num_hidden_layers
+    layers = parse_exit_layers(args.exits, depth)
+    ExitConfig(exit_layers=layers, num_layers=depth, arch=args.arch)  # validates the layers before loading
+    # Partial loading: the layers up to the deepest exit (and the last one, which `layer` exits copy).
+    also = (depth - 1,) if args.arch == "layer" and args.init == "copy" else ()
     backbone = load_backbone(args.model, dtype=args.dtype, revision=args.revision,
-                             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    layers = parse_exit_layers(args.exits, backbone.num_layers)
+                             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                             up_to_layer=max(layers), also_layers=also)
     model = EarlyExitModel.convert(backbone, layers, arch=args.arch, init=args.init,
                                    output_embedding=args.output_embedding)
     model.save_pretrained(args.out)
@@ -505,8 +511,57 @@ def cmd_scan(args):
             print("plot skipped: matplotlib is not installed (pip install 'eetune[bench]', or pass --no-plot)")
 
 
+# --- plan ----------------------------------------------------------------------------------
+def add_plan(sub):
+    p = sub.add_parser("plan", help="memory per rank of tuning or decoding, from the model's config.json alone",
+                       description="Plan memory before running: parameter bytes of the trunk up to the deepest exit "
+                                   "(the whole trunk when distillation or decoding needs it), embeddings, exit heads, "
+                                   "their gradients and AdamW state, activations of a batch, and the KV cache when "
+                                   "decoding; per rank, with FSDP sharding over --ranks. Reads config.json only (no "
+                                   "weights, no network); says whether it fits --mem-per-rank and the smallest "
+                                   "number of ranks that does.")
+    p.add_argument("model", help="local HF model directory, its config.json, or 'smollm2-135m' (the embedded default)")
+    p.add_argument("--exits", required=True,
+                   help="exit positions: 1-based layers ('after layer k', e.g. 10,20) or fractions of depth (0.33,0.67)")
+    p.add_argument("--mode", default="tune", choices=["tune", "decode"], help="what to plan (default tune)")
+    p.add_argument("--arch", default="norm", choices=["embedding", "norm", "mlp", "layer"],
+                   help="exit head architecture (default: norm)")
+    p.add_argument("--output-embedding", default="copy", choices=["copy", "shared"],
+                   help="own trainable LM-head copy per exit (default) or share the frozen backbone head")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="backbone weights and compute dtype (default fp32; tune keeps the heads in fp32)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="blocks per micro-batch per rank, as `eetune tune --batch-size` (default 8); decode: prompts "
+                        "(default 1)")
+    p.add_argument("--seq-len", type=int, default=512, help="tune: tokens per block (default 512)")
+    p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
+                   help="tune: distillation weight (default: tune's, 1 = the whole trunk is held for the final "
+                        "layer's logits; 0 = the trunk up to the deepest exit only)")
+    p.add_argument("--prompt-len", type=int, default=128, help="decode: prompt tokens (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="decode: new tokens (default 128)")
+    p.add_argument("--ranks", type=int, default=1, help="tune: processes under torchrun, FSDP (default 1)")
+    p.add_argument("--mem-per-rank", type=float, default=None, metavar="GIB",
+                   help="memory of one rank (GPU or host) in GiB: say whether the plan fits and the fewest ranks "
+                        "that do")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args):
+    from .plan import format_plan, plan
+
+    result = plan(args.model, args.exits, mode=args.mode, arch=args.arch, output_embedding=args.output_embedding,
+                  dtype=args.dtype, distill=args.distill, batch_size=args.batch_size, seq_len=args.seq_len,
+                  ranks=args.ranks, mem_per_rank_gib=args.mem_per_rank, prompt_len=args.prompt_len,
+                  max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(format_plan(result))
+
+
 # --- entry point ---------------------------------------------------------------------------
-VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate, add_scan]
+VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate, add_scan, add_plan]
 
 
 class _Parser(argparse.ArgumentParser):

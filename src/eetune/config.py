@@ -35,6 +35,8 @@ class ExitConfig:
     revision: str | None = None  # hub revision of the base model, if any
     model_type: str = ""  # HF model_type of the backbone (llama, gpt2, ...)
     backbone_fingerprint: str = ""  # backbone.fingerprint() of the weights the exits belong to
+    fingerprint_layers: int | None = None  # the decoder layers (1..k) that fingerprint covers, beside the
+    #                                        embeddings, final norm and LM head; None: every layer (before 0.x)
     eetune_version: str = field(default_factory=_version)
     training: dict | None = None  # summary written by `eetune tune` (tokens, time, losses, data)
     gates: dict | None = None  # summary written by `eetune tune --gates` (data, held-out precision/coverage)
@@ -58,6 +60,9 @@ class ExitConfig:
             raise EETuneError(f"exit layers {list(self.exit_layers)} are not ascending: list them in depth order")
         if self.arch not in ARCHS:
             raise EETuneError(f"unknown exit architecture {self.arch!r}: use one of {', '.join(ARCHS)}")
+        fl = self.fingerprint_layers
+        if fl is not None and (isinstance(fl, bool) or not isinstance(fl, int) or not 0 <= fl <= L):
+            raise EETuneError(f"fingerprint_layers {fl!r} is not a layer count of a {L}-layer model")
         if self.init not in INITS:
             raise EETuneError(f"unknown init {self.init!r}: use one of {', '.join(INITS)}")
         if self.output_embedding not in OUTPUT_EMBEDDINGS:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .backbone import Adapter, LayerCache, LayerContext
+from .errors import EETuneError
 
 ARCHS = ("embedding", "norm", "mlp", "layer")
 INITS = ("copy", "random")
@@ -53,7 +54,10 @@ def _reset_random(module: nn.Module, norm_is_offset: bool, std: float = 0.02) ->
 class ExitHead(nn.Module):
     """One exit after backbone layer `layer` (1-based)."""
 
-    def __init__(self, adapter: Adapter, layer: int, arch: str, init: str, output_embedding: str):
+    def __init__(self, adapter: Adapter, layer: int, arch: str, init: str, output_embedding: str,
+                 structure_only: bool = False):
+        """`structure_only`: the weights are about to be overwritten (loading saved heads), so a
+        `layer` exit on a backbone whose last layer is not loaded gets a fresh layer to hold them."""
         super().__init__()
         self.layer, self.arch, self.output_embedding = layer, arch, output_embedding
         self._adapter = [adapter]  # a list: not registered as a submodule, never saved
@@ -63,7 +67,14 @@ class ExitHead(nn.Module):
         if arch == "mlp":
             self.mlp = nn.ModuleList(copy.deepcopy(m) for m in adapter.mlp_block(layer - 1))
         if arch == "layer":
-            self.block = copy.deepcopy(adapter.layers[adapter.num_layers - 1])
+            last = adapter.num_layers - 1
+            if adapter.is_loaded(last):
+                self.block = copy.deepcopy(adapter.layers[last])
+            elif structure_only or init == "random":
+                self.block = adapter.build_layer(last)
+            else:
+                raise EETuneError(f"a `layer` exit copies the backbone's last layer ({last + 1}), which is not "
+                                  f"loaded: load it too (convert does), or use --init random")
         if output_embedding == "copy":
             head = adapter.lm_head
             self.out = nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=False,

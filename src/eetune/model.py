@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .backbone import Adapter, fingerprint, load_backbone
+from .backbone import Adapter, ReleasedLayer, fingerprint, load_backbone  # noqa: F401 (ReleasedLayer re-exported)
 from .config import CONFIG_NAME, WEIGHTS_NAME, ExitConfig
 from .errors import EETuneError
 from .heads import ExitHead
@@ -69,11 +69,12 @@ class EarlyExitModel(nn.Module):
             raise EETuneError("an `embedding` exit with a shared output embedding has no trainable parameters (it is "
                               "the frozen LM head on the raw hidden state): use --output-embedding copy, or --arch "
                               "norm, mlp or layer")
+        deepest = max(exit_layers)  # the fingerprint covers what a partial load of these exits holds
         config = ExitConfig(
             exit_layers=tuple(exit_layers), num_layers=backbone.num_layers, arch=arch, init=init,
             output_embedding=output_embedding, base_model=getattr(backbone, "source", ""),
             revision=getattr(backbone, "revision", None), model_type=backbone.config.model_type,
-            backbone_fingerprint=fingerprint(backbone.model))
+            backbone_fingerprint=fingerprint(backbone.model, layers=deepest), fingerprint_layers=deepest)
         heads = nn.ModuleList(ExitHead(backbone, k, arch, init, output_embedding) for k in config.exit_layers)
         return cls(backbone, config, heads)
 
@@ -112,8 +113,8 @@ class EarlyExitModel(nn.Module):
         final_logits = None
         if final:
             if self.released_from is not None:
-                raise EETuneError(f"layers past {self.released_from} were released (release_unused_layers): "
-                                  f"final logits need the full backbone; reload the model")
+                raise EETuneError(f"backbone layers from {self.released_from + 1} on are not loaded (partial "
+                                  f"loading, or released): final logits need the full backbone; reload the model")
             with torch.no_grad():
                 h = bb.run_layers(h, done, bb.num_layers, ctx)
                 final_logits = bb.logits(bb.final_norm(h))
@@ -122,7 +123,8 @@ class EarlyExitModel(nn.Module):
     # --- memory economy --------------------------------------------------------------------
     @property
     def released_from(self) -> int | None:
-        return getattr(self, "_released_from", None)
+        """The first backbone layer (0-based) not in memory (partial loading, or released), or None."""
+        return next((i for i in range(self.backbone.num_layers) if not self.backbone.is_loaded(i)), None)
 
     def release_unused_layers(self, start: int | None = None) -> int:
         """Free the backbone layers past the deepest exit (the paper's partial loading): a run
@@ -135,9 +137,8 @@ class EarlyExitModel(nn.Module):
         freed = 0
         for i in range(deepest, len(layers)):
             if not isinstance(layers[i], ReleasedLayer):
-                layers[i] = ReleasedLayer(i)
+                layers[i] = ReleasedLayer(i, type(layers[i]))
                 freed += 1
-        self._released_from = deepest
         return freed
 
     # --- parameters --------------------------------------------------------------------------
@@ -183,9 +184,14 @@ class EarlyExitModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, backbone: Adapter | None = None,
-                        dtype: str | torch.dtype = "fp32", device: str = "cpu") -> "EarlyExitModel":
+                        dtype: str | torch.dtype = "fp32", device: str = "cpu",
+                        partial: bool = False) -> "EarlyExitModel":
         """Load an exits directory onto `backbone` (default: the base model its config names),
-        refusing a backbone whose weights differ from the ones the exits were made for."""
+        refusing a backbone whose weights differ from the ones the exits were made for.
+
+        `partial=True` loads the base model only up to the deepest exit (`load_backbone(...,
+        up_to_layer=k)`): enough for the exits' logits, not for the final layer's. Exits whose
+        fingerprint covers more layers (made before partial loading) load those too."""
         directory = Path(directory)
         config = ExitConfig.load(directory)
         weights = directory / WEIGHTS_NAME
@@ -194,15 +200,25 @@ class EarlyExitModel(nn.Module):
         if backbone is None:
             if not config.base_model:
                 raise EETuneError(f"{directory}/{CONFIG_NAME} names no base model: pass the backbone explicitly")
-            backbone = load_backbone(config.base_model, dtype=dtype, revision=config.revision, device=device)
+            up_to = None
+            if partial:
+                covered = config.num_layers if config.fingerprint_layers is None else config.fingerprint_layers
+                up_to = max(max(config.exit_layers), covered)
+            backbone = load_backbone(config.base_model, dtype=dtype, revision=config.revision, device=device,
+                                     up_to_layer=up_to)
         if backbone.num_layers != config.num_layers:
             raise EETuneError(f"backbone has {backbone.num_layers} layers but the exits in {directory} were made for "
                               f"{config.num_layers}: load them on their base model {config.base_model!r}")
-        fp = fingerprint(backbone.model)
+        covered = config.fingerprint_layers
+        if covered is not None and any(not backbone.is_loaded(i) for i in range(covered)) or \
+                covered is None and config.backbone_fingerprint and backbone.released_count():
+            raise EETuneError(f"the backbone lacks layers the fingerprint of {directory} covers "
+                              f"({covered or config.num_layers}): load more of the model")
+        fp = fingerprint(backbone.model, layers=covered)
         if config.backbone_fingerprint and fp != config.backbone_fingerprint:
             raise EETuneError(f"backbone weights do not match the exits in {directory} (fingerprint {fp} != "
                               f"{config.backbone_fingerprint}): load them on their base model {config.base_model!r}")
-        heads = nn.ModuleList(ExitHead(backbone, k, config.arch, "copy", config.output_embedding)
+        heads = nn.ModuleList(ExitHead(backbone, k, config.arch, "copy", config.output_embedding, structure_only=True)
                               for k in config.exit_layers)
         state = read_heads(weights)
         extra = {k: state.pop(k) for k in list(state) if k.startswith(GATE_PREFIX) or k == VOCAB_KEY}
@@ -268,17 +284,6 @@ class EarlyExitModel(nn.Module):
         `options` (mode, threshold, ...) from here. Returns prompt + new ids, right-padded."""
         from .decode import custom_generate_fn
         return custom_generate_fn(self, options)
-
-
-class ReleasedLayer(nn.Module):
-    """Stands in for a backbone layer freed by `release_unused_layers`; refuses to run."""
-
-    def __init__(self, index: int):
-        super().__init__()
-        self.index = index
-
-    def forward(self, *args, **kwargs):
-        raise EETuneError(f"backbone layer {self.index + 1} was released to save memory: reload the model to run it")
 
 
 GATE_PREFIX = "gate."  # gate.<layer>.weight / .bias in exit_heads.safetensors

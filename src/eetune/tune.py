@@ -545,7 +545,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         if rank == 0:
             locks = _take_locks(out, train_dir)
         resume_from = _checkpoint_to_resume(train_dir, cfg)
-        model = _load_for_tuning(exits_dir, exit_config, cfg, backbone, device, rank)
+        model = _load_in_turns(exits_dir, exit_config, cfg, backbone, device, world, rank)
         run = _setup(model, exits_dir, out, train_dir, exit_config, cfg, world, rank, device,
                      caller_backbone=backbone is not None)
         if cfg.resume:
@@ -603,7 +603,8 @@ class TuneRun:
     opt: torch.optim.Optimizer
     total_steps: int
     run_settings: dict  # what --resume checks
-    trunk_layers_held: int
+    trunk_layers_held: int  # decoder layers in memory while training
+    trunk_layers_loaded: int  # decoder layers loaded at all (partial loading: up to the deepest exit)
     step: int = 0
     tokens_seen: int = 0
     prior_time: float = 0.0  # wall time of the steps before a resume
@@ -671,6 +672,7 @@ def _setup(model, exits_dir: Path, out: Path, train_dir: Path, exit_config: Exit
     from .model import ReleasedLayer
 
     layers = exit_config.exit_layers
+    loaded = model.backbone.num_layers - model.backbone.released_count()  # before anything is released
     if world > 1 and rank != 0:
         torch.distributed.barrier()
     train, val, data_info = train_val_blocks(cfg.data, load_tokenizer(model.backbone), cfg.seq_len, cfg.val_blocks,
@@ -710,6 +712,7 @@ def _setup(model, exits_dir: Path, out: Path, train_dir: Path, exit_config: Exit
                    rank=rank, device=device, model=model, train=train, val=val, data_info=data_info,
                    val_final=val_final, cache=cache, heads_core=heads_core, heads_train=heads_train, named=named,
                    opt=opt, total_steps=total_steps, run_settings=run_settings, trunk_layers_held=held,
+                   trunk_layers_loaded=loaded,
                    train_loss={k: float("nan") for k in layers})
 
 
@@ -926,6 +929,7 @@ def _finish(run: TuneRun) -> dict:
                "select": cfg.select, "selected": selected, "last": last,
                "settings": run.run_settings, "world_size": run.world, "fsdp": bool(cfg.fsdp and run.world > 1),
                "cache_hidden": bool(cfg.cache_hidden), "trunk_layers_held": run.trunk_layers_held,
+               "trunk_layers_loaded": run.trunk_layers_loaded,
                "exits_from": _recorded_path(run.exits_dir)}
     if run.exit_config.training:
         summary["previous"] = run.exit_config.training
@@ -977,11 +981,30 @@ def _take_locks(out: Path, train_dir: Path) -> list:
     return locks
 
 
+def _load_in_turns(exits_dir: Path, exit_config: ExitConfig, cfg: TuneConfig, backbone, device, world: int,
+                   rank: int):
+    """`_load_for_tuning` on every rank; with --fsdp the ranks take turns (rank 0 first), so one
+    host never has two ranks in the middle of loading. The weights are memory-mapped from the
+    safetensors files, so ranks on one host share the page cache's single copy of them, and
+    FSDP2 then keeps each rank's own shard (`_wrap_parallel`)."""
+    if world == 1 or not cfg.fsdp:
+        return _load_for_tuning(exits_dir, exit_config, cfg, backbone, device, rank)
+    model = None
+    for turn in range(world):
+        if turn == rank:
+            model = _load_for_tuning(exits_dir, exit_config, cfg, backbone, device, rank)
+        torch.distributed.barrier()
+    return model
+
+
 def _load_for_tuning(exits_dir: Path, exit_config: ExitConfig, cfg: TuneConfig, backbone, device, rank: int):
     """The exits directory's model with its heads in fp32 as stored and trainable, gates dropped."""
     from .model import EarlyExitModel
 
-    model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device))
+    # Partial loading when no step needs the final layer: the backbone up to the deepest exit only.
+    partial = cfg.distill == 0 and not cfg.gates
+    model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device),
+                                           partial=partial)
     model.heads.float()
     # The stored heads at full precision: a bf16 backbone builds its copied modules in bf16,
     # and loading fp32 weights into those would round them before this cast back to fp32.
@@ -1003,17 +1026,25 @@ def _load_for_tuning(exits_dir: Path, exit_config: ExitConfig, cfg: TuneConfig, 
 @torch.no_grad()
 def _final_top1(bb, val: torch.Tensor, batch_size: int, device, autocast) -> list[torch.Tensor]:
     """The final layer's top-1 at every position but the last of the held-out blocks, per batch:
-    what validation measures each exit's agreement against (computed once, whole trunk)."""
-    out = []
+    what validation measures each exit's agreement against (computed once). The held-out
+    blocks go through the layers in memory, then through each layer that partial loading left
+    out, read from disk one at a time and dropped (peak memory: one extra layer)."""
     positions = torch.arange(val.shape[1], device=device)
+    first_missing = next((i for i in range(bb.num_layers) if not bb.is_loaded(i)), bb.num_layers)
+    states = []
     with autocast():
         for a in range(0, val.shape[0], batch_size):
             ids = val[a:a + batch_size].to(device)
             pos = positions.expand(ids.shape[0], -1)
             h = bb.embed(ids, pos)
-            h = bb.run_layers(h, 0, bb.num_layers, bb.context(h, pos))
-            out.append(bb.logits(bb.final_norm(h))[:, :-1].argmax(-1))
-    return out
+            ctx = bb.context(h, pos)
+            states.append([bb.run_layers(h, 0, first_missing, ctx), ctx])
+        for i in range(first_missing, bb.num_layers):
+            layer = bb.layer_module(i)
+            for state in states:
+                state[0] = bb.call_layer(layer, i, state[0], state[1])
+            del layer
+        return [bb.logits(bb.final_norm(h))[:, :-1].argmax(-1) for h, _ in states]
 
 
 def _wrap_parallel(model, cfg: TuneConfig, world: int, device) -> tuple[nn.Module, nn.Module]:
@@ -1026,7 +1057,10 @@ def _wrap_parallel(model, cfg: TuneConfig, world: int, device) -> tuple[nn.Modul
         mesh = init_device_mesh(device.type, (world,))
         for layer in model.backbone.layers:
             if sum(p.numel() for p in layer.parameters()):
-                fully_shard(layer, mesh=mesh)
+                # Each frozen layer is an FSDP root of its own, and a root keeps its all-gathered
+                # weights after forward unless told otherwise (no backward would free them): every
+                # rank would hold the whole trunk after the first step.
+                fully_shard(layer, mesh=mesh, reshard_after_forward=True)
         fully_shard(heads_core, mesh=mesh)
         return heads_core, heads_core
     if world > 1:

@@ -1,0 +1,524 @@
+"""Memory planner: how much memory `eetune tune` or decoding needs per rank, before running it.
+
+    eetune plan smollm2-135m --exits 10,20 --arch mlp --output-embedding shared
+    eetune plan llama-2-70b/ --exits 20 --dtype bf16 --distill 0 --ranks 4 --mem-per-rank 80
+    eetune plan smollm2-135m --exits 10,20 --mode decode --batch-size 1 --prompt-len 512 --json
+
+    from eetune.plan import plan, format_plan
+    print(format_plan(plan("model_dir", "20", dtype="bf16", distill=0.0, ranks=4, mem_per_rank_gib=80)))
+
+Everything comes from the model's `config.json` alone; no weight is read. The model is built on
+PyTorch's meta device (shapes without storage), so parameter counts are exact for every family the
+backbone adapters support, and the exit heads are counted by building `eetune.heads.ExitHead` on
+it, exactly as `convert` builds them.
+
+What a tune step holds per rank (`plan_memory` spells out each term):
+- the frozen trunk: decoder layers 1..k, k the deepest exit (all of them when distillation or
+  decoding needs the final layer), plus embeddings, final norm and LM head, in the backbone dtype;
+- the heads in fp32 (tune casts them: no separate fp32 master copy), their gradients, and AdamW's
+  two fp32 moments; with `ranks > 1`, FSDP2 shards the trunk layers and the heads (not the
+  embeddings), and all-gathers one layer, and the heads' parameters and gradients, to compute;
+- activations: the hidden state at every exit, and the (batch, seq, vocab) buffers the loss
+  materialises, which dominate: each exit's logits, their shifted fp32 copy, log-softmax and its
+  gradient (three more with distillation, plus the final layer's logits). The counts follow the
+  tensors `tune.exit_loss` and autograd keep alive, checked against measured peak RSS
+  (tests/test_plan.py, benchmarks/plan_check.py);
+- decoding (`mode="decode"`): the whole model, the heads in the backbone dtype, the lean engine's
+  static KV cache (`layers x 2 x batch x slots x kv_heads x head_dim`, slots = prompt + new tokens +
+  the engine's self-spec slack) and the prefill's activations.
+
+The peak is the steady state after loading. `load_peak_bytes` is what loading costs: tune with
+`--distill 0` loads only layers 1..k (partial loading, `load_backbone(..., up_to_layer=k)`);
+distillation, gates and decoding load the whole model.
+Not counted: the CUDA context and allocator fragmentation on a GPU (about 1 GiB), the tokenizer,
+data and Python objects (tens of MiB).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import EETuneError
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+# The embedded default model's config (SmolLM2-135M-Instruct as eetune.defaults converts it), used
+# only when the converted copy is not in the cache yet: planning never downloads anything.
+SMOLLM2_135M = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+    "vocab_size": 49152, "tie_word_embeddings": True, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+    "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+}
+
+# Keys a config must have, per family (GPT-2 spells them its own way; either spelling is accepted).
+REQUIRED = {
+    "llama-like": (("hidden_size",), ("num_hidden_layers",), ("num_attention_heads",), ("intermediate_size",),
+                   ("vocab_size",)),
+    "gpt2": (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"),
+             ("vocab_size",)),
+}
+ENGINE_SLACK = 4  # eetune.engine.run: capacity = prompt + new tokens + 2 * draft_len + 4
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+# --- the model, from its config ---------------------------------------------------------------
+def read_config(model: str) -> tuple[dict, str]:
+    """(config.json as a dict, a name for it) for a local HF directory, a path to a config.json, or
+    'smollm2-135m' (the embedded default: its cached converted config, else the known shape).
+    Refuses, in one line, anything it cannot read or that eetune does not support."""
+    from .backbone import DEFAULT_ALIAS, SUPPORTED_MODEL_TYPES
+
+    if model == DEFAULT_ALIAS:
+        from .defaults import MODEL_DIRNAME, cache_dir
+        path = cache_dir() / "models" / MODEL_DIRNAME / "config.json"
+        if not path.is_file():
+            return dict(SMOLLM2_135M), "SmolLM2-135M-Instruct (smollm2-135m)"
+        name = "SmolLM2-135M-Instruct (smollm2-135m)"
+    else:
+        path = Path(model)
+        if path.is_dir():
+            path = path / "config.json"
+            if not path.is_file():
+                raise EETuneError(f"{model} has no config.json: give a Hugging Face model directory, its "
+                                  f"config.json, or '{DEFAULT_ALIAS}'")
+        elif str(model).endswith(".gguf"):
+            raise EETuneError("plan reads a config.json, not a .gguf file: give the directory `eetune convert` "
+                              "made from it (or the model's Hugging Face directory)")
+        elif not path.is_file():
+            raise EETuneError(f"model config not found: {model}: give a local model directory, a config.json or "
+                              f"'{DEFAULT_ALIAS}' (plan never contacts the hub)")
+        name = str(model)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise EETuneError(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise EETuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): give the model's "
+                          f"config.json") from None
+    if not isinstance(config, dict):
+        raise EETuneError(f"{path} holds a JSON {type(config).__name__}, not a model config object")
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise EETuneError(f"{path} has no model_type: give a Hugging Face model config")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = (config.get("architectures") or [model_type])[0]
+        raise EETuneError(f"unsupported architecture {arch!r} (model_type {model_type!r}): eetune plans for causal "
+                          f"LMs of type {', '.join(SUPPORTED_MODEL_TYPES)}")
+    family = "gpt2" if model_type == "gpt2" else "llama-like"
+    for spellings in REQUIRED[family]:
+        value = next((config[k] for k in spellings if k in config), None)
+        if value is None:
+            raise EETuneError(f"{path} lacks {' / '.join(spellings)}: a {model_type} config needs it to size the "
+                              f"model")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EETuneError(f"{path}: {spellings[0]} is {value!r}, not a positive integer")
+    return config, name
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs to know about a model and its exits (parameter counts exact)."""
+
+    name: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_params: tuple[int, ...]  # per decoder layer
+    embedding_params: int  # token (and position) embeddings; the LM head too when tied to them
+    final_norm_params: int
+    lm_head_params: int  # 0 when tied to the token embeddings
+    buffer_bytes: int  # non-parameter buffers (rotary tables ...), at their own dtypes
+    tied: bool
+    exit_layers: tuple[int, ...]
+    arch: str
+    output_embedding: str
+    head_params: dict[int, int]  # exit layer -> its head's parameters
+    head_largest: int  # the largest single head tensor (the optimizer step's temporaries are its size)
+
+    @property
+    def backbone_params(self) -> int:
+        return sum(self.layer_params) + self.embedding_params + self.final_norm_params + self.lm_head_params
+
+    @property
+    def head_total(self) -> int:
+        return sum(self.head_params.values())
+
+
+def model_shape(config: dict, exit_layers, arch: str = "norm", output_embedding: str = "copy",
+                name: str = "") -> ModelShape:
+    """Count the parameters of the model `config` describes and of its exit heads, by building both
+    on the meta device (no memory, no weights) with transformers and `eetune.heads.ExitHead`."""
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from .backbone import adapter_for
+    from .config import ExitConfig
+    from .heads import ExitHead
+
+    model_type = config["model_type"]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # config sanity warnings (e.g. token ids) are not the planner's business
+    try:
+        cfg = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in config.items() if k != "quantization_config"})
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; one line for the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise EETuneError(f"cannot build a {model_type} model from {name or 'the config'}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    bb = adapter_for(model)
+    layers = tuple(sum(p.numel() for p in layer.parameters()) for layer in bb.layers)
+    final_norm = sum(p.numel() for p in bb.final_norm.parameters())
+    tied = bb.lm_head.weight is model.get_input_embeddings().weight
+    lm_head = 0 if tied else sum(p.numel() for p in bb.lm_head.parameters())
+    total = sum(p.numel() for p in model.parameters())  # tied tensors once
+    exit_config = ExitConfig(exit_layers=tuple(exit_layers), num_layers=bb.num_layers, arch=arch,
+                             output_embedding=output_embedding)  # validates layers, arch, output embedding
+    if arch == "embedding" and output_embedding == "shared":
+        raise EETuneError("an `embedding` exit with a shared output embedding has no trainable parameters (it is "
+                          "the frozen LM head on the raw hidden state): use --output-embedding copy, or --arch "
+                          "norm, mlp or layer")
+    heads = {k: ExitHead(bb, k, arch, "copy", output_embedding) for k in exit_config.exit_layers}
+    c = bb.config
+    heads_n = c.num_attention_heads
+    return ModelShape(
+        name=name, model_type=model_type, num_layers=bb.num_layers, hidden_size=c.hidden_size,
+        vocab_size=bb.vocab_size,
+        intermediate_size=getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size,
+        num_heads=heads_n, num_kv_heads=getattr(c, "num_key_value_heads", None) or heads_n,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads_n,
+        layer_params=layers, embedding_params=total - sum(layers) - final_norm - lm_head,
+        final_norm_params=final_norm, lm_head_params=lm_head,
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()), tied=tied,
+        exit_layers=exit_config.exit_layers, arch=arch, output_embedding=output_embedding,
+        head_params={k: sum(p.numel() for p in h.parameters()) for k, h in heads.items()},
+        head_largest=max((p.numel() for h in heads.values() for p in h.parameters()), default=0))
+
+
+# --- the plan ---------------------------------------------------------------------------------
+@dataclass
+class MemoryPlan:
+    """Bytes per rank of a tune step or of decoding, term by term; `peak_bytes` is their sum."""
+
+    model: str
+    model_type: str
+    num_layers: int
+    mode: str  # tune | decode
+    exit_layers: tuple[int, ...]
+    arch: str
+    output_embedding: str
+    dtype: str  # backbone weights and compute (heads train in fp32 either way)
+    distill: float | None  # tune: the resolved --distill alpha
+    batch_size: int  # per rank (tune's --batch-size is per process too)
+    seq_len: int  # tune: tokens per block; decode: prompt + new tokens
+    ranks: int
+    trunk_layers: int  # decoder layers held (1..k)
+    parts: dict[str, int]  # term -> bytes per rank; the peak is their sum
+    activation_phases: dict[str, int]  # tune: transient bytes per phase of the step; the largest is "activations"
+    activation_peak_phase: str
+    peak_bytes: int
+    load_peak_bytes: int  # loading: the layers load_backbone reads (partial loading for tune --distill 0)
+    parameters: dict[str, int | dict]
+    mem_per_rank_bytes: int | None = None
+    fits: bool | None = None
+    min_ranks: int | None = None  # smallest number of ranks that fits mem_per_rank
+    load_fits: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exit_layers"] = list(self.exit_layers)
+        d["parameters"]["head_per_exit"] = {str(k): v for k, v in self.parameters["head_per_exit"].items()}
+        return d
+
+
+def _tune_activations(s: ModelShape, dtype: str, alpha: float, b: int, T: int, ranks: int) -> dict[str, int]:
+    """Transient bytes of one tune step (beyond parameters, gradients and moments), per phase.
+
+    Units: `u` is one fp32 (b, T, vocab) buffer, `ul` the exits' logits in the compute dtype.
+    What `tune` keeps alive (torch 2.13, measured in benchmarks/plan_check.py):
+    - between micro-steps the previous step's logits list (and final logits) stay bound until
+      the next ones replace them;
+    - `exit_loss` makes an fp32 copy of the shifted logits (a reshape copy, none for fp32 at
+      batch 1), its log-softmax is saved for backward; with distillation also the final
+      layer's log-softmax, the exit's second log-softmax and exp(target) of the KL, while
+      its work peaks at seven buffers;
+    - backward adds two buffers (gradients of the log-softmax and its input), one with distillation
+      (its saved exp(target) is freed first);
+    - the single-tensor AdamW step makes two temporaries of the largest head tensor."""
+    V, H, I = s.vocab_size, s.hidden_size, s.intermediate_size
+    hq, hkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    cb = DTYPE_BYTES[dtype]
+    n = len(s.exit_layers)
+    u, ul = b * T * V * 4, b * T * V * cb
+    copy = 0 if (dtype == "fp32" and b == 1) else 1
+    keep = 1 if alpha == 0 else 3  # fp32 buffers each exit's loss keeps for backward
+    work = (1 if alpha == 0 else 6) + copy  # the loss's own working buffers at its peak
+    bwd = 2 if alpha == 0 else 1
+    hidden = n * b * T * H * cb  # the trunk's hidden state at each exit
+    final = ul if alpha > 0 else 0  # the final layer's logits (distillation)
+    bt = b * T
+    per_head = {  # what autograd keeps inside one head (fp32 heads; linears in the compute dtype)
+        "embedding": 0,
+        "norm": bt * 3 * H * 4,
+        "mlp": bt * (7 * H * 4 + (H + 4 * I) * cb),
+        "layer": bt * (11 * H * 4 + (2 * hq + 3 * hkv + 2 * H + 4 * I) * cb) + b * T * T * 4,
+    }[s.arch] * n
+    if dtype == "bf16":  # autocast keeps a bf16 copy of every (gathered) head matrix for backward
+        per_head += s.head_total * 2
+    layer_work = bt * (4 * H + hq + 2 * hkv + 3 * I) * cb + b * T * T * (cb + 3)  # one layer, no grad, + mask
+    opt_tmp = 2 * math.ceil(s.head_largest / ranks) * 4
+    save = s.head_total * 4 * (2 if ranks > 1 else 1) + s.head_largest * 4  # gathered copy, bytes, digest
+    return {
+        "trunk": hidden + n * ul + final + max(layer_work, final + 2 * bt * H * cb),
+        "heads forward": hidden + final + 2 * n * ul + per_head,
+        "loss": hidden + final + per_head + n * ul + ((n - 1) * keep + work) * u,
+        "backward": hidden + final + per_head + n * ul + (n * keep + bwd) * u,
+        "optimizer step": hidden + final + n * ul + opt_tmp,
+        "writing the heads (host memory on a GPU)": hidden + final + n * ul + save,
+    }
+
+
+def _decode_activations(s: ModelShape, dtype: str, b: int, P: int) -> int:
+    """The prefill's transient bytes: masks (float + bool) over the prompt, one layer's work, the
+    hidden states, and the last position's logits."""
+    H, I = s.hidden_size, s.intermediate_size
+    hq, hkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    cb = DTYPE_BYTES[dtype]
+    return (b * P * P * (cb + 3) + b * P * (4 * H + hq + 2 * hkv + 3 * I) * cb + 2 * b * P * H * cb
+            + 2 * b * s.vocab_size * 4)
+
+
+def _tune_parts(s: ModelShape, dtype: str, alpha: float, b: int, T: int, ranks: int, held: int):
+    cb = DTYPE_BYTES[dtype]
+    P = s.head_total
+    shard = (lambda x: math.ceil(x / ranks)) if ranks > 1 else (lambda x: x)
+    phases = _tune_activations(s, dtype, alpha, b, T, ranks)
+    peak_phase = max(phases, key=phases.get)
+    parts = {
+        "trunk layers": shard(sum(s.layer_params[:held])) * cb,
+        "embeddings, final norm, LM head": (s.embedding_params + s.final_norm_params + s.lm_head_params) * cb
+        + s.buffer_bytes,
+        "head parameters": shard(P) * 4,
+        "head gradients": shard(P) * 4,
+        "AdamW moments": 2 * shard(P) * 4,
+        "FSDP all-gathered copies": (max(s.layer_params[:held] or [0]) * cb + 2 * P * 4) if ranks > 1 else 0,
+        "activations": phases[peak_phase],
+        "KV cache": 0,
+    }
+    return parts, phases, peak_phase
+
+
+def plan_memory(s: ModelShape, mode: str = "tune", dtype: str = "fp32", distill: float = 1.0,
+                batch_size: int = 8, seq_len: int = 512, ranks: int = 1, mem_per_rank_bytes: int | None = None,
+                prompt_len: int = 128, max_new_tokens: int = 128, draft_len: int = 4) -> MemoryPlan:
+    """The per-rank memory of tuning (`distill`: the resolved alpha) or decoding the exits of `s`,
+    with the verdict against `mem_per_rank_bytes` and the smallest number of ranks that fits
+    (refused with one line when none does)."""
+    _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem_per_rank_bytes, prompt_len, max_new_tokens)
+    cb = DTYPE_BYTES[dtype]
+    L, P = s.num_layers, s.head_total
+    whole = s.backbone_params * cb + s.buffer_bytes
+    # Loading: the backbone as `load_backbone` reads it (tune with --distill 0: partial loading,
+    # layers 1..k only; otherwise the whole model), the heads built in the backbone dtype, the
+    # stored fp32 heads read beside them, and one head tensor's bytes for the checksum.
+    loaded_layers = max(s.exit_layers) if mode == "tune" and distill == 0 else L
+    load_peak = whole - sum(s.layer_params[loaded_layers:]) * cb + P * cb + P * 4 + s.head_largest * 4
+    notes = []
+    phases, peak_phase = {}, ""
+    if mode == "tune":
+        held = max(s.exit_layers) if distill == 0 else L
+        parts, phases, peak_phase = _tune_parts(s, dtype, distill, batch_size, seq_len, ranks, held)
+        if distill > 0:
+            notes.append(f"distillation (alpha {distill:g}) needs the final layer's logits: the whole trunk is held; "
+                         f"--distill 0 holds layers 1-{max(s.exit_layers)} only")
+        if ranks > 1:
+            notes.append("ranks > 1: `eetune tune --fsdp` under torchrun (FSDP2 shards the trunk layers and the heads; "
+                         "the embeddings, final norm and LM head are replicated)")
+            notes.append("each trunk layer reshards after its forward (fully_shard(layer, reshard_after_forward=True)),"
+                         " so a rank holds its shard plus one gathered layer")
+        notes.append(f"load peak: " + (f"partial loading reads layers 1-{loaded_layers} only" if loaded_layers < L
+                                       else "the whole model is loaded") +
+                     "; on a CPU the memory-mapped safetensors pages count once read")
+        seq = seq_len
+    else:
+        held = L
+        slots = prompt_len + max_new_tokens + 2 * draft_len + ENGINE_SLACK
+        kv_layers = L + sum(1 for _ in s.exit_layers if s.arch == "layer")  # a `layer` exit has its own cache
+        kv = kv_layers * 2 * batch_size * slots * s.num_kv_heads * s.head_dim * cb
+        parts = {
+            "trunk layers": sum(s.layer_params) * cb,
+            "embeddings, final norm, LM head": (s.embedding_params + s.final_norm_params + s.lm_head_params) * cb
+            + s.buffer_bytes,
+            "head parameters": P * cb,
+            "head gradients": 0,
+            "AdamW moments": 0,
+            "FSDP all-gathered copies": 0,
+            "activations": _decode_activations(s, dtype, batch_size, prompt_len),
+            "KV cache": kv,
+        }
+        notes.append(f"KV cache: {kv_layers} layers x 2 x batch {batch_size} x {slots} slots (prompt {prompt_len} + "
+                     f"{max_new_tokens} new + {2 * draft_len + ENGINE_SLACK} engine slack) x {s.num_kv_heads} kv "
+                     f"heads x {s.head_dim} x {cb} bytes")
+        seq = prompt_len + max_new_tokens
+    plan = MemoryPlan(
+        model=s.name, model_type=s.model_type, num_layers=L, mode=mode, exit_layers=s.exit_layers, arch=s.arch,
+        output_embedding=s.output_embedding, dtype=dtype, distill=distill if mode == "tune" else None,
+        batch_size=batch_size, seq_len=seq, ranks=ranks, trunk_layers=held, parts=parts,
+        activation_phases=phases, activation_peak_phase=peak_phase or "prefill", peak_bytes=sum(parts.values()),
+        load_peak_bytes=load_peak,
+        parameters={"backbone": s.backbone_params, "trunk_layers_held": sum(s.layer_params[:held]),
+                    "layers_all": sum(s.layer_params), "embeddings": s.embedding_params,
+                    "final_norm": s.final_norm_params, "lm_head": s.lm_head_params, "heads": P,
+                    "head_per_exit": dict(s.head_params)},
+        mem_per_rank_bytes=mem_per_rank_bytes, notes=notes)
+    if mem_per_rank_bytes is not None:
+        plan.fits = plan.peak_bytes <= mem_per_rank_bytes
+        plan.load_fits = load_peak <= mem_per_rank_bytes
+        plan.min_ranks = _min_ranks(s, plan, mem_per_rank_bytes)
+    return plan
+
+
+def _min_ranks(s: ModelShape, plan: MemoryPlan, mem: int) -> int:
+    """The smallest number of ranks whose per-rank peak fits `mem`; refuses when none does."""
+    need = lambda n: sum(_tune_parts(s, plan.dtype, plan.distill, plan.batch_size, plan.seq_len, n,  # noqa: E731
+                                     plan.trunk_layers)[0].values())
+    if plan.mode == "decode":
+        if plan.peak_bytes > mem:
+            raise EETuneError(f"decoding needs {human(plan.peak_bytes)} ({_biggest(plan)}) but --mem-per-rank is "
+                              f"{human(mem)}, and it runs in one process: lower --batch-size, --prompt-len or "
+                              f"--max-new-tokens, or use --dtype bf16")
+        return 1
+    if need(1) <= mem:
+        return 1
+    floor = need(1 << 40)  # every shardable term spread to nothing: what no number of ranks removes
+    if floor > mem:
+        parts = _tune_parts(s, plan.dtype, plan.distill, plan.batch_size, plan.seq_len, 1 << 40, plan.trunk_layers)[0]
+        raise EETuneError(f"does not fit in {human(mem)} per rank on any number of ranks: even fully sharded each "
+                          f"rank needs {human(floor)} (activations {human(parts['activations'])} at batch "
+                          f"{plan.batch_size} x {plan.seq_len} tokens per rank, embeddings and LM head "
+                          f"{human(parts['embeddings, final norm, LM head'])}, all-gathered copies "
+                          f"{human(parts['FSDP all-gathered copies'])}): lower --batch-size or --seq-len"
+                          + (", or --distill 0" if plan.distill else "")
+                          + (", or use --dtype bf16" if plan.dtype == "fp32" else ""))
+    lo, hi = 2, 2
+    while need(hi) > mem:
+        lo, hi = hi + 1, hi * 2
+    while lo < hi:  # need() does not grow with the ranks beyond 2
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if need(mid) > mem else (lo, mid)
+    return lo
+
+
+def _biggest(plan: MemoryPlan) -> str:
+    k = max(plan.parts, key=plan.parts.get)
+    return f"{k} {human(plan.parts[k])}"
+
+
+def _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem, prompt_len, max_new_tokens) -> None:
+    if mode not in ("tune", "decode"):
+        raise EETuneError(f"unknown mode {mode!r}: use tune or decode")
+    if dtype not in DTYPE_BYTES:
+        raise EETuneError(f"unknown dtype {dtype!r}: use fp32 or bf16")
+    if batch_size < 1 or ranks < 1:
+        raise EETuneError("--batch-size and --ranks must be at least 1")
+    if mode == "tune" and seq_len < 2:
+        raise EETuneError("--seq-len must be at least 2")
+    if mode == "tune" and not (distill is not None and 0 <= distill <= 1):
+        raise EETuneError(f"--distill {distill} is outside [0, 1]")
+    if mode == "decode" and (prompt_len < 1 or max_new_tokens < 1):
+        raise EETuneError("--prompt-len and --max-new-tokens must be at least 1")
+    if mode == "decode" and ranks != 1:
+        raise EETuneError("decoding runs in one process: --ranks applies to --mode tune")
+    if mem is not None and not mem > 0:
+        raise EETuneError("--mem-per-rank must be a positive number of GiB")
+
+
+def plan(model: str, exits, mode: str = "tune", arch: str = "norm", output_embedding: str = "copy",
+         dtype: str = "fp32", distill: float | None = None, batch_size: int | None = None, seq_len: int = 512,
+         ranks: int = 1, mem_per_rank_gib: float | None = None, prompt_len: int = 128,
+         max_new_tokens: int = 128) -> MemoryPlan:
+    """`eetune plan`: read `model`'s config, place the exits (`"10,20"`, fractions, or a list of
+    layers), count, and plan. `distill=None` is tune's default as `TuneConfig` resolves it;
+    `batch_size=None` is 8 blocks per rank for tune (tune's default), 1 prompt for decoding."""
+    from .config import parse_exit_layers
+    from .tune import TuneConfig, resolve_defaults
+
+    if mem_per_rank_gib is not None and not (math.isfinite(mem_per_rank_gib) and mem_per_rank_gib > 0):
+        raise EETuneError(f"--mem-per-rank {mem_per_rank_gib}: give a positive number of GiB")
+    mem = None if mem_per_rank_gib is None else int(mem_per_rank_gib * GIB)
+    if distill is None:
+        distill = resolve_defaults(TuneConfig(distill=None)).distill
+    if batch_size is None:
+        batch_size = TuneConfig.batch_size if mode == "tune" else 1
+    _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem, prompt_len, max_new_tokens)
+    config, name = read_config(model)
+    num_layers = config.get("num_hidden_layers", config.get("n_layer"))
+    layers = parse_exit_layers(exits, num_layers) if isinstance(exits, str) else tuple(exits)
+    shape = model_shape(config, layers, arch, output_embedding, name=name)
+    return plan_memory(shape, mode=mode, dtype=dtype, distill=distill, batch_size=batch_size, seq_len=seq_len,
+                       ranks=ranks, mem_per_rank_bytes=mem, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+
+
+# --- output -----------------------------------------------------------------------------------
+def human(n: int, unit: int | None = None) -> str:
+    """Bytes in GiB (from 1 GiB on, or when `unit` is GIB) or MiB."""
+    unit = unit or (GIB if n >= GIB else MIB)
+    return f"{n / GIB:.2f} GiB" if unit == GIB else f"{n / MIB:.1f} MiB"
+
+
+def format_plan(p: MemoryPlan) -> str:
+    """The plan as a table, one term per line, then the verdict and the notes."""
+    exits = ", ".join(map(str, p.exit_layers))
+    cb = p.dtype
+    lines = [f"eetune plan: {p.model} ({p.model_type}, {p.num_layers} layers), {p.mode}: {p.arch} exit"
+             f"{'s' if len(p.exit_layers) > 1 else ''} after layer{'s' if len(p.exit_layers) > 1 else ''} {exits}, "
+             f"output embedding {p.output_embedding}"]
+    if p.mode == "tune":
+        lines.append(f"  {cb} backbone, fp32 heads, batch {p.batch_size} x {p.seq_len} tokens per rank, distill "
+                     f"{p.distill:g}, {p.ranks} rank{'s' if p.ranks > 1 else ''}"
+                     + (" (FSDP)" if p.ranks > 1 else ""))
+    else:
+        lines.append(f"  {cb} weights, batch {p.batch_size}, {p.seq_len} tokens (prompt + new)")
+    shard = f", 1/{p.ranks} each" if p.ranks > 1 else ""
+    labels = {
+        "trunk layers": f"trunk: layers 1-{p.trunk_layers} of {p.num_layers} ({cb}{shard})",
+        "embeddings, final norm, LM head": f"embeddings, final norm, LM head ({cb})",
+        "head parameters": (f"head parameters (fp32{shard})" if p.mode == "tune" else f"head parameters ({cb})"),
+        "head gradients": f"head gradients (fp32{shard})",
+        "AdamW moments": f"AdamW moments (2 x fp32{shard}; fp32 heads: no master copy)",
+        "FSDP all-gathered copies": "FSDP all-gathered: one layer + heads' params and grads",
+        "activations": (f"activations, peak phase: {p.activation_peak_phase}" if p.mode == "tune"
+                        else "activations (prefill)"),
+        "KV cache": "KV cache",
+    }
+    width = max(len(v) for v in labels.values()) + 2
+    unit = GIB if p.peak_bytes >= GIB else MIB  # one unit down the column
+    lines.append(f"per rank{'':<{width - 8}}{'bytes':>12}")
+    for key, value in p.parts.items():
+        if value or key in ("trunk layers", "activations"):
+            lines.append(f"  {labels[key]:<{width - 2}}{human(value, unit):>12}")
+    lines.append(f"  {'peak':<{width - 2}}{human(p.peak_bytes, unit):>12}")
+    lines.append(f"load peak: {human(p.load_peak_bytes)} per rank (" +
+                 (f"layers 1-{p.trunk_layers} read" if p.trunk_layers < p.num_layers else "the whole model") +
+                 ", then the heads)")
+    if p.mem_per_rank_bytes is not None:
+        verdict = "fits" if p.fits else "does NOT fit"
+        lines.append(f"{verdict} in {human(p.mem_per_rank_bytes)} per rank at {p.ranks} rank"
+                     f"{'s' if p.ranks > 1 else ''}; smallest number of ranks that fits: {p.min_ranks}"
+                     + ("" if p.load_fits else " (loading needs more: see the load peak)"))
+    lines.extend(f"note: {n}" for n in p.notes)
+    return "\n".join(lines)
