@@ -470,3 +470,21 @@ def test_named_steps_compose_to_tune(world, tmp_path):
     assert summary["train_loss"] == ref["train_loss"] and summary["val_loss"] == ref["val_loss"]
     a, b = heads(tmp_path / "ref"), heads(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the chunked exit loss in the loop (eetune.losses) ----------------------------------------
+@pytest.mark.parametrize("kw", [dict(distill=0.0), dict(distill=1.0), dict(distill=0.5, dynamic_weights=True),
+                                dict(distill=1.0, dtype="bf16")])
+def test_chunked_losses_tune_like_whole_logits(world, tmp_path, kw):
+    """Small chunks (7 tokens) against whole logits (--loss-chunk 0): the same training, heads
+    within float tolerance (bf16: within bf16 tolerance), validation alike."""
+    whole = tune(world["mlp"], tmp_path / "whole", cfg(world, steps=4, val_blocks=2, loss_chunk=0, **kw))
+    chunked = tune(world["mlp"], tmp_path / "chunked", cfg(world, steps=4, val_blocks=2, loss_chunk=7, **kw))
+    a, b = heads(tmp_path / "whole"), heads(tmp_path / "chunked")
+    tol = 2e-2 if kw.get("dtype") == "bf16" else 1e-4
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() <= tol * max(1.0, a[k].abs().max().item()), k
+    for k, v in whole["val_loss"].items():
+        assert abs(chunked["val_loss"][k] - v) <= (2e-2 if kw.get("dtype") == "bf16" else 1e-4) * v
+    if kw.get("dtype") != "bf16":
+        assert chunked["val_agreement"] == whole["val_agreement"]

@@ -233,7 +233,7 @@ def add_tune(sub):
     add_fields(p.add_mutually_exclusive_group(), TuneConfig, ["steps", "tokens"])
     add_fields(p, TuneConfig, ["seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay",
                                "weight_decay", "betas", "clip", "dtype", "seed", "loss_weights", "loss_weights_start",
-                               "loss_weights_warmup", "dynamic_weights", "distill", "val_blocks", "max_blocks",
+                               "loss_weights_warmup", "loss_chunk", "dynamic_weights", "distill", "val_blocks", "max_blocks",
                                "eval_every", "select", "save_every", "resume", "train_dir", "cache_hidden",
                                "cache_dtype", "fsdp", "progress"],
                metavars={"distill": "ALPHA", "cache_hidden": "DIR", "train_dir": "DIR", "betas": "B1,B2",

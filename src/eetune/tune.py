@@ -88,6 +88,8 @@ class TuneConfig:
     loss_weights: tuple[float, ...] | None = None  # per-exit loss weights w_i, e.g. 1,0.5 (default: all 1)
     loss_weights_start: tuple[float, ...] | None = None  # loss weights at step 0, ramped linearly to --loss-weights
     loss_weights_warmup: int = 0  # steps of that ramp (0: no ramp)
+    loss_chunk: int = 256  # tokens per chunk of the exit losses (eetune.losses: the tokens x vocabulary logits
+    #                        are never held whole, their gradients computed in the same pass); 0: whole logits
     dynamic_weights: bool = False  # scale each token's loss by the exit's detached max-softmax probability (the
     #                                paper's dynamic weighting)
     distill: float | None = None  # ALPHA: loss = (1 - ALPHA) CE + ALPHA KL(final layer || exit); needs the full
@@ -125,14 +127,15 @@ class TuneConfig:
 
     # Settings that only head training uses (refused with gates_only).
     HEAD_ONLY = ("steps", "tokens", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "betas",
-                 "clip", "select", "loss_weights", "loss_weights_start", "loss_weights_warmup", "dynamic_weights", "distill",
+                 "clip", "select", "loss_weights", "loss_weights_start", "loss_weights_warmup", "loss_chunk", "dynamic_weights",
+                 "distill",
                  "eval_every", "save_every", "resume", "train_dir", "cache_hidden", "cache_dtype", "fsdp")
 
     # Settings that must match for --resume to continue the same trajectory.
     TRAJECTORY = ("data", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay",
                   "weight_decay", "betas", "clip", "dtype", "seed", "loss_weights", "loss_weights_start",
                   "loss_weights_warmup", "dynamic_weights", "distill", "val_blocks", "max_blocks", "cache_dtype",
-                  "gen_temperature", "gen_top_p", "gen_max_new_tokens", "gen_batch_size", "select")
+                  "gen_temperature", "gen_top_p", "gen_max_new_tokens", "gen_batch_size", "select", "loss_chunk")
 
 
 # --- small pieces the loop uses ------------------------------------------------------------
@@ -193,14 +196,52 @@ def exit_loss(logits: torch.Tensor, ids: torch.Tensor, dynamic: bool, final_logi
 
 
 class _Heads(nn.Module):
-    """The exit heads as one module (the unit DDP replicates and FSDP shards)."""
+    """The exit heads as one module (the unit DDP replicates and FSDP shards), computing their
+    losses inside `forward` so that every parameter is used where FSDP has it gathered.
 
-    def __init__(self, heads: nn.ModuleList):
+    `chunk > 0` computes each exit's loss `chunk` tokens at a time (eetune.losses: the tokens x
+    vocabulary logits are never held whole); `chunk == 0` is the plain path through whole
+    logits and `exit_loss`."""
+
+    def __init__(self, heads: nn.ModuleList, chunk: int = 0, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.heads = heads
+        self.chunk, self.dtype = chunk, dtype
 
-    def forward(self, hiddens: list[torch.Tensor], ctx) -> list[torch.Tensor]:
-        return [head(h, ctx) for head, h in zip(self.heads, hiddens)]
+    def forward(self, hiddens: list[torch.Tensor], ctx, ids: torch.Tensor, final_h: torch.Tensor | None = None,
+                alpha: float = 0.0, dynamic: bool = False, final_top1: torch.Tensor | None = None,
+                evaluate: bool = False) -> list[tuple]:
+        """Per exit: (loss to back-propagate, mean CE) for the blocks `ids` whose trunk hidden
+        states at the exits are `hiddens` (`final_h`: the final layer's normed hidden states, for
+        distillation); with `evaluate`, (summed CE, positions whose top-1 equals `final_top1`)."""
+        from .losses import chunked_eval, chunked_exit_loss
+
+        adapter = self.heads[0].adapter
+        bias, softcap = getattr(adapter.lm_head, "bias", None), adapter.logit_softcap
+        targets = ids[:, 1:].reshape(-1)
+        if self.chunk == 0:
+            final_logits = adapter.logits(final_h) if final_h is not None and alpha > 0 else None
+        else:
+            flat_final = final_h[:, :-1].reshape(-1, final_h.shape[-1]) if final_h is not None else None
+        out = []
+        for head, h in zip(self.heads, hiddens):
+            if self.chunk == 0:
+                lg = head(h, ctx)
+                if evaluate:
+                    agree = (lg[:, :-1].argmax(-1) == final_top1).sum().item() if final_top1 is not None else 0
+                    out.append((exit_loss(lg, ids, False, None, 0.0)[1].item() * targets.numel(), agree))
+                else:
+                    out.append(exit_loss(lg, ids, dynamic, final_logits, alpha))
+                continue
+            x = head.transform(h, ctx)[:, :-1]
+            x = x.reshape(-1, x.shape[-1])
+            if evaluate:
+                ref = final_top1.reshape(-1) if final_top1 is not None else None
+                out.append(chunked_eval(x, head.out_weight(), bias, targets, ref, softcap, self.chunk, self.dtype))
+            else:
+                out.append(chunked_exit_loss(x, head.out_weight(), bias, targets, flat_final, adapter.lm_head.weight,
+                                             bias, softcap, alpha, dynamic, self.chunk, self.dtype))
+        return out
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -445,6 +486,8 @@ def _check_config(cfg: TuneConfig, exit_layers) -> None:
     if cfg.distill is not None and cfg.distill > 0 and cfg.cache_hidden:
         raise EETuneError("--distill needs the final layer on every step, which a --cache-hidden run skips: "
                           "use one or the other")
+    if cfg.loss_chunk < 0:
+        raise EETuneError(f"--loss-chunk {cfg.loss_chunk}: give a number of tokens >= 1, or 0 for whole logits")
     if cfg.val_blocks < 0 or cfg.eval_every < 0 or cfg.save_every < 0:
         raise EETuneError("--val-blocks, --eval-every and --save-every must be >= 0")
     if cfg.gates and cfg.gates_only:
@@ -754,8 +797,8 @@ def _open_log(run: TuneRun) -> None:
 
 
 def trunk(run: TuneRun, ids: torch.Tensor, index: list[int]):
-    """(hidden states after each exit layer, their layer context, the final logits when
-    distillation needs them, else None) for the blocks `index` (token ids `ids`): read from the
+    """(hidden states after each exit layer, their layer context, the final layer's normed hidden
+    states when distillation needs them, else None) for the blocks `index` (token ids `ids`): read from the
     hidden-state cache when it has them, else one frozen pass up to the deepest exit."""
     bb, layers, device = run.model.backbone, run.layers, run.device
     pos = torch.arange(ids.shape[1], device=device).expand(ids.shape[0], -1)
@@ -770,12 +813,12 @@ def trunk(run: TuneRun, ids: torch.Tensor, index: list[int]):
             h = bb.run_layers(h, done, k, ctx)
             hiddens.append(h)
             done = k
-        final_logits = None
+        final_h = None
         if run.cfg.distill > 0:
-            final_logits = bb.logits(bb.final_norm(bb.run_layers(h, done, bb.num_layers, ctx)))
+            final_h = bb.final_norm(bb.run_layers(h, done, bb.num_layers, ctx))
     if run.cache is not None:
         hiddens = run.cache.write(index, layers, hiddens)
-    return hiddens, ctx, final_logits
+    return hiddens, ctx, final_h
 
 
 def train_step(run: TuneRun) -> dict:
@@ -795,7 +838,7 @@ def train_step(run: TuneRun) -> dict:
         for micro in range(cfg.grad_accum):
             index = block_indices(step, micro, run.rank, run.world, cfg, run.train.shape[0], run.perms)
             ids = run.train[index].to(run.device)
-            hiddens, ctx, final_logits = trunk(run, ids, index)
+            hiddens, ctx, final_h = trunk(run, ids, index)
             last = micro == cfg.grad_accum - 1
             if run.world > 1 and cfg.fsdp:
                 run.heads_core.set_requires_gradient_sync(last)
@@ -803,13 +846,13 @@ def train_step(run: TuneRun) -> dict:
                     else contextlib.nullcontext())
             with sync:
                 with run.autocast():
-                    logits = run.heads_train(hiddens, ctx)
+                    losses = run.heads_train(hiddens, ctx, ids, final_h, cfg.distill, cfg.dynamic_weights)
                 loss = 0.0
-                for i, lg in enumerate(logits):
-                    li, ce = exit_loss(lg, ids, cfg.dynamic_weights, final_logits, cfg.distill)
+                for i, (li, ce) in enumerate(losses):
                     loss = loss + weights[i] * li
                     step_ce[i] += ce.double().cpu() / cfg.grad_accum
                 (loss / cfg.grad_accum).backward()
+                del losses, loss
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
@@ -851,13 +894,13 @@ def validate(run: TuneRun) -> tuple[dict[int, float], dict[int, float]]:
             ids = val[a:a + cfg.batch_size].to(run.device)
             hiddens, ctx, _ = trunk(run, ids, list(range(n_train + a, n_train + a + ids.shape[0])))
             with run.autocast():
-                logits = run.heads_core(hiddens, ctx)
-            for i, lg in enumerate(logits):
-                sums[i] += exit_loss(lg, ids, False, None, 0.0)[1].item() * ids.shape[0]
-                agree[i] += (lg[:, :-1].argmax(-1) == run.val_final[j]).sum().item()
+                results = run.heads_core(hiddens, ctx, ids, final_top1=run.val_final[j], evaluate=True)
+            for i, (ce_sum, agreeing) in enumerate(results):
+                sums[i] += ce_sum
+                agree[i] += agreeing
     run.model.train()
     n_pred = val.shape[0] * (cfg.seq_len - 1)
-    return ({k: s / val.shape[0] for k, s in zip(layers, sums)},
+    return ({k: s / n_pred for k, s in zip(layers, sums)},
             {k: a / n_pred for k, a in zip(layers, agree)})
 
 
@@ -1050,7 +1093,7 @@ def _final_top1(bb, val: torch.Tensor, batch_size: int, device, autocast) -> lis
 def _wrap_parallel(model, cfg: TuneConfig, world: int, device) -> tuple[nn.Module, nn.Module]:
     """(the heads as one module, the module the loop calls): the same in one process; under
     torchrun DDP around the heads, or FSDP2 over every backbone layer that runs and the heads."""
-    heads_core = _Heads(model.heads)
+    heads_core = _Heads(model.heads, cfg.loss_chunk, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     if world > 1 and cfg.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
