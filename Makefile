@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench,eval]"
 	touch $@
 
 # Convert the embedded default (SmolLM2-135M-Instruct) with `layer` exits after layers 10 and 20 (sharing

@@ -1,6 +1,6 @@
 """`eetune plan`: parameter counts equal what eetune builds, the predicted peak of a tiny tune run
-matches its measured peak RSS, Llama-2 shapes plan as published, and bad input gives one line
-with exit code 2."""
+matches its measured peak RSS (chunked exit losses and whole logits), Llama-2 shapes plan as
+published, and bad input gives one line with exit code 2."""
 
 import json
 import math
@@ -15,7 +15,7 @@ from conftest import tiny_backbone, tiny_config
 from eetune.cli import main
 from eetune.errors import EETuneError
 from eetune.model import EarlyExitModel
-from eetune.plan import GIB, SMOLLM2_135M, model_shape, plan, plan_memory, read_config
+from eetune.plan import GIB, MIB, SMOLLM2_135M, model_shape, plan, plan_memory, read_config
 
 LLAMA2 = {  # the published shapes of Llama 2 (config.json of meta-llama/Llama-2-*-hf), and their sizes
     "7b": ({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -91,43 +91,89 @@ CHILD = textwrap.dedent("""
     open("/proc/self/clear_refs", "w").write("5")  # peak RSS (VmHWM) := current RSS
     a = json.loads(sys.argv[1])
     cfg = TuneConfig(data=a["docs"], steps=2, seq_len=a["seq"], batch_size=a["batch"], lr=1e-4, val_blocks=1,
-                     max_blocks=2 * a["batch"], progress=False, distill=a["distill"])
+                     max_blocks=2 * a["batch"], progress=False, distill=a["distill"], loss_chunk=a["chunk"])
     tune(a["exits"], a["out"], cfg)
     print("RESULT " + json.dumps({"peak": status("VmHWM") - base}))
 """)
 
 
-def test_predicted_peak_matches_measured_tune(tmp_path):
-    """A tune run whose vocabulary-sized buffers are tens of MiB (hidden 384, vocab 32000, batch 4 x
-    128): peak RSS above the process's baseline after imports, in a fresh process, within 15% of the
-    plan (steady state: the load of this small model peaks lower)."""
+@pytest.fixture(scope="module")
+def tiny_tune_setup(tmp_path_factory):
+    """A tiny random Llama whose vocabulary-sized buffers are tens of MiB (hidden 384, vocab
+    40000: a 256-token chunk's fp32 buffer is 39 MiB, above the 32 MiB from which glibc always
+    maps large allocations, so freed buffers leave the RSS as they would a GPU's allocated bytes),
+    its documents and a norm exit after layer 2."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tune_helpers import ENV, make_docs, make_tokenizer
+    from tune_helpers import make_docs, make_tokenizer
 
+    tmp_path = tmp_path_factory.mktemp("plan-tiny")
     model_dir = tmp_path / "model"
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=32000, hidden_size=384, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=40000, hidden_size=384, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512)).save_pretrained(model_dir)
     make_tokenizer(model_dir)
     docs = make_docs(tmp_path / "docs")
     exits = tmp_path / "exits"
     assert main(["convert", "--model", str(model_dir), "--exits", "2", "--arch", "norm", "--out", str(exits)]) == 0
-    settings = {"docs": str(docs), "exits": str(exits), "out": str(tmp_path / "out"), "batch": 4, "seq": 128,
-                "distill": 0.0}
+    return tmp_path, model_dir, docs, exits
+
+
+@pytest.mark.parametrize("chunk", [256, 0], ids=["chunked", "whole-logits"])
+def test_predicted_peak_matches_measured_tune(tiny_tune_setup, chunk):
+    """Peak RSS of a tune run (batch 4 x 128, --distill 0) above the process's baseline after
+    imports, in a fresh process, within 15% of the plan (steady state: the load of this small
+    model peaks lower), with the default chunked exit losses and with whole logits."""
+    from tune_helpers import ENV
+
+    tmp_path, model_dir, docs, exits = tiny_tune_setup
+    settings = {"docs": str(docs), "exits": str(exits), "out": str(tmp_path / f"out-{chunk}"), "batch": 4,
+                "seq": 128, "distill": 0.0, "chunk": chunk}
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(settings)], capture_output=True, text=True,
-                       env=ENV, timeout=120)
+                       env=ENV, timeout=180)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-2000:]
     measured = json.loads(lines[-1][7:])["peak"]
-    predicted = plan(str(model_dir), "2", distill=0.0, batch_size=4, seq_len=128)
+    predicted = plan(str(model_dir), "2", distill=0.0, batch_size=4, seq_len=128, loss_chunk=chunk)
+    assert predicted.loss_chunk == chunk and predicted.activation_peak_phase == "loss"
     assert predicted.load_peak_bytes < predicted.peak_bytes  # the step, not the load, is what is compared
     assert abs(predicted.peak_bytes - measured) / measured < 0.15, (predicted.peak_bytes, measured,
                                                                     predicted.parts)
-    # the vocabulary-sized activations are a large share of it, so the comparison tests them
-    assert predicted.parts["activations"] > 0.3 * measured
+    # what the loss phase holds (vocabulary-sized buffers, and the chunked path's saved weight
+    # gradient) is a large share of it, so the comparison tests them
+    loss = predicted.activation_phases["loss"]
+    assert loss > 0.3 * measured
+    V, H = 40000, 384
+    if chunk:  # three fp32 256 x V chunk buffers, the exit's weight gradient and its matmul result, and little else
+        assert 3 * 256 * V * 4 + 2 * V * H * 4 < loss < 3 * 256 * V * 4 + 2 * V * H * 4 + 8 * MIB
+    else:  # the exit's logits, their shifted copy and their log-softmax: (4, 128, V) each, and little else
+        assert 3 * 4 * 128 * V * 4 - 4 * V * 4 * 2 < loss < 3 * 4 * 128 * V * 4 + 8 * MIB
+
+
+def test_loss_chunk_against_whole_logits():
+    """Chunking replaces the (tokens x vocab) buffers by a chunk's: at the default batch the
+    loss needs a fraction of the whole-logit path's memory, the more so with distillation; the
+    chunk size is bounded by the tokens of a batch; a negative chunk is refused."""
+    shape = model_shape(SMOLLM2_135M, (10, 20), "norm", "shared")
+    for alpha in (0.0, 1.0):
+        whole = plan_memory(shape, distill=alpha, batch_size=8, seq_len=512, loss_chunk=0)
+        chunked = plan_memory(shape, distill=alpha, batch_size=8, seq_len=512)
+        assert chunked.loss_chunk == 256 and whole.loss_chunk == 0
+        assert chunked.parts["activations"] < whole.parts["activations"] / 5
+        assert chunked.peak_bytes < whole.peak_bytes
+    V = 49152
+    a = plan_memory(shape, distill=0.0, batch_size=8, seq_len=512)
+    b = plan_memory(shape, distill=0.0, batch_size=8, seq_len=512, loss_chunk=512)
+    assert b.activation_phases["loss"] - a.activation_phases["loss"] == 3 * 256 * V * 4  # three chunk buffers
+    big = plan_memory(shape, distill=0.0, batch_size=1, seq_len=64, loss_chunk=10 ** 6)
+    assert big.activation_phases == plan_memory(shape, distill=0.0, batch_size=1, seq_len=64,
+                                                loss_chunk=63).activation_phases  # one chunk holds every token
+    d1 = plan_memory(shape, distill=1.0, batch_size=8, seq_len=512)
+    assert d1.activation_phases["loss"] > a.activation_phases["loss"] + 5 * 256 * V * 4  # eight buffers, not three
+    with pytest.raises(EETuneError, match="--loss-chunk"):
+        plan_memory(shape, distill=0.0, loss_chunk=-1)
 
 
 # --- (c) Llama 2 shapes -----------------------------------------------------------------------
@@ -157,6 +203,11 @@ def test_llama2_70b_one_exit_four_ranks_bf16(tmp_path):
     assert p.parts["AdamW moments"] == 2 * math.ceil(heads / 4) * 4
     assert p.peak_bytes == sum(p.parts.values())
     assert p.fits and p.min_ranks == 1  # 20 layers of 70B in bf16 (32 GiB) fit one 80 GiB GPU
+    # chunked exit losses (tune's default): the peak is in the loss, whose largest buffers are not the chunks
+    # (256 x 32000 fp32, 31 MiB) but the exit's own output-weight gradient, saved for backward, and the product
+    # each chunk adds into it: 2 x 32000 x 8192 fp32 (gathered under FSDP), plus the (tokens x hidden) rows
+    assert p.loss_chunk == 256 and p.activation_peak_phase == "loss"
+    assert 2 * V * H * 4 < p.activation_phases["loss"] < 2 * V * H * 4 + 1.5 * GIB
     # partial loading reads layers 1-20 only (the paper's 70B-on-4-GPUs setup): the load fits too
     assert p.load_peak_bytes == (layers_all * 20 // 80 + 2 * V * H + H) * 2 + shape.buffer_bytes + heads * (2 + 4) \
         + V * H * 4 and p.load_fits
@@ -199,9 +250,14 @@ def test_cli_text_and_json(tmp_path, capsys):
                  "--mem-per-rank", "80"]) == 0
     out = capsys.readouterr().out
     assert "trunk: layers 1-20 of 80 (bf16, 1/4 each)" in out and "fits in 80.00 GiB per rank" in out
+    assert "loss chunk 256" in out and "peak phase: loss" in out
     assert main(["plan", str(model / "config.json"), "--exits", "0.25", "--json"]) == 0  # the file itself too
     d = json.loads(capsys.readouterr().out)
     assert d["exit_layers"] == [20] and d["peak_bytes"] == sum(d["parts"].values()) and d["fits"] is None
+    assert d["loss_chunk"] == 256
+    assert main(["plan", str(model), "--exits", "20", "--loss-chunk", "0", "--json"]) == 0  # whole logits
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["loss_chunk"] == 0 and whole["activation_phases"] != d["activation_phases"]
 
 
 # --- (d) bad input: one line, exit code 2 -----------------------------------------------------
@@ -230,6 +286,7 @@ def bad_cases(tmp_path):
         ([str(seven), "--exits", "2", "--distill", "2"], "outside [0, 1]"),
         ([str(seven), "--exits", "2", "--mem-per-rank", "nan"], "positive number of GiB"),
         ([str(seven), "--exits", "2", "--batch-size", "0"], "at least 1"),
+        ([str(seven), "--exits", "2", "--loss-chunk", "-1"], "--loss-chunk -1"),
         ([str(seven), "--exits", "2", "--mem-per-rank", "1"], "any number of ranks"),
         ([str(seven), "--exits", "2", "--mode", "decode", "--mem-per-rank", "1"], "one process"),
         ([str(seven), "--exits", "2", "--arch", "embedding", "--output-embedding", "shared"],

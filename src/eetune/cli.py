@@ -291,11 +291,12 @@ def add_generate(sub):
                    help="wrap each prompt as a user turn of the tokenizer's chat template (default: on when the "
                         "tokenizer has one, as instruct models expect; --no-chat for plain text)")
     # The decoding flags are fields of DecodeOptions: type, default, choices and help come from there.
-    add_fields(p, DecodeOptions, ["mode", "threshold", "confidence", "draft_len", "draft_exit", "draft_vocab",
-                                  "screen_vocab", "gate_filter", "engine", "verbose", "max_new_tokens",
+    add_fields(p, DecodeOptions, ["mode", "threshold", "exit_thresholds", "confidence", "draft_len", "draft_exit",
+                                  "draft_vocab", "screen_vocab", "gate_filter", "engine", "verbose", "max_new_tokens",
                                   "temperature", "top_k", "top_p", "seed"],
-               defaults={"mode": "early-exit"}, types={"draft_exit": _draft_exit},
-               metavars={"draft_vocab": "K", "screen_vocab": "K", "gate_filter": "T", "draft_exit": "LAYER|auto"})
+               defaults={"mode": "early-exit"}, types={"draft_exit": _draft_exit, "exit_thresholds": _exit_thresholds},
+               metavars={"draft_vocab": "K", "screen_vocab": "K", "gate_filter": "T", "draft_exit": "LAYER|auto",
+                         "exit_thresholds": "K:T,..."})
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--show-exits", action="store_true",
@@ -331,6 +332,21 @@ def _draft_exit(value: str):
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is neither an exit layer nor 'auto'") from None
+
+
+def _exit_thresholds(value: str) -> dict:
+    """`10:0.95,20:0.9` -> {10: 0.95, 20: 0.9}."""
+    out = {}
+    for part in (x.strip() for x in value.split(",")):
+        k, sep, t = part.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out[int(k)] = float(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r}: give exit layer:threshold pairs, e.g. 10:0.95,20:0.9") \
+                from None
+    return out
 
 
 def cmd_generate(args):
@@ -402,6 +418,9 @@ def cmd_generate(args):
     s = result.summary()
     extra = (f", {s['accepted']}/{s['drafted']} drafts accepted" if args.mode == "self-spec" else
              f", mean exit layer {s['mean_layers_per_token']:.1f} of {L}")
+    if args.mode != "full":
+        from .calibrate import describe_thresholds
+        extra += f", threshold {describe_thresholds(result.thresholds)} ({result.threshold_source})"
     print(f"[{args.mode}: {s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s{extra}]", file=sys.stderr)
 
 
@@ -537,6 +556,9 @@ def add_plan(sub):
     p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
                    help="tune: distillation weight (default: tune's, 1 = the whole trunk is held for the final "
                         "layer's logits; 0 = the trunk up to the deepest exit only)")
+    p.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
+                   help="tune: tokens per chunk of the exit losses, as `eetune tune --loss-chunk` (default: tune's, "
+                        "256; 0 = whole logits)")
     p.add_argument("--prompt-len", type=int, default=128, help="decode: prompt tokens (default 128)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="decode: new tokens (default 128)")
     p.add_argument("--ranks", type=int, default=1, help="tune: processes under torchrun, FSDP (default 1)")
@@ -553,15 +575,183 @@ def cmd_plan(args):
     result = plan(args.model, args.exits, mode=args.mode, arch=args.arch, output_embedding=args.output_embedding,
                   dtype=args.dtype, distill=args.distill, batch_size=args.batch_size, seq_len=args.seq_len,
                   ranks=args.ranks, mem_per_rank_gib=args.mem_per_rank, prompt_len=args.prompt_len,
-                  max_new_tokens=args.max_new_tokens)
+                  max_new_tokens=args.max_new_tokens, loss_chunk=args.loss_chunk)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
         print(format_plan(result))
 
 
+# --- eval ----------------------------------------------------------------------------------
+def add_eval(sub):
+    p = sub.add_parser("eval", help="downstream tasks: quality against speed, per threshold, with confidence "
+                                    "intervals; results, plots and an HTML report",
+                       description="Evaluate an exits directory on downstream tasks from the embedded data "
+                                   "(ppl, xsum, boolq, mmlu, narrativeqa): quality of full, early-exit at each "
+                                   "threshold and self-spec decoding on --limit items (bootstrap 95%% intervals, "
+                                   "paired against full), speed at batch 1 on --speed-items items in one "
+                                   "interleaved run. Writes results.json, results.csv, a PNG per task and "
+                                   "report.html into --out. Prompts are zero-shot (see eetune.downstream).")
+    p.add_argument("dir", help="exits directory")
+    p.add_argument("--tasks", default="boolq,xsum", help="comma-separated: ppl, xsum, boolq, mmlu, narrativeqa "
+                                                         "(default boolq,xsum)")
+    p.add_argument("--out", required=True, help="results directory to write (replaced whole when it exists)")
+    p.add_argument("--thresholds", default="1,0.9,0.8,0.6,0.4,0.2",
+                   help="early-exit thresholds (default 1,0.9,0.8,0.6,0.4,0.2)")
+    p.add_argument("--confidence", default="max-prob", choices=["max-prob", "margin", "entropy", "gate"],
+                   help="early-exit confidence measure (default max-prob)")
+    p.add_argument("--limit", type=int, default=200, help="quality items per task (default 200)")
+    p.add_argument("--speed-items", type=int, default=8, help="items per task timed at batch 1 (default 8)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together for quality (default 16)")
+    p.add_argument("--max-context", type=int, default=384,
+                   help="tokens of a passage or article kept in a prompt (default 384)")
+    p.add_argument("--no-self-spec", action="store_true", help="skip the self-spec setting")
+    p.add_argument("--ppl-data", default="default-dev", help="held-out text of the ppl task (default default-dev)")
+    p.add_argument("--ppl-blocks", type=int, default=16, help="blocks of the ppl task (default 16)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per block of the ppl task (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="which items are sampled (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args):
+    import os
+    from pathlib import Path
+
+    from .backbone import load_tokenizer
+    from .downstream import EvalConfig, format_tables, machine_meta, parse_tasks, parse_thresholds, run_eval, \
+        write_outputs
+    from .model import EarlyExitModel
+
+    cfg = EvalConfig(tasks=parse_tasks(args.tasks), thresholds=parse_thresholds(args.thresholds),
+                     confidence=args.confidence, limit=args.limit, speed_items=args.speed_items,
+                     batch_size=args.batch_size, max_context=args.max_context, self_spec=not args.no_self_spec,
+                     ppl_data=args.ppl_data, ppl_blocks=args.ppl_blocks, seq_len=args.seq_len, seed=args.seed,
+                     progress=not args.no_progress and sys.stderr.isatty())
+    cfg.validate()
+    out = Path(args.out)
+    parent = out.resolve().parent
+    if out.exists() and not out.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) \
+            or out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
+        raise EETuneError(f"cannot write results to {out}: give a new directory, an empty one or an earlier "
+                          f"`eetune eval` output, in a folder you may write to")
+    if "xsum" in cfg.tasks:
+        from .downstream import Rouge
+        Rouge()  # refuses now, not after the other tasks, when rouge-score is missing
+    model = EarlyExitModel.from_pretrained(args.dir)
+    if cfg.confidence == "gate" and not model.has_gates:
+        raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR --out "
+                          "OUT --gates-only`, or use --confidence max-prob")
+    tok = load_tokenizer(model.backbone)
+    results = run_eval(model, tok, cfg)
+    results["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}
+    results["meta"] = machine_meta(model, args.dir)
+    print(format_tables(results))
+    write_outputs(results, out, model)
+    print(f"wrote {out}/results.json, results.csv, report.html")
+
+
+# --- lm-eval -------------------------------------------------------------------------------
+def add_lm_eval(sub):
+    # Every argument after the verb goes to lm-eval's own command line untouched: this parser has
+    # no options of its own (its prefix character is one nobody types), so `--model`, `--tasks`,
+    # `-h` ... are collected as plain strings.
+    p = sub.add_parser("lm-eval", help="run lm-evaluation-harness with the `eetune` model type (needs eetune[eval])",
+                       description="lm-evaluation-harness's command line (`lm_eval ...`) with the `eetune` model "
+                                   "type registered and `--model eetune` the default, e.g. `eetune lm-eval "
+                                   "--model_args exits=DIR,mode=early-exit,threshold=0.8 --tasks hellaswag "
+                                   "--device cpu`. model_args: exits (required), mode, threshold, confidence, "
+                                   "draft_len, draft_exit, dtype, device, batch_size, max_length, logits_from "
+                                   "(final or an exit layer); see eetune.lmeval.",
+                       add_help=False, prefix_chars="\x1f")
+    p.add_argument("lm_eval_args", nargs="*", help="lm-eval's arguments (`eetune lm-eval --help` shows them)")
+    p.set_defaults(func=cmd_lm_eval, lm_eval_parser=p)
+
+
+def cmd_lm_eval(args):
+    rest = list(args.lm_eval_args)
+    if rest in ([], ["-h"], ["--help"]):  # this verb's own help, then lm-eval's (which exits 0)
+        args.lm_eval_parser.print_help()
+        print()
+        rest = ["--help"]
+    try:
+        from .lmeval import run_harness  # importing it registers the `eetune` model type
+    except ImportError as e:
+        raise EETuneError(f"lm-evaluation-harness is not installed ({e}): pip install 'eetune[eval]'") from None
+    run_harness(rest)
+
+
+# --- calibrate -----------------------------------------------------------------------------
+def add_calibrate(sub):
+    from .decode import CONFIDENCES
+
+    p = sub.add_parser("calibrate", help="choose the early-exit threshold that meets a target agreement with the "
+                                         "full model, on held-out text; generate then uses it by default",
+                       description="Calibrate the early-exit threshold on held-out text: teacher-forced, every "
+                                   "token's confidence and top-1 at each exit and the final layer's top-1; the "
+                                   "engine's rule (the first exit whose confidence >= its threshold emits its top-1, "
+                                   "else the final layer) simulated on a calibration part for a fine grid of "
+                                   "thresholds (> 1: never exit); the threshold meeting --target-agreement (share of "
+                                   "tokens equal to the full model's top-1) at the highest predicted speedup (layers "
+                                   "climbed + exit heads evaluated + the LM head, costs measured on this machine) is "
+                                   "chosen, then measured on a separate test part. Stored in DIR/exit_config.json "
+                                   "under `calibration`: `eetune generate DIR` in early-exit mode uses it when no "
+                                   "--threshold is given and --confidence matches.")
+    p.add_argument("dir", help="exits directory")
+    p.add_argument("--target-agreement", type=float, default=0.95,
+                   help="share of tokens that must equal the full model's top-1, in (0, 1] (default 0.95)")
+    p.add_argument("--confidence", default="max-prob", choices=list(CONFIDENCES),
+                   help="confidence measure to calibrate, as `generate --confidence` (default max-prob)")
+    p.add_argument("--per-exit", action="store_true",
+                   help="one threshold per exit (coordinate search from the best global one) instead of one for all")
+    p.add_argument("--data", default="default-dev",
+                   help="held-out text: default-dev (BoolQ dev passages), a .txt/.jsonl file or folder (as evaluate)")
+    p.add_argument("--calib-blocks", type=int, default=8, help="blocks the threshold is chosen on (default 8)")
+    p.add_argument("--test-blocks", type=int, default=8,
+                   help="further blocks it is then measured on (default 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--batch-size", type=int, default=4, help="blocks per teacher-forced pass (default 4)")
+    p.add_argument("--json", action="store_true", help="print the calibration record as JSON")
+    p.add_argument("--no-store", action="store_true", help="leave the exits directory untouched")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args):
+    import os
+
+    from .backbone import load_tokenizer
+    from .calibrate import calibrate, calibration_blocks, check_settings, format_calibration, store_calibration
+    from .config import ExitConfig
+    from .evaluate import json_safe
+    from .model import EarlyExitModel
+
+    check_settings(args.target_agreement, args.confidence, args.calib_blocks, args.test_blocks, args.seq_len,
+                   args.batch_size)
+    config = ExitConfig.load(args.dir)  # before the (slow) model load
+    if args.confidence == "gate" and not config.gates:
+        raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR --out OUT "
+                          "--gates-only`, or use --confidence max-prob")
+    if not args.no_store and not os.access(args.dir, os.W_OK):
+        raise EETuneError(f"cannot store the calibration: {args.dir} is not writable; pass --no-store")
+    model = EarlyExitModel.from_pretrained(args.dir)
+    calib, test, data = calibration_blocks(load_tokenizer(model.backbone), args.data, args.seq_len, args.calib_blocks,
+                                           args.test_blocks)
+    result = {**calibrate(model, calib, test, args.target_agreement, args.confidence, args.per_exit,
+                          args.batch_size, progress=sys.stderr.isatty()), "data": data}
+    out = sys.stderr if args.json else sys.stdout  # notes; with --json stdout holds the JSON only
+    if args.json:
+        print(json.dumps(json_safe(result), indent=2, sort_keys=True))
+    else:
+        print(format_calibration(result, args.dir))
+    if not args.no_store:
+        path = store_calibration(args.dir, result)
+        print(f"stored in {path} (calibration): `eetune generate {args.dir}` uses it in early-exit mode with "
+              f"--confidence {args.confidence} when no --threshold is given", file=out)
+
+
 # --- entry point ---------------------------------------------------------------------------
-VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate, add_scan, add_plan]
+VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate, add_scan, add_plan, add_eval, add_lm_eval,
+         add_calibrate]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -40,6 +40,9 @@ class ExitConfig:
     eetune_version: str = field(default_factory=_version)
     training: dict | None = None  # summary written by `eetune tune` (tokens, time, losses, data)
     gates: dict | None = None  # summary written by `eetune tune --gates` (data, held-out precision/coverage)
+    calibration: dict | None = None  # written by `eetune calibrate`: the exit threshold(s) meeting a target agreement
+    #                                  with the full model, measured agreement and predicted speedup; `eetune
+    #                                  generate` uses it when no --threshold is given (eetune.calibrate)
 
     def __post_init__(self):
         object.__setattr__(self, "exit_layers", tuple(int(k) for k in self.exit_layers))
@@ -63,6 +66,9 @@ class ExitConfig:
         fl = self.fingerprint_layers
         if fl is not None and (isinstance(fl, bool) or not isinstance(fl, int) or not 0 <= fl <= L):
             raise EETuneError(f"fingerprint_layers {fl!r} is not a layer count of a {L}-layer model")
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise EETuneError(f"calibration is a {type(self.calibration).__name__}, not an object: run `eetune "
+                              f"calibrate` again or remove it from exit_config.json")
         if self.init not in INITS:
             raise EETuneError(f"unknown init {self.init!r}: use one of {', '.join(INITS)}")
         if self.output_embedding not in OUTPUT_EMBEDDINGS:

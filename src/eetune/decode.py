@@ -5,7 +5,8 @@ numbers of slots), in the spirit of gpt-fast:
 
 - `prefill`: the prompt through every layer (and through `layer` exits, to fill their caches).
 - `early_exit_step`: one new token climbs the trunk; at each exit its confidence (max-prob,
-  margin or entropy) is compared with the threshold and the first confident exit emits it. The
+  margin or entropy) is compared with that exit's threshold (one for all exits, per exit, or the
+  calibrated default: `resolve_thresholds`) and the first confident exit emits it. The
   token then stops: the layers above hold no keys/values for its position. Those are filled by
   **KV recomputation**: pending tokens wait, each with its hidden state at the depth where it
   stopped, and join the next token that climbs past that depth, in one batched pass. Because
@@ -45,8 +46,10 @@ class DecodeOptions:
     """How to decode. Each field's comment is also its `eetune generate --help` text (eetune.flags)."""
     mode: str = "full"  # decoding mode: full depth, lossy early exit by confidence, or lossless self-speculation
     max_new_tokens: int = 128  # tokens to generate per prompt (at most)
-    threshold: float = 0.9  # exit (early-exit) or keep drafting (self-spec) when confidence >= this; > 1 never
-    #                         exits early
+    threshold: float | None = None  # exit (early-exit) or keep drafting (self-spec) when confidence >= this; > 1
+    #                                 never exits early. Default: in early-exit mode the threshold(s) `eetune
+    #                                 calibrate` stored in the exits directory for this --confidence, else 0.9
+    #                                 (resolved by decode.resolve_thresholds)
     confidence: str = "max-prob"  # confidence measure: max-prob (the paper), margin (top1 - top2), entropy
     #                               (1 - H/log V), or gate: the exits' learned gates (`tune --gates`), which skip
     #                               an exit's head unless it fires
@@ -70,6 +73,8 @@ class DecodeOptions:
     seed: int | None = None  # sampling seed (reproducible output)
     eos_token_ids: tuple[int, ...] = ()  # generation of a row stops after one of these
     record_logits: bool = False  # keep the logits used at every step (tests, analysis)
+    exit_thresholds: dict | None = None  # a threshold per exit layer instead of one --threshold, e.g. 10:0.95,20:0.9
+    #                                      (as `eetune calibrate --per-exit` finds them; from Python {10: 0.95, 20: 0.9})
 
     # Values a string setting may take (also the flags' choices).
     CHOICES = {"mode": MODES, "confidence": CONFIDENCES, "engine": ENGINES}
@@ -79,8 +84,21 @@ class DecodeOptions:
             raise EETuneError(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
         if self.confidence not in CONFIDENCES:
             raise EETuneError(f"unknown confidence {self.confidence!r}: use one of {', '.join(CONFIDENCES)}")
-        if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0 and not math.isnan(self.threshold)):
+        if self.threshold is not None and not _valid_threshold(self.threshold):
             raise EETuneError(f"threshold {self.threshold} is outside [0, inf): give e.g. 0.9 (> 1 never exits early)")
+        if self.exit_thresholds is not None:
+            if self.threshold is not None:
+                raise EETuneError("give either a threshold or per-exit thresholds (exit_thresholds), not both")
+            try:
+                keys = {int(k) for k in self.exit_thresholds} if isinstance(self.exit_thresholds, dict) else None
+            except (TypeError, ValueError):
+                keys = None
+            if keys != set(model.exit_layers) or len(self.exit_thresholds) != len(keys):
+                raise EETuneError(f"exit_thresholds must give a threshold for each exit layer "
+                                  f"{list(model.exit_layers)}, e.g. {{{model.exit_layers[0]}: 0.9, ...}}")
+            bad = {k: t for k, t in self.exit_thresholds.items() if not _valid_threshold(t)}
+            if bad:
+                raise EETuneError(f"exit thresholds {bad} are outside [0, inf): give e.g. 0.9 (> 1 never exits early)")
         if self.max_new_tokens < 1:
             raise EETuneError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
         if self.draft_len < 1:
@@ -122,6 +140,45 @@ class DecodeOptions:
                                   "do not record: re-run `eetune tune` (or `eetune tune DIR --out OUT --gates-only`)")
 
 
+DEFAULT_THRESHOLD = 0.9  # the threshold when none is given and no calibration applies
+
+
+def _valid_threshold(t) -> bool:
+    return isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0 and not math.isnan(t)
+
+
+def resolve_thresholds(opts: DecodeOptions, model) -> tuple[DecodeOptions, str]:
+    """The one place where a decode's exit thresholds are decided (`generate` calls it for both
+    engines, which then read `exit_thresholds[k]` only). In order:
+
+    1. `threshold` given: it, at every exit ("given");
+    2. `exit_thresholds` given: those ("given");
+    3. early-exit mode and the exits directory holds an `eetune calibrate` result for this
+       `confidence`, measured on these heads (and gates): its threshold(s) ("calibrated"; a
+       calibration of other heads, e.g. carried over by `eetune tune --out`, is not used);
+    4. otherwise DEFAULT_THRESHOLD (0.9) at every exit ("default").
+
+    Self-speculation never takes a calibrated threshold (its output does not depend on it; the
+    calibration trades agreement for speed in early-exit only). Returns a copy of `opts` whose
+    `exit_thresholds` holds every exit's threshold (and `threshold` None), and where they came
+    from."""
+    import dataclasses
+
+    layers = model.exit_layers
+    if opts.threshold is not None:
+        chosen, source = {k: float(opts.threshold) for k in layers}, "given"
+    elif opts.exit_thresholds is not None:
+        chosen, source = {int(k): float(t) for k, t in opts.exit_thresholds.items()}, "given"
+    else:
+        chosen, source = None, "default"
+        if opts.mode == "early-exit":
+            from .calibrate import calibrated_thresholds
+            chosen, source = calibrated_thresholds(model, opts.confidence)
+        if chosen is None:
+            chosen = {k: DEFAULT_THRESHOLD for k in layers}
+    return dataclasses.replace(opts, threshold=None, exit_thresholds=chosen), source
+
+
 @dataclass
 class TokenStat:
     token: int
@@ -152,6 +209,8 @@ class Generation:
     step_logits: list = field(default_factory=list)  # record_logits: (step, exit layer per row, logits (B, V))
     policy: object = None  # draft_exit="auto": the engine.DraftPolicy with its measured costs and acceptance
     round_log: list = field(default_factory=list)  # self-spec, lean engine: (drafted, accepted) per round
+    thresholds: dict = field(default_factory=dict)  # the threshold used at each exit layer (resolve_thresholds)
+    threshold_source: str = ""  # given | calibrated | default (with why, when a stored calibration was not used)
 
     @property
     def new_tokens(self) -> int:
@@ -180,7 +239,9 @@ class Generation:
         return {"mode": self.mode, "new_tokens": self.new_tokens, "seconds": round(self.seconds, 4),
                 "tokens_per_s": round(self.tokens_per_s, 3), "mean_layers_per_token": self.mean_layers_per_token,
                 "layer_passes_per_token": self.layer_passes_per_token, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "num_layers": self.num_layers}
+                "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "num_layers": self.num_layers,
+                "thresholds": {str(k): t for k, t in self.thresholds.items()},
+                "threshold_source": self.threshold_source}
 
 
 # --- confidence and token choice ------------------------------------------------------------
@@ -347,7 +408,7 @@ def early_exit_step(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
         if i in exit_set:
             logits = state.exit_logits(i, h, ctx)
             conf = exit_confidence(state, i, h, logits, opts)
-            take = ~decided & (conf >= opts.threshold)
+            take = ~decided & (conf >= opts.exit_thresholds[i])
             out_logits[take], out_layer[take], out_conf[take] = logits[take], i, conf[take]
             decided |= take
             if bool(decided.all()):
@@ -405,7 +466,7 @@ def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
         logits = state.exit_logits(d, h, ctx)
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
-        proposing = proposing & (exit_confidence(state, d, h, logits, opts) >= opts.threshold)
+        proposing = proposing & (exit_confidence(state, d, h, logits, opts) >= opts.exit_thresholds[d])
         if not bool(proposing.any()):
             break
         if opts.temperature == 0:
@@ -536,6 +597,7 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
     engine (`engine.py`) unless `opts.engine == "reference"`. Returns a `Generation` with ids
     and statistics."""
     opts.validate(model)
+    opts, threshold_source = resolve_thresholds(opts, model)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EETuneError("empty prompt: give at least one token of text")
     bb = model.backbone
@@ -554,7 +616,8 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
         else:
             gen.seed()  # a fresh nondeterministic seed for this generator only; the global RNG is untouched
     emitter = Emitter(prompts, opts, device, on_tokens)
-    result = Generation(rows=emitter.rows, mode=opts.mode, seconds=0.0, num_layers=L)
+    result = Generation(rows=emitter.rows, mode=opts.mode, seconds=0.0, num_layers=L,
+                        thresholds=dict(opts.exit_thresholds), threshold_source=threshold_source)
     if opts.draft_exit == "auto":  # the policy's costs: measured once per loaded model, outside the timing
         from .engine import measure_costs
         measure_costs(model, opts)
@@ -599,7 +662,7 @@ def _reference_loop(model, ids, pos, opts, emitter, gen, device, result) -> None
         conf = conf.clone()
         for k in model.exit_layers:
             lg, c = exits[k]
-            take = ~decided & (c >= opts.threshold)
+            take = ~decided & (c >= opts.exit_thresholds[k])
             logits[take], layer[take], conf[take] = lg[take], k, c[take]
             decided |= take
     if opts.record_logits:

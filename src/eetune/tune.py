@@ -1087,7 +1087,13 @@ def _final_top1(bb, val: torch.Tensor, batch_size: int, device, autocast) -> lis
             for state in states:
                 state[0] = bb.call_layer(layer, i, state[0], state[1])
             del layer
-        return [bb.logits(bb.final_norm(h))[:, :-1].argmax(-1) for h, _ in states]
+        out = []
+        for h, _ in states:  # the top-1 a few hundred positions at a time: no whole (batch, seq, vocab) logits
+            x = bb.final_norm(h)[:, :-1]
+            flat = x.reshape(-1, x.shape[-1])
+            top = torch.cat([bb.logits(flat[a:a + 256]).argmax(-1) for a in range(0, flat.shape[0], 256)])
+            out.append(top.reshape(x.shape[0], x.shape[1]))
+        return out
 
 
 def _wrap_parallel(model, cfg: TuneConfig, world: int, device) -> tuple[nn.Module, nn.Module]:

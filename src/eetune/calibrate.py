@@ -1,0 +1,414 @@
+"""Calibration: the early-exit threshold that keeps decoding faithful to the full model.
+
+An early-exit threshold trades speed for fidelity, and how much depends on the exits, the text
+and the confidence measure, so a fixed 0.9 is rarely the right one. CALM (Schuster et al. 2022)
+states the remedy, calibrating the threshold on held-out data against a target, but ships no
+code; this module does it for eetune's exits, behind `eetune calibrate DIR --target-agreement
+0.95`:
+
+1. **Per-token facts** (`token_table`): held-out text (default `default-dev`, BoolQ dev passages;
+   any data spec `eetune evaluate` takes) is packed into blocks and split into a calibration part
+   and a separate test part of whole blocks. The model runs teacher-forced once per block (the
+   full-depth pass `eetune.gates` uses for its features), which gives, for every token and exit,
+   the exit's confidence (`eetune.decode.confidence` of its logits; with `gate`, its gate's
+   probability) and whether the exit's top-1 equals the final layer's top-1.
+2. **The engine's decision rule, simulated** (`outcomes`, `simulate`): the first exit, shallowest
+   first, whose confidence >= its threshold emits its own top-1; otherwise the final layer's.
+   On a teacher-forced prefix this is exactly what the decoding engines decide given that
+   prefix: KV recomputation keeps every hidden state equal to that of a cache-free pass. Token
+   agreement = share of tokens whose emitted token is the final layer's top-1.
+3. **Cost model** (`cost_model`), in decoder-layer equivalents measured on this machine by
+   `eetune.evaluate.exit_costs` (each figure the median of 3 measurements): a token that leaves
+   at exit k costs k layers plus every exit head evaluated on the way (max-prob / margin /
+   entropy: each exit passed costs its transform and vocabulary projection; gate: a passed exit
+   costs nothing but its block for `layer` exits, since the head runs only when the gate fires,
+   and the gate's dot product is counted as free); a token that leaves nowhere costs all L
+   layers, those heads and the final norm + LM head. Full depth costs L + the LM head; predicted speedup = full cost / mean cost. As in `eetune
+   scan`, the tokens that climb the skipped layers later (KV recomputation, batched with the next
+   token that goes deeper) are not counted: the prediction is optimistic by that much. With
+   max-prob, margin or entropy the costs do not change which single threshold is chosen (a lower
+   threshold only ever moves a token to a shallower, cheaper outcome, so the fastest threshold
+   meeting the target is the lowest one); they decide per-exit and gate thresholds and the
+   predicted speedup.
+4. **Search** (`search_global`, `search_per_exit`): over `GRID` (0 .. 0.89 by 0.01, 0.900 ..
+   0.989 by 0.001, 0.9900 .. 0.9999 by 0.0001, 1.0, and `NEVER` = 1.01: never exit), the one
+   threshold for every exit that meets the target agreement on the calibration part at the
+   highest predicted speedup (ties: the higher agreement, then the higher threshold); with
+   `per_exit`, a threshold per exit by coordinate search from there (an exit at a time over the
+   grid, the others fixed, while the predicted speedup rises). Never exiting always meets the
+   target, so there always is an answer; when it is the only one, the result says so
+   (`never_exits`) and early exit is slower than `--mode full` there. The agreement and
+   predicted speedup of the chosen thresholds are then measured on the test part.
+5. **Stored** (`store_calibration`) in the exits directory's exit_config.json under
+   `calibration` (atomically), with the target, confidence, thresholds, both parts' results,
+   data, cost model and a digest of the heads (and gates) it was measured on. From then on
+   `eetune generate` and `EarlyExitModel.generate` in early-exit mode use it when no threshold is
+   given and the confidence measure matches (`calibrated_thresholds`, called by
+   `eetune.decode.resolve_thresholds`); heads changed since (e.g. `eetune tune --out`, which
+   carries the config over) leave it unused.
+
+    from eetune.calibrate import calibrate, calibration_blocks, store_calibration
+    calib, test, data = calibration_blocks(tokenizer, "default-dev", seq_len=256, calib=8, test=8)
+    result = calibrate(model, calib, test, target=0.95)        # {"thresholds": {10: ..., 20: ...}, ...}
+    store_calibration("runs/exits", {**result, "data": data})  # ExitConfig.load(...).calibration
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import EETuneError
+
+NEVER = 1.01  # a threshold no confidence reaches: never exit early
+GRID = tuple(float(x) for x in np.round(np.concatenate([
+    np.arange(0, 90) / 100, np.arange(900, 990) / 1000, np.arange(9900, 10000) / 10000, [1.0, NEVER]]), 6))
+
+
+# --- settings ---------------------------------------------------------------------------------
+def check_settings(target, confidence: str = "max-prob", calib_blocks: int = 8, test_blocks: int = 8,
+                   seq_len: int = 256, batch_size: int = 4) -> None:
+    """One-line errors for settings calibration cannot use (before anything slow happens)."""
+    from .decode import CONFIDENCES
+
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise EETuneError(f"--target-agreement {target} is outside (0, 1]: give the share of tokens that must equal "
+                          f"the full model's, e.g. 0.95")
+    if confidence not in CONFIDENCES:
+        raise EETuneError(f"unknown confidence {confidence!r}: use one of {', '.join(CONFIDENCES)}")
+    for flag, n, least in (("--calib-blocks", calib_blocks, 1), ("--test-blocks", test_blocks, 1),
+                           ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < least:
+            raise EETuneError(f"{flag} {n} must be an integer >= {least}")
+
+
+def calibration_blocks(tokenizer, spec: str, seq_len: int, calib: int, test: int) -> tuple:
+    """The data `spec` (as `eetune evaluate --data` takes it) packed into blocks of `seq_len`
+    tokens: the first `calib` blocks for calibration, the next `test` for the test part (whole
+    blocks, no block in both). Returns (calib blocks, test blocks, a description to store)."""
+    from .data import load_texts, pack_blocks
+    from .evaluate import blocks_digest
+
+    blocks = pack_blocks(tokenizer, load_texts(spec), seq_len, calib + test)
+    if blocks.shape[0] < calib + test:
+        raise EETuneError(f"data {spec} gives {blocks.shape[0]} blocks of {seq_len} tokens, fewer than --calib-blocks "
+                          f"{calib} + --test-blocks {test}: ask for fewer blocks, a smaller --seq-len, or more text")
+    c, t = blocks[:calib], blocks[calib:calib + test]
+    info = {"source": spec, "seq_len": seq_len, "calib_blocks": calib, "test_blocks": test,
+            "calib_tokens": int(c.shape[0] * (seq_len - 1)), "test_tokens": int(t.shape[0] * (seq_len - 1)),
+            "calib_digest": blocks_digest(c), "test_digest": blocks_digest(t)}
+    return c, t, info
+
+
+# --- 1. per-token facts -----------------------------------------------------------------------
+@torch.no_grad()
+def token_table(model, blocks: torch.Tensor, confidence: str = "max-prob", batch_size: int = 4,
+                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced over `blocks` (N, T), every position but each block's last: per exit
+    (rows, shallowest first) and token, the confidence (E, n) float32 (`gate`: the gate's
+    probability on the exit's input hidden state) and whether the exit's top-1 equals the final
+    layer's top-1 (E, n) bool."""
+    from .decode import confidence as conf_of
+    from .gates import _exit_batches
+
+    if confidence == "gate" and not model.has_gates:
+        raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR --out OUT "
+                          "--gates-only`, or use --confidence max-prob")
+    model.eval()
+    layers = model.exit_layers
+    confs, agrees = [], []
+    for per_exit, final_top1 in _exit_batches(model, blocks, batch_size, "calibrate", progress):
+        c, a = [], []
+        for k in layers:
+            h, lg = per_exit[k]
+            c.append((model.gate(k)(h) if confidence == "gate" else conf_of(lg, confidence)).float().cpu())
+            a.append((lg.argmax(-1) == final_top1).cpu())
+        confs.append(torch.stack(c))
+        agrees.append(torch.stack(a))
+    return torch.cat(confs, 1), torch.cat(agrees, 1)
+
+
+# --- 2. the decision rule and 3. its cost -------------------------------------------------------
+def cost_model(model, confidence: str = "max-prob", costs: dict | None = None) -> dict:
+    """Costs in decoder-layer equivalents of the decisions `simulate` counts. `costs`: what
+    `eetune.evaluate.exit_costs(model)` returns (when None: `measured_costs`, its median of 3
+    measurements). Returns {"num_layers",
+    "exit_layers", "lm_head_layers", "full_layers" (L + LM head), "leave" and "pass" (per exit,
+    shallowest first: what the exit costs when a token leaves there / when it goes on),
+    "outcome" (per exit, then the final layer: a token's whole cost when it is emitted there),
+    "measured" (the costs used)}."""
+    c = measured_costs(model) if costs is None else costs
+    L, lm = int(c["num_layers"]), c.get("lm_head_layers")
+    leave, passing = [], []
+    for k in model.exit_layers:
+        e = (c.get("exits") or {}).get(str(k)) or {}
+        whole, transform = e.get("layers"), e.get("transform_layers")
+        if whole is None or lm is None or not all(math.isfinite(x) for x in (whole, lm)):
+            raise EETuneError(f"the cost of exit {k} or of the LM head could not be measured on this machine: "
+                              f"calibration needs them (see `eetune evaluate`)")
+        leave.append(float(whole))
+        if confidence != "gate":
+            passing.append(float(whole))
+        else:  # the head runs only when the gate fires; a `layer` exit's block always runs (its cache)
+            passing.append(float(transform or 0.0) if model.head(k).arch == "layer" else 0.0)
+    outcome, climbed = [], 0.0
+    for j, k in enumerate(model.exit_layers):
+        outcome.append(k + climbed + leave[j])
+        climbed += passing[j]
+    outcome.append(L + climbed + float(lm))
+    return {"num_layers": L, "exit_layers": list(model.exit_layers), "lm_head_layers": float(lm),
+            "full_layers": L + float(lm), "leave": leave, "pass": passing, "outcome": outcome, "measured": c}
+
+
+def measured_costs(model, repeats: int = 3) -> dict:
+    """`eetune.evaluate.exit_costs(model)` measured `repeats` times afresh, each figure the median
+    of its measurements (`repeats` recorded): one measurement on a busy machine can be far off,
+    and the LM head's cost is a difference of two timings. The model's cached costs (which
+    `--draft-exit auto` uses) are left as they were, or the last measurement when there were none."""
+    import statistics
+
+    from .evaluate import exit_costs
+
+    saved = getattr(model, "_eetune_costs", None)
+    runs = []
+    for _ in range(repeats):
+        model._eetune_costs = None  # engine.measure_costs caches on the model: measure afresh
+        runs.append(exit_costs(model))
+    if saved is not None:
+        model._eetune_costs = saved
+
+    def median(values):
+        return None if any(v is None for v in values) else float(statistics.median(values))
+
+    out = {**runs[-1], "layer_s": median([r["layer_s"] for r in runs]),
+           "lm_head_layers": median([r["lm_head_layers"] for r in runs]), "repeats": repeats, "exits": {}}
+    for k in runs[-1]["exits"]:
+        tr = median([r["exits"][k]["transform_layers"] for r in runs])
+        pr = median([r["exits"][k]["projection_layers"] for r in runs])
+        out["exits"][k] = {"transform_layers": tr, "projection_layers": pr,
+                           "layers": None if tr is None or pr is None else tr + pr}
+    return out
+
+
+def outcomes(conf: torch.Tensor, thresholds) -> torch.Tensor:
+    """Where each token is emitted: (n,) index of the first exit (rows of `conf` (E, n),
+    shallowest first) whose confidence >= its threshold, E where none is (the final layer).
+    Thresholds are compared in float32, as the engines compare a float32 confidence."""
+    t = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1, 1)
+    miss = (conf.float() < t).int()
+    return miss.cumprod(0).sum(0)  # leading misses = the first hit's index
+
+
+def simulate(conf: torch.Tensor, agree: torch.Tensor, thresholds, cost: dict) -> dict:
+    """Early exit at `thresholds` (one per exit, or one for all) on per-token confidences `conf`
+    (E, n) and agreements `agree` (E, n): "agreement" (share of tokens whose emitted token is the
+    final layer's top-1), "exit_share" (per exit: share of tokens emitted there), "mean_cost"
+    (layer-equivalents per token), "speedup" (full-depth cost / mean cost), "tokens"."""
+    E, n = conf.shape
+    t = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(E)
+    where = outcomes(conf, t)
+    right = torch.cat([agree, torch.ones(1, n, dtype=torch.bool)]).gather(0, where[None]).squeeze(0)
+    counts = torch.bincount(where, minlength=E + 1).double()
+    mean_cost = float(counts @ torch.tensor(cost["outcome"], dtype=torch.float64)) / n
+    return {"agreement": int(right.sum()) / n, "speedup": cost["full_layers"] / mean_cost, "mean_cost": mean_cost,
+            "exit_share": {int(k): float(c) / n for k, c in zip(cost["exit_layers"], counts[:E])}, "tokens": n}
+
+
+# --- 4. search ----------------------------------------------------------------------------------
+def _meets(stats: dict, target: float) -> bool:
+    return stats["agreement"] >= target - 1e-12
+
+
+def search_global(conf, agree, cost: dict, target: float, grid=GRID) -> tuple[float, dict]:
+    """The grid threshold (the same at every exit) that meets `target` agreement at the highest
+    predicted speedup; ties: the higher agreement, then the higher threshold. `NEVER` is
+    always in the search (it always meets the target). Returns (threshold, its simulate stats)."""
+    best = None
+    for t in sorted(set(grid) | {NEVER}):
+        s = simulate(conf, agree, t, cost)
+        if _meets(s, target):
+            key = (s["speedup"], s["agreement"], t)
+            if best is None or key > best[0]:
+                best = (key, t, s)
+    return best[1], best[2]
+
+
+def search_per_exit(conf, agree, cost: dict, target: float, start, grid=GRID,
+                    max_sweeps: int = 50) -> tuple[list[float], dict]:
+    """Coordinate search from `start` (thresholds per exit that meet `target`, e.g. the global
+    answer): one exit at a time, its threshold set to the grid value that meets the target at
+    the highest predicted speedup with the others fixed, moved only when that beats the current
+    (speedup, agreement); sweeps over the exits until none moves. Returns (thresholds per exit,
+    their simulate stats): a point no single exit's threshold can improve."""
+    values = sorted(set(grid) | {NEVER})
+    cur = [float(x) for x in start]
+    s = simulate(conf, agree, cur, cost)
+    if not _meets(s, target):
+        raise ValueError("the starting thresholds do not meet the target")
+    for _ in range(max_sweeps):
+        moved = False
+        for j in range(len(cur)):
+            best = None
+            for v in values:
+                cand = cur[:j] + [v] + cur[j + 1:]
+                cs = simulate(conf, agree, cand, cost)
+                if _meets(cs, target) and (best is None or (cs["speedup"], cs["agreement"], v) > best[0]):
+                    best = ((cs["speedup"], cs["agreement"], v), cand, cs)
+            if best is not None and (best[2]["speedup"], best[2]["agreement"]) > (s["speedup"], s["agreement"]):
+                cur, s, moved = best[1], best[2], True
+        if not moved:
+            break
+    return cur, s
+
+
+def calibrate(model, calib_blocks: torch.Tensor, test_blocks: torch.Tensor, target: float,
+              confidence: str = "max-prob", per_exit: bool = False, batch_size: int = 4, progress: bool = False,
+              costs: dict | None = None, grid=GRID) -> dict:
+    """Choose early-exit threshold(s) meeting `target` token agreement with the full model on
+    `calib_blocks` at the highest predicted speedup, and measure them on `test_blocks`.
+    `costs`: `exit_costs(model)` (measured when None). Returns the calibration record (JSON-ready
+    but for its int keys; `store_calibration` stores it): target, confidence, per_exit,
+    `threshold` (the global one, None with per_exit), `thresholds` {exit layer: t},
+    `never_exits`, `calib_agreement`, `test_agreement`, `predicted_speedup` (on the test part),
+    per part "calib" / "test" (simulate stats), `global` (the global answer, for comparison),
+    `cost_model`, `grid`, `heads_digest`."""
+    from . import __version__
+
+    check_settings(target, confidence, int(calib_blocks.shape[0]), int(test_blocks.shape[0]),
+                   int(calib_blocks.shape[1]), batch_size)
+    if confidence == "gate" and not model.has_gates:
+        raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR --out OUT "
+                          "--gates-only`, or use --confidence max-prob")
+    cost = cost_model(model, confidence, costs)
+    conf_c, agree_c = token_table(model, calib_blocks, confidence, batch_size, progress)
+    conf_t, agree_t = token_table(model, test_blocks, confidence, batch_size, progress)
+    t_global, s_global = search_global(conf_c, agree_c, cost, target, grid)
+    thresholds, s_calib = [t_global] * len(model.exit_layers), s_global
+    if per_exit:
+        thresholds, s_calib = search_per_exit(conf_c, agree_c, cost, target, thresholds, grid)
+    s_test = simulate(conf_t, agree_t, thresholds, cost)
+    never = all(t > 1 for t in thresholds)
+    values = sorted(set(grid) | {NEVER})
+    grid_desc = {"points": len(values), "min": values[0],
+                 "max_below_one": max((g for g in values if g < 1), default=None),
+                 "finest_step": min((round(b - a, 6) for a, b in zip(values, values[1:])), default=None),
+                 "never": NEVER}
+    return {"target_agreement": float(target), "confidence": confidence, "per_exit": bool(per_exit),
+            "threshold": None if per_exit else t_global,
+            "thresholds": {k: t for k, t in zip(model.exit_layers, thresholds)}, "never_exits": never,
+            "calib_agreement": s_calib["agreement"], "test_agreement": s_test["agreement"],
+            "predicted_speedup": s_test["speedup"], "calib": s_calib, "test": s_test,
+            "global": {"threshold": t_global, **s_global},
+            "cost_model": {k: v for k, v in cost.items()}, "grid": grid_desc,
+            "heads_digest": heads_digest(model, gates=confidence == "gate"), "eetune_version": __version__}
+
+
+# --- 5. stored, and used ----------------------------------------------------------------------
+def heads_digest(model, gates: bool = False) -> str:
+    """A digest of the exit heads' weights (and the gates' with `gates`), canonicalised to bf16 so
+    that the same heads loaded in another dtype give the same digest: which heads a calibration
+    was measured on. Cached on the model until a tensor is replaced or changed in place."""
+    tensors = {f"head.{k}": v for k, v in model.heads.state_dict().items()}
+    if gates:
+        for k, g in model.gates.items():
+            tensors.update({f"gate.{k}.{n}": v for n, v in g.state_dict().items()})
+    key = (gates, tuple((n, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype))
+                        for n, t in sorted(tensors.items())))
+    cached = getattr(model, "_eetune_heads_digest", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.bfloat16).contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.int16).numpy().tobytes())
+    digest = "sha256:" + h.hexdigest()[:32]
+    model._eetune_heads_digest = (key, digest)
+    return digest
+
+
+def store_calibration(directory: str | Path, calibration: dict) -> Path:
+    """Record `calibration` in `directory`/exit_config.json under `calibration` (replacing an
+    earlier one; every other key kept as it is), atomically (temporary file, fsync, rename).
+    Returns the path written."""
+    from .config import CONFIG_NAME, ExitConfig
+    from .evaluate import json_safe
+    from .fsio import atomic_write_json
+
+    path = Path(directory) / CONFIG_NAME
+    ExitConfig.load(directory)  # an exits directory with a readable config, or a one-line error
+    data = json.loads(path.read_text())
+    data["calibration"] = json_safe(calibration)
+    ExitConfig.from_dict(data)  # still a valid config
+    atomic_write_json(path, data)
+    return path
+
+
+def calibrated_thresholds(model, confidence: str) -> tuple[dict | None, str]:
+    """The stored calibration's thresholds {exit layer: t} for decoding with `confidence`, and
+    "calibrated"; (None, "default ...") when there is none, it was made for another confidence
+    measure, or on other heads (or gates). A malformed calibration is a one-line error."""
+    cal = model.config.calibration
+    if not cal:
+        return None, "default"
+    if cal.get("confidence") != confidence:
+        return None, f"default (the stored calibration is for --confidence {cal.get('confidence')})"
+    raw = cal.get("thresholds")
+    try:
+        chosen = {int(k): float(t) for k, t in raw.items()}
+        ok = set(chosen) == set(model.exit_layers) and all(t >= 0 and not math.isnan(t) for t in chosen.values())
+    except (AttributeError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise EETuneError(f"the calibration in exit_config.json is malformed (thresholds {raw!r}): run `eetune "
+                          f"calibrate` again, remove it, or pass --threshold")
+    if cal.get("heads_digest") != heads_digest(model, gates=confidence == "gate"):
+        return None, ("default (the stored calibration was measured on other heads or gates: run `eetune calibrate` "
+                      "again)")
+    return chosen, "calibrated"
+
+
+def describe_thresholds(thresholds: dict) -> str:
+    """`0.93` when every exit has the same threshold, else `10: 0.99, 20: 0.95`."""
+    values = set(thresholds.values())
+    if len(values) == 1:
+        return f"{values.pop():g}"
+    return ", ".join(f"{k}: {t:g}" for k, t in sorted(thresholds.items(), key=lambda kv: int(kv[0])))
+
+
+def format_calibration(cal: dict, directory: str | None = None) -> str:
+    """A plain-text report of a calibration record."""
+    def shares(s):
+        return ", ".join(f"layer {k} {v:.1%}" for k, v in s["exit_share"].items())
+
+    d, cm = cal.get("data") or {}, cal["cost_model"]
+    lines = [f"calibration{' of ' + directory if directory else ''}: --confidence {cal['confidence']}, target "
+             f"agreement {cal['target_agreement']:g} (share of tokens equal to the full model's top-1, teacher-forced)"]
+    if d:
+        lines.append(f"  data: {d['source']}, {d['calib_blocks']} calibration + {d['test_blocks']} test blocks of "
+                     f"{d['seq_len']} tokens ({d['calib_tokens']:,} + {d['test_tokens']:,} tokens)")
+    which = "per exit" if cal["per_exit"] else "at every exit"
+    lines.append(f"  threshold {which}: {describe_thresholds(cal['thresholds'])}"
+                 + (f"  (one global threshold: {cal['global']['threshold']:g}, predicted speedup "
+                    f"{cal['global']['speedup']:.2f}x on the calibration part)" if cal["per_exit"] else ""))
+    for name, part in (("calibration part", cal["calib"]), ("test part", cal["test"])):
+        lines.append(f"  {name + ':':<18} agreement {part['agreement']:.3f} (target {cal['target_agreement']:g}), "
+                     f"exit early: {shares(part)}; predicted speedup {part['speedup']:.2f}x")
+    m = cm.get("measured") or {}
+    lines.append(f"  cost model: decoder-layer equivalents measured on {m.get('device', '?')} {m.get('dtype', '')}: "
+                 + ", ".join(f"exit {k} {c:.2f}" for k, c in zip(cm["exit_layers"], cm["leave"]))
+                 + f", LM head {cm['lm_head_layers']:.2f}; full depth {cm['full_layers']:.2f} per token")
+    if cal["never_exits"]:
+        lines.append("  no threshold below 1 meets the target on the calibration part: only never exiting (threshold "
+                     f"{NEVER:g}) does, which is slower than --mode full; lower the target or tune better exits")
+    elif cal["predicted_speedup"] < 1:
+        lines.append("  note: at this target early exit is predicted to be slower than --mode full on this machine "
+                     "(its heads cost more than the layers it skips)")
+    return "\n".join(lines)

@@ -1,0 +1,408 @@
+"""`eetune calibrate`: the simulated exit rule and cost against brute force, the search against
+every grid point, the stored calibration and its use as generate's default, per-exit thresholds
+in both engines, a real decode at the calibrated threshold replayed against the prediction, and
+bad input."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import L, V, peaky_backbone, save_peaky_model_dir
+from test_engine import PROMPTS, assert_same, both, gated, ids_of
+from tune_helpers import one_thread  # noqa: F401 - tiny models run fastest on one thread
+
+from eetune.backbone import load_tokenizer
+from eetune.calibrate import (GRID, NEVER, calibrate, calibrated_thresholds, calibration_blocks, cost_model,
+                              heads_digest, outcomes, search_global, search_per_exit, simulate, token_table)
+from eetune.cli import main
+from eetune.config import CONFIG_NAME, ExitConfig
+from eetune.decode import DEFAULT_THRESHOLD, DecodeOptions, generate
+from eetune.errors import EETuneError
+from eetune.evaluate import json_safe
+from eetune.model import EarlyExitModel
+
+# A made-up measured cost model (what evaluate.exit_costs returns), so that the search is deterministic.
+COSTS = {"num_layers": L, "lm_head_layers": 0.4, "layer_s": 1e-3, "device": "cpu", "dtype": "float32",
+         "exits": {"1": {"transform_layers": 0.1, "projection_layers": 0.4, "layers": 0.5},
+                   "2": {"transform_layers": 0.3, "projection_layers": 0.4, "layers": 0.7},
+                   "3": {"transform_layers": 0.1, "projection_layers": 0.4, "layers": 0.5}}}
+
+
+def _model(layers=(1, 3), arch="mlp", family="llama"):
+    return EarlyExitModel.convert(peaky_backbone(family), list(layers), arch=arch)
+
+
+def _random_table(E=3, n=400, seed=0, lattice=True):
+    """Random confidences (on a lattice of 0.05 steps, so that some equal a threshold exactly)
+    and agreements that are likelier where the confidence is high."""
+    g = torch.Generator().manual_seed(seed)
+    conf = torch.rand(E, n, generator=g)
+    if lattice:
+        conf = (conf * 20).floor() / 20
+    agree = torch.rand(E, n, generator=g) < 0.2 + 0.8 * conf
+    return conf.float(), agree
+
+
+def _brute(conf, agree, thresholds, layers, leave, passing, lm, L_=L):
+    """The rule and its cost one token at a time in plain Python (float32 comparisons)."""
+    E, n = conf.shape
+    same, cost, where = 0, 0.0, []
+    for i in range(n):
+        spent, out = 0.0, None
+        for j in range(E):
+            if np.float32(conf[j, i].item()) >= np.float32(thresholds[j]):
+                out = j
+                spent += layers[j] + leave[j]
+                break
+            spent += passing[j]
+        if out is None:
+            spent += L_ + lm
+            same += 1
+            where.append(E)
+        else:
+            same += bool(agree[out, i])
+            where.append(out)
+        cost += spent
+    return where, same / n, cost / n
+
+
+@pytest.mark.parametrize("confidence,arch", [("max-prob", "mlp"), ("gate", "mlp"), ("gate", "layer")])
+def test_rule_and_cost_match_brute_force(confidence, arch):
+    model = _model((1, 2, 3), arch=arch)
+    cost = cost_model(model, confidence, COSTS)
+    leave = [COSTS["exits"][str(k)]["layers"] for k in (1, 2, 3)]
+    if confidence == "gate":  # a passed gate costs nothing, but a `layer` exit's block always runs
+        passing = [COSTS["exits"][str(k)]["transform_layers"] if arch == "layer" else 0.0 for k in (1, 2, 3)]
+    else:
+        passing = leave
+    assert cost["leave"] == leave and cost["pass"] == passing and cost["full_layers"] == L + 0.4
+    conf, agree = _random_table()
+    r = np.random.default_rng(0)
+    for trial in range(6):
+        ts = [float(x) for x in r.choice([0.0, 0.25, 0.5, 0.55, 0.8, 0.95, 1.0, NEVER], size=3)]
+        where, agreement, mean_cost = _brute(conf, agree, ts, [1, 2, 3], leave, passing, 0.4)
+        assert outcomes(conf, ts).tolist() == where
+        s = simulate(conf, agree, ts, cost)
+        assert s["agreement"] == pytest.approx(agreement) and s["mean_cost"] == pytest.approx(mean_cost)
+        assert s["speedup"] == pytest.approx((L + 0.4) / mean_cost)
+        assert s["exit_share"] == {k: pytest.approx(where.count(j) / conf.shape[1]) for j, k in enumerate((1, 2, 3))}
+    # one threshold is every exit's; above 1 nobody exits and agreement is perfect
+    assert simulate(conf, agree, 0.5, cost) == simulate(conf, agree, [0.5] * 3, cost)
+    s = simulate(conf, agree, NEVER, cost)
+    assert s["agreement"] == 1.0 and sum(s["exit_share"].values()) == 0.0
+
+
+def test_global_search_is_the_fastest_grid_point_meeting_the_target():
+    model = _model((1, 2, 3))
+    cost = cost_model(model, "max-prob", COSTS)
+    conf, agree = _random_table(seed=1, lattice=False)
+    for target in (0.5, 0.7, 0.8, 0.9):
+        t, s = search_global(conf, agree, cost, target)
+        assert s == simulate(conf, agree, t, cost) and s["agreement"] >= target
+        every = [(g, simulate(conf, agree, g, cost)) for g in GRID]
+        fastest = max(x["speedup"] for _, x in every if x["agreement"] >= target)
+        assert s["speedup"] == fastest
+        ties = [g for g, x in every if x["agreement"] >= target and x["speedup"] == fastest]
+        assert t == max(ties)  # among equally fast thresholds: the most conservative
+    # unreachable except by never exiting: no exit ever agrees
+    t, s = search_global(conf, torch.zeros_like(agree), cost, 1.0)
+    assert t == NEVER and s["agreement"] == 1.0 and s["speedup"] < 1
+
+
+def test_per_exit_search_is_a_coordinate_optimum_at_least_as_fast():
+    model = _model((1, 2, 3))
+    cost = cost_model(model, "max-prob", COSTS)
+    conf, agree = _random_table(seed=2, lattice=False)
+    grid = tuple(np.round(np.linspace(0, 1, 41), 4)) + (NEVER,)
+    target = 0.8
+    t0, s0 = search_global(conf, agree, cost, target, grid)
+    ts, s = search_per_exit(conf, agree, cost, target, [t0] * 3, grid)
+    assert s == simulate(conf, agree, ts, cost) and s["agreement"] >= target and s["speedup"] >= s0["speedup"]
+    assert len(set(ts)) > 1  # here the exits do want different thresholds
+    for j in range(3):  # no single exit's threshold does better
+        for g in grid:
+            c = simulate(conf, agree, ts[:j] + [g] + ts[j + 1:], cost)
+            assert c["agreement"] < target or (c["speedup"], c["agreement"]) <= (s["speedup"], s["agreement"])
+
+
+# --- the CLI, the stored record, and generate's default ---------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    src = save_peaky_model_dir(root / "tiny")
+    r = np.random.default_rng(0)
+    text = root / "held-out.txt"
+    text.write_text(" ".join(f"w{x}" for x in r.integers(0, 96, size=400)))
+    out = root / "exits"
+    assert main(["convert", "--model", str(src), "--exits", "1,3", "--arch", "mlp", "--out", str(out)]) == 0
+    return out, text
+
+
+ARGS = ["--seq-len", "16", "--calib-blocks", "4", "--test-blocks", "3", "--target-agreement", "0.8"]
+
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def _calibrate(out, text, capsys, *extra):
+    capsys.readouterr()
+    assert main(["calibrate", str(out), "--data", str(text), *ARGS, "--json", *extra]) == 0
+    cap = capsys.readouterr()
+    return json.loads(cap.out), cap.err
+
+
+def test_calibrate_stores_a_record_that_round_trips(world, capsys):
+    out, text = world
+    before = _snapshot(out)
+    rec, err = _calibrate(out, text, capsys, "--no-store")  # --no-store: the directory is left as it was
+    assert _snapshot(out) == before and "stored" not in err
+    rec, err = _calibrate(out, text, capsys)
+    assert "stored in" in err
+    assert ExitConfig.load(out).calibration == rec == json_safe(rec)
+    json.loads((out / CONFIG_NAME).read_text(), parse_constant=lambda c: pytest.fail(f"{c} stored"))
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, "exit_heads.safetensors"]  # no temporary left
+    assert (out / "exit_heads.safetensors").read_bytes() == before["exit_heads.safetensors"]
+    assert rec["target_agreement"] == 0.8 and rec["confidence"] == "max-prob" and not rec["per_exit"]
+    t = rec["threshold"]
+    assert rec["thresholds"] == {"1": t, "3": t} and t in GRID and not rec["never_exits"]
+    assert rec["calib_agreement"] == rec["calib"]["agreement"] >= 0.8
+    assert rec["test_agreement"] == rec["test"]["agreement"] and rec["predicted_speedup"] == rec["test"]["speedup"]
+    d = rec["data"]
+    assert d["calib_blocks"] == 4 and d["test_blocks"] == 3 and d["seq_len"] == 16 and d["source"] == str(text)
+    assert d["calib_tokens"] == 4 * 15 and d["test_tokens"] == 3 * 15 and d["calib_digest"] != d["test_digest"]
+    cm = rec["cost_model"]
+    assert cm["exit_layers"] == [1, 3] and cm["full_layers"] == pytest.approx(L + cm["lm_head_layers"])
+    assert set(cm["measured"]["exits"]) == {"1", "3"} and rec["heads_digest"].startswith("sha256:")
+    # the table: the same numbers, said in words
+    assert main(["calibrate", str(out), "--data", str(text), *ARGS, "--no-store"]) == 0
+    printed = capsys.readouterr().out
+    assert f"threshold at every exit: {t:g}" in printed and "test part" in printed and "predicted speedup" in printed
+
+
+def _gen_json(out, *argv):
+    assert main(["generate", str(out), "--prompt", "w5 w17 w33 w2 w9", "--max-new-tokens", "16", "--json",
+                 *argv]) == 0
+
+
+def test_generate_uses_the_calibration_unless_a_threshold_is_given(world, capsys):
+    out, text = world
+    rec, _ = _calibrate(out, text, capsys, "--per-exit")
+    stored = {int(k): v for k, v in rec["thresholds"].items()}
+    _gen_json(out)
+    default = json.loads(capsys.readouterr().out)
+    assert default["summary"]["threshold_source"] == "calibrated"
+    assert default["summary"]["thresholds"] == rec["thresholds"]
+    layers = [t["exit_layer"] for t in default["rows"][0]["tokens"]]
+    # the same decode with the calibrated thresholds given explicitly (the API's per-exit option)
+    model = EarlyExitModel.from_pretrained(out)
+    tok = load_tokenizer(model.backbone)
+    g = model.generate(["w5 w17 w33 w2 w9"], tokenizer=tok, mode="early-exit", exit_thresholds=stored,
+                       max_new_tokens=16)
+    assert g.threshold_source == "given" and g.thresholds == stored
+    assert [t.exit_layer for t in g.rows[0].tokens] == layers and g.rows[0].ids == default["rows"][0]["ids"]
+    # an explicit --threshold wins: > 1 never exits
+    _gen_json(out, "--threshold", "2")
+    given = json.loads(capsys.readouterr().out)
+    assert given["summary"]["threshold_source"] == "given" and set(given["summary"]["thresholds"].values()) == {2.0}
+    assert {t["exit_layer"] for t in given["rows"][0]["tokens"]} == {L}
+    _gen_json(out, "--exit-thresholds", "1:2,3:0")  # per exit from the command line: never at 1, always at 3
+    per_exit = json.loads(capsys.readouterr().out)
+    assert per_exit["summary"]["thresholds"] == {"1": 2.0, "3": 0.0}
+    assert {t["exit_layer"] for t in per_exit["rows"][0]["tokens"]} == {3}
+    # another confidence measure, or self-speculation: 0.9 as before
+    _gen_json(out, "--confidence", "margin")
+    other = json.loads(capsys.readouterr().out)["summary"]
+    assert other["thresholds"] == {"1": DEFAULT_THRESHOLD, "3": DEFAULT_THRESHOLD}
+    assert other["threshold_source"] == "default (the stored calibration is for --confidence max-prob)"
+    _gen_json(out, "--mode", "self-spec")
+    assert json.loads(capsys.readouterr().out)["summary"]["threshold_source"] == "default"
+    # the summary line says which threshold was used
+    assert main(["generate", str(out), "--prompt", "w5 w17", "--max-new-tokens", "4"]) == 0
+    assert "(calibrated)]" in capsys.readouterr().err
+
+
+def test_a_calibration_of_other_heads_is_not_used(world, capsys):
+    out, text = world
+    _calibrate(out, text, capsys)
+    model = EarlyExitModel.from_pretrained(out)
+    assert calibrated_thresholds(model, "max-prob")[1] == "calibrated"
+    assert DecodeOptions().threshold is None
+    with torch.no_grad():
+        model.heads[0].out.weight[0, 0] += 1.0  # the heads changed in place (as tuning would)
+    chosen, source = calibrated_thresholds(model, "max-prob")
+    assert chosen is None and "other heads" in source
+    g = generate(model, [PROMPTS[0]], DecodeOptions(mode="early-exit", max_new_tokens=3))
+    assert g.thresholds == {1: DEFAULT_THRESHOLD, 3: DEFAULT_THRESHOLD} and "other heads" in g.threshold_source
+    # the digest ignores the dtype the heads were loaded in
+    fresh = EarlyExitModel.from_pretrained(out)
+    assert heads_digest(fresh) == ExitConfig.load(out).calibration["heads_digest"]
+    assert heads_digest(fresh.to(torch.bfloat16)) == heads_digest(EarlyExitModel.from_pretrained(out))
+
+
+def test_calibrated_decode_agrees_as_predicted(world, capsys):
+    """The prediction, replayed with the lean engine at the calibrated (default) threshold:
+    (1) every prefix of the calibration blocks decoded for one token: the engine's exit and
+    token equal the simulated ones, so its agreement with `--mode full` is the stored
+    calibration agreement; (2) a free-running decode: the teacher-forced table of the text it
+    produced predicts each of its steps (KV recomputation included)."""
+    out, text = world
+    rec, _ = _calibrate(out, text, capsys, "--per-exit")
+    model = EarlyExitModel.from_pretrained(out)
+    stored = {int(k): v for k, v in rec["thresholds"].items()}
+    calib, _, _ = calibration_blocks(load_tokenizer(model.backbone), str(text), 16, 4, 3)
+    conf, agree = token_table(model, calib)
+    where = outcomes(conf, [stored[1], stored[3]])
+    near = (conf - torch.tensor([[stored[1]], [stored[3]]])).abs().lt(1e-5).any(0)  # float ties: not judged
+    exit_of = [1, 3, L]
+    same, checked, n = 0, 0, 0
+    for b in range(calib.shape[0]):
+        for p in range(calib.shape[1] - 1):
+            prompt = calib[b, :p + 1].tolist()
+            ee = generate(model, [prompt], DecodeOptions(mode="early-exit", max_new_tokens=1))
+            full = generate(model, [prompt], DecodeOptions(mode="full", max_new_tokens=1))
+            assert ee.threshold_source == "calibrated"
+            same += ee.rows[0].ids == full.rows[0].ids
+            if not near[n]:
+                assert ee.rows[0].tokens[0].exit_layer == exit_of[int(where[n])], (b, p)
+                checked += 1
+            n += 1
+    assert n == conf.shape[1] and checked >= n - 2
+    assert abs(same / n - rec["calib_agreement"]) <= (n - checked) / n
+    assert 0 < sum(int(w) < 2 for w in where) < n  # exits happen, and not everywhere: a meaningful check
+
+    prompt = calib[0, :5].tolist()
+    ee = generate(model, [prompt], DecodeOptions(mode="early-exit", max_new_tokens=40))
+    gen_ids = ee.rows[0].ids
+    conf, agree = token_table(model, torch.tensor([prompt + gen_ids]))
+    P = len(prompt)
+    where = outcomes(conf, [stored[1], stored[3]])[P - 1:]
+    near = (conf - torch.tensor([[stored[1]], [stored[3]]])).abs().lt(1e-5).any(0)[P - 1:]
+    engine_layers = [t.exit_layer for t in ee.rows[0].tokens]
+    assert len(engine_layers) == len(where) == 40
+    mismatch = [i for i in range(40) if not near[i] and engine_layers[i] != exit_of[int(where[i])]]
+    assert not mismatch and len(set(engine_layers)) > 1
+
+
+# --- per-exit thresholds in both engines ------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_per_exit_thresholds_lean_equals_reference(family):
+    model = EarlyExitModel.convert(peaky_backbone(family, scale=8.0), [1, 3], arch="mlp")
+    for th in ({1: 0.9, 3: 0.4}, {1: 0.5, 3: 0.95}):
+        lean, ref = both(model, PROMPTS, mode="early-exit", exit_thresholds=th, max_new_tokens=24)
+        assert_same(lean, ref)
+        assert lean.thresholds == ref.thresholds == th
+        lean, ref = both(model, PROMPTS, mode="self-spec", exit_thresholds=th, draft_len=3, max_new_tokens=16)
+        assert ids_of(lean) == ids_of(ref)
+    for engine in ("lean", "reference"):  # the exit's own threshold decides there
+        only3 = generate(model, PROMPTS, DecodeOptions(mode="early-exit", exit_thresholds={1: NEVER, 3: 0.0},
+                                                       max_new_tokens=8, engine=engine))
+        assert {t.exit_layer for r in only3.rows for t in r.tokens} == {3}
+        only1 = generate(model, PROMPTS, DecodeOptions(mode="early-exit", exit_thresholds={1: 0.0, 3: NEVER},
+                                                       max_new_tokens=8, engine=engine))
+        assert {t.exit_layer for r in only1.rows for t in r.tokens} == {1}
+    gm = gated(EarlyExitModel.convert(peaky_backbone(family, scale=8.0), [1, 3], arch="mlp"))
+    assert_same(*both(gm, PROMPTS, mode="early-exit", confidence="gate", exit_thresholds={1: 0.7, 3: 0.5},
+                      max_new_tokens=20))
+
+
+@pytest.mark.parametrize("kw,match", [({"exit_thresholds": {1: 0.5}}, "a threshold for each exit"),
+                                      ({"exit_thresholds": {1: 0.5, 3: -1.0}}, "outside"),
+                                      ({"exit_thresholds": {1: 0.5, 3: 0.5}, "threshold": 0.5}, "not both")])
+def test_per_exit_thresholds_bad(kw, match):
+    with pytest.raises(EETuneError, match=match):
+        generate(_model(), [PROMPTS[0]], DecodeOptions(mode="early-exit", max_new_tokens=2, **kw))
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--exit-thresholds", "1:0.5"], "a threshold for each exit layer [1, 3]"),
+    (["--exit-thresholds", "1:0.5,3"], "give exit layer:threshold pairs"),
+    (["--exit-thresholds", "1:0.5,3:0.5", "--threshold", "0.5"], "not both"),
+])
+def test_generate_bad_exit_thresholds(world, capsys, argv, match):
+    out, _ = world
+    capsys.readouterr()
+    try:
+        code = main(["generate", str(out), "--prompt", "w1 w2", "--max-new-tokens", "2", *argv])
+    except SystemExit as e:  # argparse-level errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_calibrate_gates_in_memory():
+    model = gated(_model(), bias=0.5)
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, V, (5, 12), generator=g)
+    rec = calibrate(model, blocks[:3], blocks[3:], 0.6, confidence="gate", costs=COSTS)
+    conf, agree = token_table(model, blocks[:3], "gate")
+    assert rec["calib"] == simulate(conf, agree, list(rec["thresholds"].values()), cost_model(model, "gate", COSTS))
+    assert rec["calib_agreement"] >= 0.6 and rec["cost_model"]["pass"] == [0.0, 0.0]
+    with pytest.raises(EETuneError, match="no gates"):
+        calibrate(_model(), blocks[:3], blocks[3:], 0.6, confidence="gate", costs=COSTS)
+    with pytest.raises(EETuneError, match=r"outside \(0, 1\]"):
+        calibrate(model, blocks[:3], blocks[3:], 1.5, costs=COSTS)
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,match", [
+    (["--target-agreement", "0"], "outside (0, 1]"),
+    (["--target-agreement", "1.01"], "outside (0, 1]"),
+    (["--target-agreement", "nan"], "outside (0, 1]"),
+    (["--confidence", "vibes"], "invalid choice: 'vibes'"),
+    (["--confidence", "gate"], "no gates"),
+    (["--calib-blocks", "0"], "--calib-blocks 0 must be an integer >= 1"),
+    (["--test-blocks", "-2"], "--test-blocks -2 must be an integer >= 1"),
+    (["--seq-len", "1"], "--seq-len 1 must be an integer >= 2"),
+    (["--calib-blocks", "40", "--test-blocks", "30"], "fewer than --calib-blocks 40 + --test-blocks 30"),
+    (["unwritable"], "is not writable; pass --no-store"),
+    (["not-exits"], "is not an exits directory"),
+])
+def test_calibrate_bad_input(world, capsys, monkeypatch, argv, match):
+    out, text = world
+    target = out
+    if argv == ["unwritable"]:
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if str(p) == str(out) else real(p, m, *a, **k))
+        argv = []
+    elif argv == ["not-exits"]:
+        target, argv = text.parent, []
+    before = _snapshot(out)
+    capsys.readouterr()
+    try:
+        code = main(["calibrate", str(target), "--data", str(text), "--seq-len", "16", *argv])
+    except SystemExit as e:  # argparse-level errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and match in err, err
+    assert _snapshot(out) == before
+
+
+def test_grid_is_fine_and_ends_in_never():
+    assert GRID[0] == 0.0 and GRID[-1] == NEVER > 1 and 1.0 in GRID and list(GRID) == sorted(GRID)
+    assert {0.5, 0.9, 0.95, 0.99, 0.999, 0.9999} <= set(GRID)
+    assert all(math.isfinite(g) for g in GRID)
+
+
+def test_measured_costs_are_medians_and_leave_the_cache(monkeypatch):
+    from eetune import evaluate
+    from eetune.calibrate import measured_costs
+    lm = iter([0.0, 12.5, 2.0])  # a busy machine: one measurement far off either way
+    seen = []
+
+    def fake(model):
+        seen.append(getattr(model, "_eetune_costs", "unset"))
+        x = next(lm)
+        return {**COSTS, "lm_head_layers": x,
+                "exits": {"1": {"transform_layers": x, "projection_layers": 1.0, "layers": x + 1.0}}}
+
+    monkeypatch.setattr(evaluate, "exit_costs", fake)
+    model = _model((1,))
+    model._eetune_costs = "cached"
+    c = measured_costs(model)
+    assert seen == [None] * 3 and model._eetune_costs == "cached" and c["repeats"] == 3
+    assert c["lm_head_layers"] == 2.0 and c["exits"]["1"] == {"transform_layers": 2.0, "projection_layers": 1.0,
+                                                              "layers": 3.0}

@@ -1,0 +1,246 @@
+"""The lm-evaluation-harness model type `eetune` (eetune.lmeval) on tiny tasks defined from local
+files (no hub, no network): multiple choice and rolling loglikelihoods equal a direct
+computation from the Hugging Face model's own forward pass (and lm-eval's own HFLM), through the
+final layer or an exit; generate_until equals our `generate`, stop strings included; the
+`eetune lm-eval` command runs lm-eval's CLI end to end; bad model_args give one clear error."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'eetune[eval]')")
+
+import torch  # noqa: E402
+from tune_helpers import ENV, make_world, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
+
+from eetune.errors import EETuneError  # noqa: E402
+from eetune.lmeval import EETuneLM, harness_argv  # noqa: E402
+
+QUESTIONS = [  # (context, choices, label); multi-token choices test the sums
+    ("w1 w2 w3 w4", ["w5", "w7 w8", "w9 w10 w11"], 0),
+    ("w10 w13 w16", ["w19", "w20", "w3 w3"], 1),
+    ("w40 w41 w42 w43 w44 w45", ["w46 w47", "w50", "w0"], 2),
+    ("w30 w35 w40 w45", ["w8", "w7 w7", "w7 w9"], 1),  # the model's own greedy continuation is "w7 w7 ..."
+]
+PROMPTS = ["w1 w2 w3", "w30 w35 w40 w45", "w7"]
+DOCS = [" ".join(f"w{(5 + 3 * i) % 96}" for i in range(40)), "w2 w4 w6 w8 w10", "w9"]
+MAX_GEN = 8
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def task_yaml(name, data, cache, body):
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"  cache_dir: {cache}\ntest_split: test\n{body}metadata:\n  version: 1.0\n")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmeval")
+    w = make_world(root)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    w["hf"] = AutoModelForCausalLM.from_pretrained(w["model"]).eval()
+    w["tok"] = AutoTokenizer.from_pretrained(w["model"])
+    w["lm"] = EETuneLM.create_from_arg_obj({"exits": str(w["mlp"]), "batch_size": 2, "device": "cpu"})
+    tasks = root / "tasks"
+    tasks.mkdir()
+    cache = root / "hf-datasets-cache"
+    mc = write_jsonl(root / "mc.jsonl", [{"question": q, "choices": c, "label": y} for q, c, y in QUESTIONS])
+    (tasks / "mc.yaml").write_text(task_yaml("eetune_mc", mc, cache, (
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_target: label\n"
+        "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")))
+    docs = write_jsonl(root / "docs.jsonl", [{"text": t} for t in DOCS])
+    (tasks / "ppl.yaml").write_text(task_yaml("eetune_ppl", docs, cache, (
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")))
+    # generate_until stops at a word the model really produces for the first prompt (its 3rd new token)
+    full = w["lm"].model.generate(PROMPTS, w["tok"], mode="full", max_new_tokens=MAX_GEN)
+    w["stop"] = full.rows[0].text.split()[2]
+    gen = write_jsonl(root / "gen.jsonl", [{"prompt": p, "answer": "w1"} for p in PROMPTS])
+    (tasks / "gen.yaml").write_text(task_yaml("eetune_gen", gen, cache, (
+        "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+        f"generation_kwargs:\n  until: ['{w['stop']}']\n  max_gen_toks: {MAX_GEN}\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")))
+    w["tasks"] = tasks
+    return w
+
+
+def evaluate(world, model, tasks, model_args=None):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    tm = TaskManager(include_path=str(world["tasks"]), include_defaults=False)
+    return simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=tm, log_samples=True,
+                           bootstrap_iters=0, device="cpu")
+
+
+def direct_logprob(world, ctx_ids, cont_ids, exit_layer=None):
+    """Sum of log-softmax over the continuation tokens: the HF model's own forward (final
+    layer), or our model's exit logits."""
+    ids = torch.tensor([ctx_ids + cont_ids])
+    with torch.no_grad():
+        if exit_layer is None:
+            logits = world["hf"](input_ids=ids).logits[0]
+        else:
+            logits = world["lm"].model(ids).exit_logits[exit_layer][0]
+    lp = torch.log_softmax(logits.double(), -1)
+    n = len(ctx_ids)
+    return sum(float(lp[n - 1 + i, t]) for i, t in enumerate(cont_ids))
+
+
+def encode(world, text):
+    return world["tok"](text, add_special_tokens=False)["input_ids"]
+
+
+def test_multiple_choice_equals_hf_forward(world):
+    out = evaluate(world, "eetune", ["eetune_mc"], {"exits": str(world["mlp"]), "batch_size": 2})
+    assert out["results"]["eetune_mc"]["acc,none"] is not None
+    assert out["config"]["eetune"]["logits_from"] == "final" and out["config"]["eetune"]["exit_layers"] == [1, 3]
+    samples = out["samples"]["eetune_mc"]
+    assert len(samples) == len(QUESTIONS)
+    greedy_seen = []
+    for s in samples:
+        q, choices, _ = QUESTIONS[s["doc_id"]]
+        for choice, (ll, greedy) in zip(choices, [r[0] for r in s["resps"]]):
+            ctx, cont = encode(world, q), encode(world, " " + choice)
+            assert abs(float(ll) - direct_logprob(world, ctx, cont)) < 1e-4
+            with torch.no_grad():
+                logits = world["hf"](input_ids=torch.tensor([ctx + cont])).logits[0]
+            assert bool(greedy) == (logits[len(ctx) - 1:-1].argmax(-1).tolist() == cont)
+            greedy_seen.append(bool(greedy))
+    assert any(greedy_seen) and not all(greedy_seen)
+
+
+def test_exit_logits_and_hflm_agree(world):
+    """logits_from=K scores with exit K; the final layer's scores equal lm-eval's own HFLM's on the
+    same requests (loglikelihood and rolling windows of a short max_length)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    reqs = [Instance("loglikelihood", {}, (q, " " + c), i) for i, (q, cs, _) in enumerate(QUESTIONS) for c in cs]
+    reqs.append(Instance("loglikelihood", {}, (DOCS[0], " w3 w4"), 98))  # cut from the left at max_length
+    reqs.append(Instance("loglikelihood", {}, ("", "w3 w4"), 99))  # empty context: the prefix token stands in
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(DOCS)]
+    exit_lm = EETuneLM(exits=str(world["mlp"]), logits_from=1, device="cpu", batch_size=3)
+    for (ll, _), r in zip(exit_lm.loglikelihood(reqs[:-2]), reqs):
+        ctx, cont = encode(world, r.args[0]), encode(world, r.args[1])
+        assert abs(ll - direct_logprob(world, ctx, cont, exit_layer=1)) < 1e-4
+    short = EETuneLM(exits=str(world["mlp"]), device="cpu", batch_size=4, max_length=16)
+    hf = HFLM(pretrained=str(world["model"]), device="cpu", batch_size=4, max_length=16)
+    for ours, theirs in zip(short.loglikelihood(reqs), hf.loglikelihood(reqs)):
+        assert abs(ours[0] - theirs[0]) < 1e-4 and ours[1] == theirs[1]
+    ours, theirs = short.loglikelihood_rolling(rolling), hf.loglikelihood_rolling(rolling)
+    assert all(abs(a - b) < 1e-4 for a, b in zip(ours, theirs))
+
+
+def test_rolling_equals_hf_forward(world):
+    out = evaluate(world, world["lm"], ["eetune_ppl"])
+    assert out["results"]["eetune_ppl"]["word_perplexity,none"] > 1
+    eos = world["tok"].eos_token_id  # no BOS in this tokenizer: EOS is the prefix
+    for s in out["samples"]["eetune_ppl"]:
+        ids = encode(world, DOCS[s["doc_id"]])
+        assert abs(float(s["resps"][0][0]) - direct_logprob(world, [eos], ids)) < 1e-4
+
+
+def test_generate_until_equals_generate(world):
+    tok, model = world["tok"], world["lm"].model
+    out = evaluate(world, world["lm"], ["eetune_gen"])
+    assert "exact_match,none" in out["results"]["eetune_gen"]
+    got = {s["doc_id"]: s["resps"][0][0] for s in out["samples"]["eetune_gen"]}
+    want = model.generate(PROMPTS, tok, mode="full", max_new_tokens=MAX_GEN, stop=[world["stop"]])
+    unstopped = model.generate(PROMPTS, tok, mode="full", max_new_tokens=MAX_GEN)
+    assert [got[i] for i in range(len(PROMPTS))] == [r.text for r in want.rows]
+    assert world["stop"] not in got[0] and len(got[0]) < len(unstopped.rows[0].text)  # `until` honoured
+    info = out["config"]["eetune"]
+    assert info["mode"] == "full" and info["mean_layers_per_token"] == 4
+    # self-spec is lossless: the same text; early-exit: what our engine gives with those settings
+    spec = EETuneLM(exits=str(world["norm"]), mode="self-spec", threshold=0.0, draft_len=3, device="cpu")
+    early = EETuneLM(exits=str(world["norm"]), mode="early-exit", threshold=0.05, device="cpu", batch_size=2)
+    reqs = _gen_requests(world)
+    assert spec.generate_until(reqs) == [r.text for r in want.rows]
+    ee = early.model.generate(PROMPTS, tok, mode="early-exit", threshold=0.05, max_new_tokens=MAX_GEN,
+                              stop=[world["stop"]])
+    assert early.generate_until(reqs) == [r.text for r in ee.rows]
+    assert early.get_model_info()["eetune"]["mean_layers_per_token"] < 4  # exits were taken
+
+
+def _gen_requests(world):
+    from lm_eval.api.instance import Instance
+    kw = {"until": [world["stop"]], "max_gen_toks": MAX_GEN, "do_sample": False}
+    return [Instance("generate_until", {}, (p, kw), i) for i, p in enumerate(PROMPTS)]
+
+
+def test_bad_model_args_one_error(world):
+    good = str(world["mlp"])
+    cases = [("", "exits=DIR is required"), ("pretrained=gpt2", "unknown pretrained"),
+             (f"exits={good},colour=red", "unknown colour"), (f"exits={good},mode=fast", "mode='fast'"),
+             (f"exits={good},logits_from=2", "logits_from=2"), (f"exits={good},threshold=-1", "threshold"),
+             (f"exits={good},dtype=int4", "dtype='int4'"), (f"exits={good},batch_size=0", "batch_size"),
+             (f"exits={good},max_length=100000", "max_length=100000"), ("exits=/no/such/dir", "no such directory"),
+             (f"exits={good},device=cuda:7", "device")]
+    if torch.cuda.is_available():
+        cases.pop()
+    for args, words in cases:
+        with pytest.raises(EETuneError, match="lm-eval model_args") as e:
+            EETuneLM.create_from_arg_string(args, {"batch_size": 1, "device": "cpu"})
+        assert words in str(e.value) and "\n" not in str(e.value), (args, str(e.value))
+    # the command line's own default device (cuda:0) falls back to the CPU; model_args win over it
+    lm = EETuneLM.create_from_arg_string(f"exits={good},batch_size=5", {"batch_size": 1, "device": "cuda:0"})
+    assert lm.batch_size == 5 and (lm.device.type == "cuda") == torch.cuda.is_available()
+
+
+def test_harness_argv_defaults_to_eetune():
+    assert harness_argv(["--tasks", "x"]) == ["--model", "eetune", "--tasks", "x"]
+    assert harness_argv(["run", "--tasks", "x"]) == ["run", "--model", "eetune", "--tasks", "x"]
+    assert harness_argv(["--model", "hf", "--tasks", "x"]) == ["--model", "hf", "--tasks", "x"]
+    assert harness_argv(["ls", "tasks"]) == ["ls", "tasks"]
+
+
+def test_cli_end_to_end(world, tmp_path):
+    """`eetune lm-eval ...` (lm-eval's own CLI, the model type registered), offline."""
+    env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "eetune.cli", "lm-eval", "--model_args",
+                        f"exits={world['norm']},mode=self-spec,threshold=0.2,batch_size=4",
+                        "--tasks", "eetune_mc,eetune_gen", "--include_path", str(world["tasks"]),
+                        "--device", "cpu", "--output_path", str(out)],
+                       capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eetune_mc" in r.stdout and "eetune_gen" in r.stdout
+    results = list(out.rglob("results_*.json"))
+    assert len(results) == 1
+    data = json.loads(results[0].read_text())
+    assert data["config"]["model"] == "eetune" and data["config"]["eetune"]["mode"] == "self-spec"
+    assert set(data["results"]) == {"eetune_mc", "eetune_gen"}
+    helped = subprocess.run([sys.executable, "-m", "eetune.lmeval", "--help"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert helped.returncode == 0 and "lm-eval" in helped.stdout
+
+
+def test_cli_bad_model_args_one_line(world, monkeypatch, capsys):
+    """A bad model_arg through `eetune lm-eval` / `python -m eetune.lmeval`: one line, exit code 2.
+    (lm-eval's CLI indexes its ~15k built-in task configs first: here it sees our tasks only.)"""
+    import functools
+
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    from eetune import lmeval
+    from eetune.cli import main
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
+    args = ["--model_args", f"exits={world['norm']},bogus=1", "--tasks", "eetune_mc",
+            "--include_path", str(world["tasks"]), "--device", "cpu"]
+    assert main(["lm-eval", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("eetune: error: lm-eval model_args: unknown bogus") and "Traceback" not in "".join(err)
+    assert lmeval.main(args) == 2
+    assert "eetune lm-eval: error: lm-eval model_args: unknown bogus" in capsys.readouterr().err
