@@ -167,6 +167,9 @@ def test_calibrate_stores_a_record_that_round_trips(world, capsys):
     assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, "exit_heads.safetensors"]  # no temporary left
     assert (out / "exit_heads.safetensors").read_bytes() == before["exit_heads.safetensors"]
     assert rec["target_agreement"] == 0.8 and rec["confidence"] == "max-prob" and not rec["per_exit"]
+    assert main(["info", str(out)]) == 0  # `info` shows the stored calibration
+    shown = capsys.readouterr().out
+    assert "calibration" in shown and f"threshold {rec['threshold']}" in shown and "target agreement 0.8" in shown
     t = rec["threshold"]
     assert rec["thresholds"] == {"1": t, "3": t} and t in GRID and not rec["never_exits"]
     assert rec["calib_agreement"] == rec["calib"]["agreement"] >= 0.8

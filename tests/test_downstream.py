@@ -110,6 +110,11 @@ def test_eval_writes_results_plots_and_report(exits, tmp_path, capsys):
     report = (out / "report.html").read_text()
     assert "<h2>boolq</h2>" in report and "data:image/png;base64," in report and "exit 1" in report
     assert "A sample generation" in report
+    # `eetune report` prints the same tables again from results.json
+    assert main(["report", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert "boolq (accuracy, n=10" in again and f"report: {out / 'report.html'}" in again
+    assert main(["report", str(tmp_path)]) == 2 and "results.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,needle", [

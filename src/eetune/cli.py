@@ -67,7 +67,8 @@ def cmd_convert(args):
     model.save_pretrained(args.out)
     c = model.parameter_counts()
     print(f"wrote {args.out}: {args.arch} exits after layers {list(layers)} of {backbone.num_layers} "
-          f"({c['trainable']:,} trainable head parameters, {c['frozen_backbone']:,} frozen backbone parameters)")
+          f"({c['trainable']:,} trainable head parameters; {c['frozen_backbone']:,} frozen backbone parameters "
+          f"loaded, {backbone.num_layers - backbone.released_count()} of {backbone.num_layers} layers)")
 
 
 # --- info ----------------------------------------------------------------------------------
@@ -117,6 +118,13 @@ def cmd_info(args):
         on = prof.get("measured_on") or {}
         print(f"  {'exit profile':<22} measured on {prof.get('tokens', 0):,} tokens of {on.get('data', '?')} "
               f"(`eetune evaluate` prints it; --json shows it)")
+    cal = cfg.get("calibration")
+    if cal:
+        th = (f"threshold {cal['threshold']}" if cal.get("threshold") is not None
+              else "thresholds " + ", ".join(f"exit {k}: {v}" for k, v in (cal.get("thresholds") or {}).items()))
+        print(f"  {'calibration':<22} {cal.get('confidence')} {th} for target agreement {cal.get('target_agreement')}"
+              f" (test split {cal.get('test_agreement', float('nan')):.3f}, predicted speedup "
+              f"{cal.get('predicted_speedup', float('nan')):.2f}x); the default of `generate --mode early-exit`")
     print(f"  {'ranked vocabulary':<22} " + (f"{vocab:,} token ids (most frequent in the tuning data first)"
                                              if vocab is not None else "none"))
     g = cfg.get("gates") or {}
@@ -610,6 +618,8 @@ def add_eval(sub):
     p.add_argument("--ppl-blocks", type=int, default=16, help="blocks of the ppl task (default 16)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block of the ppl task (default 256)")
     p.add_argument("--seed", type=int, default=0, help="which items are sampled (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; cuda on a GPU)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="backbone weights dtype (default fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
@@ -619,6 +629,8 @@ def cmd_eval(args):
     from pathlib import Path
 
     from .backbone import load_tokenizer
+    import torch
+
     from .downstream import EvalConfig, format_tables, machine_meta, parse_tasks, parse_thresholds, run_eval, \
         write_outputs
     from .model import EarlyExitModel
@@ -638,7 +650,13 @@ def cmd_eval(args):
     if "xsum" in cfg.tasks:
         from .downstream import Rouge
         Rouge()  # refuses now, not after the other tasks, when rouge-score is missing
-    model = EarlyExitModel.from_pretrained(args.dir)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise EETuneError(f"--device {args.device!r} is not a torch device: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EETuneError(f"--device {args.device}: no CUDA device on this machine: use --device cpu")
+    model = EarlyExitModel.from_pretrained(args.dir, dtype=args.dtype, device=args.device)
     if cfg.confidence == "gate" and not model.has_gates:
         raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR --out "
                           "OUT --gates-only`, or use --confidence max-prob")
@@ -649,6 +667,32 @@ def cmd_eval(args):
     print(format_tables(results))
     write_outputs(results, out, model)
     print(f"wrote {out}/results.json, results.csv, report.html")
+
+
+def add_report(sub):
+    p = sub.add_parser("report", help="print the tables of `eetune eval` outputs and where their reports are",
+                       description="Print the tables of one or more `eetune eval` output directories (their "
+                                   "results.json) and the path of each report.html.")
+    p.add_argument("dirs", nargs="+", help="`eetune eval --out` directories")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args):
+    from pathlib import Path
+
+    from .downstream import format_tables
+
+    for d in args.dirs:
+        path = Path(d) / "results.json"
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise EETuneError(f"{path} is missing or not JSON: give a directory written by `eetune eval --out`") \
+                from None
+        meta = results.get("meta", {})
+        print(f"== {d}: {meta.get('exits', '?')} ({meta.get('machine', '?')}, {meta.get('date', '?')})")
+        print(format_tables(results))
+        print(f"report: {Path(d) / 'report.html'}")
 
 
 # --- lm-eval -------------------------------------------------------------------------------
@@ -750,7 +794,7 @@ def cmd_calibrate(args):
 
 
 # --- entry point ---------------------------------------------------------------------------
-VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate, add_scan, add_plan, add_eval, add_lm_eval,
+VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate, add_scan, add_plan, add_eval, add_report, add_lm_eval,
          add_calibrate]
 
 

@@ -303,11 +303,11 @@ def _tune_activations(s: ModelShape, dtype: str, alpha: float, b: int, T: int, r
     Chunked losses (`chunk > 0`, eetune.losses; `u` is one fp32 (chunk, vocab) buffer): while the
     last exit's loss runs, every exit's fp32 gradient with respect to its (tokens, hidden) input
     (and, for an own output embedding, to its (vocab, hidden) weight) saved for backward, the
-    exit's flattened input, and one chunk's work at its peak: z, p and g (3u) plus the weight
-    gradient's (vocab, hidden) matmul result; with distillation eight buffers (z, p, g, the final
-    layer's log-probs and probs, two temporaries of the KL, and the float64 copy its sum makes);
-    with soft-capping five; a frozen bf16 LM head is cast to fp32 once per exit; an own head's
-    weight is cast to bf16 for each chunk's projection. Backward scales the saved gradients (one
+    exit's flattened input, and one chunk's work at its peak: z, p and g (3u; the weight gradient
+    accumulates in place); with distillation eight buffers (z, p, g, the final layer's log-probs
+    and probs, two temporaries of the KL, and the float64 copy its sum makes); with soft-capping
+    five; a frozen bf16 LM head is cast to fp32 once per exit, and an own head's weight to bf16
+    once per exit. Backward scales the saved gradients (one
     more copy of a weight gradient, which becomes the head's gradient).
 
     Whole logits (`chunk == 0`, `tune.exit_loss`; `u` is one fp32 (batch, seq, vocab) buffer, `ul`
@@ -354,14 +354,14 @@ def _tune_activations(s: ModelShape, dtype: str, alpha: float, b: int, T: int, r
         weight = V * H * 4  # one exit's output weight in fp32 (gathered under FSDP)
         rows = N * H * 4  # one exit's flattened input, or its saved gradient
         work = 8 if alpha > 0 else (5 if s.logit_softcap else 3)
-        to_bf16 = weight // 2 + c * V * 2 + u if (own and cb == 2) else 0  # an own head's weight cast per chunk
-        chunk_peak = max(work * u, 3 * u + (weight if own else 0), to_bf16)
+        cast = weight // 2 if (own and cb == 2) else 0  # an own head's weight cast to bf16, once per exit
+        chunk_peak = work * u  # the weight gradient accumulates in place (addmm_): no (vocab, hidden) temporary
         w32 = weight if (not own and cb == 2) else 0  # the frozen bf16 LM head cast to fp32, per exit
         if dtype == "bf16":  # autocast's bf16 copies of the head matrices other than the output embedding
             per_head += (s.head_total - (n * V * H if own else 0)) * 2
         base = hidden + final_h + per_head
         phases["loss"] = (base + (N * H * cb if alpha > 0 else 0) + (n + 1) * rows + (n * weight if own else 0)
-                          + w32 + chunk_peak)
+                          + w32 + cast + chunk_peak)
         phases["backward"] = base + n * rows + 2 * bt * H * 4 + grads + (weight if own else 0)
         phases["validation"] = hidden + final_h + bt * H * 4 + rows + 2 * u + (weight // 2 if own and cb == 2 else 0)
     phases["optimizer step"] = hidden + final_h + grads + opt_tmp
