@@ -252,10 +252,10 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(world,
 
 # --- resources ------------------------------------------------------------------------------------
 def test_out_of_memory_suggests_grad_accum(world, tmp_path, monkeypatch):
-    import eetune.tune as tune_mod
+    import eetune.losses as losses_mod
 
     calls = {"n": 0}
-    real = tune_mod.exit_loss
+    real = losses_mod.chunked_exit_loss  # the default path (--loss-chunk 256)
 
     def oom(*a, **k):
         calls["n"] += 1
@@ -263,7 +263,7 @@ def test_out_of_memory_suggests_grad_accum(world, tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*a, **k)
 
-    monkeypatch.setattr(tune_mod, "exit_loss", oom)
+    monkeypatch.setattr(losses_mod, "chunked_exit_loss", oom)
     with pytest.raises(EETuneError) as e:
         tune(world["norm"], tmp_path / "out", cfg(world, steps=5, batch_size=4, save_every=1, distill=0.0))
     msg = str(e.value)

@@ -225,6 +225,21 @@ def test_cli_end_to_end(world, tmp_path):
     assert helped.returncode == 0 and "lm-eval" in helped.stdout
 
 
+def _without_logging_errors(text: str) -> str:
+    """stderr less any "--- Logging error ---" block (the logging module's report of a handler that
+    failed to write, through "Arguments: ..."): not an error of ours, and a traceback of its own."""
+    out, skipping = [], False
+    for line in text.splitlines():
+        if line.startswith("--- Logging error ---"):
+            skipping = True
+        elif skipping and line.startswith("Arguments:"):
+            skipping = False
+            continue
+        if not skipping:
+            out.append(line)
+    return "\n".join(out)
+
+
 def test_cli_bad_model_args_one_line(world, monkeypatch, capsys):
     """A bad model_arg through `eetune lm-eval` / `python -m eetune.lmeval`: one line, exit code 2.
     (lm-eval's CLI indexes its ~15k built-in task configs first: here it sees our tasks only.)"""
@@ -237,10 +252,18 @@ def test_cli_bad_model_args_one_line(world, monkeypatch, capsys):
     from eetune.cli import main
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
+    # lm-eval's log handlers may hold the stderr capture of an earlier test, closed since: writing to it
+    # prints a "--- Logging error ---" traceback of the logging module. Point them at this test's stderr.
+    import logging
+    import sys
+    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
+        for h in getattr(logger, "handlers", []):
+            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+                monkeypatch.setattr(h, "stream", sys.stderr)
     args = ["--model_args", f"exits={world['norm']},bogus=1", "--tasks", "eetune_mc",
             "--include_path", str(world["tasks"]), "--device", "cpu"]
     assert main(["lm-eval", *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _without_logging_errors(capsys.readouterr().err).strip().splitlines()
     assert err[-1].startswith("eetune: error: lm-eval model_args: unknown bogus") and "Traceback" not in "".join(err)
     assert lmeval.main(args) == 2
     assert "eetune lm-eval: error: lm-eval model_args: unknown bogus" in capsys.readouterr().err
