@@ -56,6 +56,12 @@ def status_bytes(field: str) -> int:
     raise SystemExit("needs /proc/self/status (Linux)")
 
 
+def recorded_model(model: str) -> str:
+    """The model as the results record it: an alias as given; the tiny model, built in a temporary
+    directory, by its name only (no path of the machine that ran it)."""
+    return Path(model).name if Path(model).is_absolute() else model
+
+
 def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
@@ -297,7 +303,8 @@ def main() -> None:
                 phases = {k: {"predicted_mb": round((persistent + plan_phase[k]) / MIB, 1) if k in plan_phase
                               else None, "measured_mb": round(v / MIB, 1)} for k, v in m["phase_peaks"].items()}
             rows.append({
-                "case": spec["case"], "mode": spec["mode"], "model": spec["model"], "exits": spec["exit_spec"],
+                "case": spec["case"], "mode": spec["mode"], "model": recorded_model(spec["model"]),
+                "exits": spec["exit_spec"],
                 "settings": {k: v for k, v in spec.items() if k not in ("exits", "out", "case", "model", "data")},
                 "loss_chunk": spec.get("loss_chunk"),
                 "predicted_peak_mb": round(p.peak_bytes / MIB, 1),
