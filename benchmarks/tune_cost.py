@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,15 +42,6 @@ CONFIGS = {  # name -> (arch, output embedding, served from the hidden-state cac
     "norm-shared-cached": ("norm", "shared", True),
 }
 EXITS = (10, 20)
-
-
-def proc_status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak) in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: the peak, in KiB on Linux
 
 
 def run_full(args) -> dict:
@@ -118,7 +108,7 @@ def child(args) -> None:
     import eetune  # noqa: F401
     from eetune.backbone import model_config
     sys.path.insert(0, str(Path(__file__).parent))
-    from load_memory import import_model_code
+    from load_memory import import_model_code, proc_status_mb
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -486,8 +486,6 @@ def cmd_scan(args):
     import time
     from pathlib import Path
 
-    import torch
-
     from .backbone import load_backbone, load_tokenizer
     from .scan import ScanConfig, format_report, run_scan, suggestion, write_json, write_plot
 
@@ -502,12 +500,7 @@ def cmd_scan(args):
                      target_agreement=args.target_agreement, head_cost=args.head_cost, max_exits=args.max_exits,
                      top=args.top, seed=args.seed, progress=not args.no_progress and sys.stderr.isatty())
     cfg.validate()  # before the (slow) model load
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise EETuneError(f"--device {args.device!r} is not a torch device: give cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EETuneError(f"--device {args.device}: no CUDA device on this machine: use --device cpu")
+    check_device(args.device)
     plot = None if args.no_plot else args.plot
     for flag, path in (("--json", args.json), ("--plot", plot)):
         if path and not Path(path).resolve().parent.is_dir():
@@ -629,8 +622,6 @@ def cmd_eval(args):
     from pathlib import Path
 
     from .backbone import load_tokenizer
-    import torch
-
     from .downstream import EvalConfig, format_tables, machine_meta, parse_tasks, parse_thresholds, run_eval, \
         write_outputs
     from .model import EarlyExitModel
@@ -650,12 +641,7 @@ def cmd_eval(args):
     if "xsum" in cfg.tasks:
         from .downstream import Rouge
         Rouge()  # refuses now, not after the other tasks, when rouge-score is missing
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise EETuneError(f"--device {args.device!r} is not a torch device: give cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EETuneError(f"--device {args.device}: no CUDA device on this machine: use --device cpu")
+    check_device(args.device)
     model = EarlyExitModel.from_pretrained(args.dir, dtype=args.dtype, device=args.device)
     if cfg.confidence == "gate" and not model.has_gates:
         raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR --out "
@@ -794,6 +780,18 @@ def cmd_calibrate(args):
 
 
 # --- entry point ---------------------------------------------------------------------------
+def check_device(value: str) -> None:
+    """Refuse, in one line, a --device that is not a torch device or names CUDA on a machine without."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise EETuneError(f"--device {value!r} is not a torch device: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EETuneError(f"--device {value}: no CUDA device on this machine: use --device cpu")
+
+
 VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate, add_scan, add_plan, add_eval, add_report, add_lm_eval,
          add_calibrate]
 
