@@ -38,7 +38,7 @@ from .errors import EETuneError
 
 MODES = ("full", "early-exit", "self-spec")
 CONFIDENCES = ("max-prob", "margin", "entropy", "gate")
-ENGINES = ("lean", "reference")
+ENGINES = ("lean", "graphs", "reference")
 
 
 @dataclass
@@ -63,7 +63,9 @@ class DecodeOptions:
     #                                  reaches the threshold
     gate_filter: float | None = None  # early-exit, max-prob: run an exit's head only where its gate (`tune
     #                                   --gates`) reaches T
-    engine: str = "lean"  # decoding engine: lean (eetune.engine) or the slow, obvious reference (eetune.decode)
+    engine: str = "lean"  # decoding engine: lean (eetune.engine), graphs (eetune.graphs: static caches and CUDA
+    #                       graphs per segment between exits, the fast path on a GPU; on a CPU the same code
+    #                       runs unrecorded) or the slow, obvious reference (eetune.decode)
     verbose: bool = False  # print the --draft-exit auto cost model's figures
     replay: tuple | None = None  # benchmarks only: forced exit layer per token (early-exit) or
     #                              (drafted, accepted) per round (self-spec), for engine timing
@@ -623,10 +625,13 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
         measure_costs(model, opts)
     t0 = time.perf_counter()
     ids, pos = _left_pad(prompts, 0, device)
-    if opts.engine == "lean":
+    if opts.engine in ("lean", "graphs"):
         from . import engine
+        engine_class = None
+        if opts.engine == "graphs":
+            from .graphs import GraphEngine as engine_class
         pad = [ids.shape[1] - len(p) for p in prompts]
-        stats = engine.run(model, ids, pad, opts, emitter, gen, device)
+        stats = engine.run(model, ids, pad, opts, emitter, gen, device, engine_class)
         result.rounds, result.drafted, result.accepted = stats["rounds"], stats["drafted"], stats["accepted"]
         result.layer_token_passes = stats["layer_token_passes"]
         result.policy = stats["policy"]

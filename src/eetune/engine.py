@@ -605,9 +605,10 @@ class Engine:
         return emitted, acc_l, sum(n_prop_l)
 
 
-def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) -> dict:
-    """Decode the left-padded prompts `ids` with the lean engine, feeding `emitter` (decode.py's
-    per-row bookkeeping). Returns engine statistics."""
+def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, engine_class=None) -> dict:
+    """Decode the left-padded prompts `ids` with the lean engine (or `engine_class`, a subclass
+    such as graphs.GraphEngine), feeding `emitter` (decode.py's per-row bookkeeping). Returns
+    engine statistics."""
     from .decode import choose
     B, T = ids.shape
     bb = model.backbone
@@ -617,7 +618,7 @@ def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) ->
     # A batch row may accept up to draft_len tokens past its own need (the round drafts for the
     # neediest row) and lead the uniform slot count by that much while others catch up.
     capacity = T + opts.max_new_tokens + 2 * opts.draft_len + 4
-    eng = Engine(model, opts, B, T, pad, device, capacity)
+    eng = (engine_class or Engine)(model, opts, B, T, pad, device, capacity)
     eng.replay = opts.replay
     stats = {"drafted": 0, "accepted": 0, "rounds": 0, "policy": None, "round_log": []}
     record = opts.record_logits

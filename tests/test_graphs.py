@@ -1,0 +1,191 @@
+"""The graph engine (graphs.py) against the reference engine (decode.py): same tokens, logits
+within tolerance, every mode and family, batches, gates, `layer` exits, joins past the largest
+recorded bucket, graphs reused across requests. On a CPU the static-shape functions run
+unrecorded; where CUDA is present the same checks run on the GPU with recorded graphs (fp32:
+same greedy tokens as the reference; bf16: logits within a stated tolerance; self-spec
+identical to full)."""
+
+import pytest
+import torch
+
+from eetune import graphs
+from eetune.decode import DecodeOptions, generate
+from eetune.gates import ExitGate
+from eetune.model import EarlyExitModel
+
+from conftest import FAMILIES, H, L, V, peaky_backbone
+from test_engine import PROMPTS, assert_same, ids_of, mixing_threshold
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+BF16_TOL = 0.1  # bf16 logits of the graph engine vs the reference engine, same device (|logits| ~ 10)
+
+
+def model_on(family, exits=(1, 3), arch="mlp", device="cpu", dtype=torch.float32, scale=8.0):
+    bb = peaky_backbone(family, scale=scale)
+    bb.model.to(device=device, dtype=dtype)
+    return EarlyExitModel.convert(bb, list(exits), arch=arch)
+
+
+def pair(model, prompts, **kw):
+    opts = dict(kw, record_logits=True)
+    g = generate(model, prompts, DecodeOptions(engine="graphs", **opts))
+    ref = generate(model, prompts, DecodeOptions(engine="reference", **opts))
+    return g, ref
+
+
+def gated(model, seed=0, bias=0.0):
+    g = torch.Generator().manual_seed(seed)
+    dev = model.backbone.lm_head.weight.device
+    gates = {}
+    for k in model.exit_layers:
+        gate = ExitGate(H, device=dev)
+        with torch.no_grad():
+            gate.weight.copy_(torch.randn(H, generator=g).to(dev))
+            gate.bias.fill_(bias)
+        gates[k] = gate
+    model.set_gates(gates)
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphs_equal_reference_every_mode(family, device):
+    model = model_on(family, device=device)
+    thr = mixing_threshold(model, PROMPTS[0]) if device == "cpu" else 0.5
+    for prompts in ([PROMPTS[0]], PROMPTS):  # batch 1 and a left-padded batch
+        full, ref = pair(model, prompts, mode="full", max_new_tokens=20)
+        assert_same(full, ref)
+        g, ref = pair(model, prompts, mode="early-exit", threshold=thr, max_new_tokens=30)
+        assert_same(g, ref)
+        if device == "cpu":
+            assert {t.exit_layer for r in g.rows for t in r.tokens} >= {1, L}  # exits mixed
+        g, ref = pair(model, prompts, mode="self-spec", threshold=0.3, draft_len=3, max_new_tokens=20)
+        assert ids_of(g) == ids_of(ref) == ids_of(full)
+        assert g.drafted > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["norm", "layer"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2"])
+def test_graphs_other_heads(family, arch, device):
+    model = model_on(family, (1, 2), arch=arch, device=device)
+    thr = mixing_threshold(model, PROMPTS[2], q=0.4)
+    assert_same(*pair(model, PROMPTS, mode="early-exit", threshold=thr, max_new_tokens=24))
+    g, ref = pair(model, PROMPTS, mode="self-spec", threshold=0.2, draft_len=4, max_new_tokens=16)
+    assert ids_of(g) == ids_of(ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_graphs_gate_mode(family, device):
+    model = gated(model_on(family, device=device))
+    g, ref = pair(model, PROMPTS, mode="early-exit", confidence="gate", threshold=0.6, max_new_tokens=30)
+    assert_same(g, ref)
+    assert len({t.exit_layer for r in g.rows for t in r.tokens}) >= 2
+    g, ref = pair(model, PROMPTS, mode="self-spec", confidence="gate", threshold=0.4, max_new_tokens=20)
+    assert ids_of(g) == ids_of(ref)
+
+
+def test_graphs_gate_skips_the_head_when_it_does_not_fire():
+    model = gated(model_on("llama"), bias=-50.0)
+    calls = []
+    for head in model.heads:
+        for sub in head.mlp:
+            sub.register_forward_pre_hook(lambda m, a: calls.append("mlp"))
+    g = generate(model, PROMPTS, DecodeOptions(mode="early-exit", confidence="gate", threshold=0.5,
+                                               max_new_tokens=8, engine="graphs"))
+    assert calls == [] and all(t.exit_layer == L for r in g.rows for t in r.tokens)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graphs_other_confidences_and_options(device):
+    """margin / entropy, the screened max-prob and the gate prefilter (uncaptured decisions),
+    sampling with a seed, the draft vocabulary."""
+    model = model_on("qwen2", device=device)
+    model.vocab_by_frequency = torch.arange(V, device=device).flip(0)
+    for conf in ("margin", "entropy"):
+        assert_same(*pair(model, PROMPTS, mode="early-exit", confidence=conf, threshold=0.3, max_new_tokens=20))
+    thr = mixing_threshold(model, PROMPTS[0]) if device == "cpu" else 0.5
+    assert_same(*pair(model, PROMPTS, mode="early-exit", threshold=thr, screen_vocab=30, max_new_tokens=20))
+    gated(model, seed=3)
+    assert_same(*pair(model, PROMPTS, mode="early-exit", threshold=thr, gate_filter=0.5, max_new_tokens=20))
+    for mode, kw in (("full", {}), ("early-exit", {"threshold": 0.5}), ("self-spec", {"threshold": 0.2})):
+        g, ref = pair(model, PROMPTS, mode=mode, temperature=0.8, top_p=0.9, seed=3, max_new_tokens=16, **kw)
+        assert ids_of(g) == ids_of(ref), mode
+    full = ids_of(generate(model, PROMPTS, DecodeOptions(mode="full", max_new_tokens=20)))
+    for k in (1, 10, V):
+        g = generate(model, PROMPTS, DecodeOptions(mode="self-spec", threshold=0.0, draft_vocab=k,
+                                                   max_new_tokens=20, engine="graphs"))
+        assert ids_of(g) == full, k
+
+
+def test_graphs_exit_after_last_layer():
+    for arch in ("mlp", "layer"):
+        model = model_on("llama", (1, L), arch=arch)
+        assert_same(*pair(model, PROMPTS, mode="early-exit", threshold=0.6, max_new_tokens=16))
+        g, ref = pair(model, PROMPTS, mode="self-spec", threshold=0.3, draft_exit=1, max_new_tokens=12)
+        assert ids_of(g) == ids_of(ref)
+
+
+def test_joins_past_the_largest_bucket_run_unrecorded(monkeypatch):
+    """KV recomputation joins more tokens than the largest recorded bucket: those segments run
+    the same function unrecorded, with the same result."""
+    monkeypatch.setattr(graphs, "BUCKETS", (1, 2))
+    model = model_on("llama", (1, 3))
+    thr = mixing_threshold(model, PROMPTS[0], q=0.3)
+    seen = []
+    orig = graphs.GraphEngine._segment_fn
+
+    def spy(self, lo, hi, x, Q, *a):
+        seen.append(Q)
+        return orig(self, lo, hi, x, Q, *a)
+    monkeypatch.setattr(graphs.GraphEngine, "_segment_fn", spy)
+    g, ref = pair(model, [PROMPTS[0]], mode="early-exit", threshold=thr, max_new_tokens=40)
+    assert_same(g, ref)
+    assert max(seen[1:]) > 2  # some join ran past the buckets (seen[0] is the prompt)
+
+
+def test_graph_state_is_reused_and_renewed():
+    """A second request of the same geometry reuses the recorded functions (and their caches),
+    whatever its prompt; other options or other heads build what they need."""
+    model = model_on("llama")
+    generate(model, PROMPTS, DecodeOptions(mode="early-exit", threshold=0.5, max_new_tokens=10, engine="graphs"))
+    state = model._eetune_graphs
+    n = len(state.graphs)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7]]
+    assert_same(*pair(model, prompts, mode="early-exit", threshold=0.5, max_new_tokens=10))
+    assert model._eetune_graphs is state and len(state.graphs) >= n
+    assert_same(*pair(model, prompts, mode="early-exit", confidence="entropy", threshold=0.2, max_new_tokens=10))
+    model.heads[0] = type(model.heads[0])(model.backbone, 1, "norm", "copy", "shared")
+    assert_same(*pair(model, prompts, mode="early-exit", threshold=0.5, max_new_tokens=10))
+    assert model._eetune_graphs is not state
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2"])
+def test_graphs_bf16_on_cuda(family):
+    """bf16 on the GPU: the graph engine's logits stay within BF16_TOL of the reference engine's
+    wherever both took the same path, and self-spec equals full token for token."""
+    model = model_on(family, device="cuda", dtype=torch.bfloat16)
+    for mode, kw in (("full", {}), ("early-exit", {"threshold": 0.5})):
+        g, ref = pair(model, PROMPTS, mode=mode, max_new_tokens=16, **kw)
+        n = 0
+        for (s1, l1, x1), (s2, l2, x2) in zip(g.step_logits, ref.step_logits):
+            if not torch.equal(l1, l2):
+                break  # a near-tie decided differently: later steps no longer compare
+            assert (x1.float() - x2.float()).abs().max().item() <= BF16_TOL, (mode, s1)
+            n += 1
+        assert n >= 4, mode
+    full = generate(model, PROMPTS, DecodeOptions(mode="full", max_new_tokens=16, engine="graphs"))
+    spec = generate(model, PROMPTS, DecodeOptions(mode="self-spec", threshold=0.2, max_new_tokens=16,
+                                                  engine="graphs"))
+    assert ids_of(spec) == ids_of(full)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_graphs_are_recorded_on_cuda():
+    model = model_on("llama", device="cuda")
+    generate(model, PROMPTS, DecodeOptions(mode="early-exit", threshold=0.5, max_new_tokens=8, engine="graphs"))
+    recorded = [g for g in model._eetune_graphs.graphs.values() if g.graph is not None]
+    assert recorded and len(recorded) == len(model._eetune_graphs.graphs)
