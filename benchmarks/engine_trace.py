@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/engine_trace.py                      # CPU: SmolLM2-135M shape
     .venv/bin/python benchmarks/engine_trace.py --shapes smollm2-135m,llama-3.2-1b --new-tokens 48
     python benchmarks/engine_trace.py --device cuda --dtype bf16 --shapes smollm2-135m,llama-3.2-1b,llama-2-7b
+    python benchmarks/engine_trace.py --device cuda --dtype bf16 --graphs --hf-compile --shapes llama-3.2-1b
 
 Exit quality is measured elsewhere (decode_speed.py, eetune evaluate); here the exit decisions
 are *forced*, so the engine's cost is measured apart from how good the exits are. Models are
@@ -22,6 +23,13 @@ layers with a block costing one pass), the realized ÷ ideal ratio, and a cost-m
 also counts the measured cost of the exit head and LM head each token pays. ms/token excludes
 the prefill (timed separately and subtracted). All settings of a shape are interleaved, best of
 `--reps`. One JSON line per row; all rows go to benchmarks/results/engine_trace-<tag>.jsonl.
+
+`--compile` adds our `full` through graphs of torch.compile'd segments. `--graphs` runs our
+settings with the graph engine (eetune.graphs: CUDA graphs per segment) and
+adds the lean engine's `full` as a row; `--hf-compile` adds HF `generate` with a static cache,
+which transformers compiles (torch.compile, mode reduce-overhead) on a GPU. Every row also
+gives ms/token ÷ the memory-bandwidth floor: the bytes of the weights one token reads (decoder
+layers, final norm, LM head) ÷ the device's copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -62,7 +70,8 @@ def build(shape: str, device: str, dtype: torch.dtype):
     exits = spec.pop("exits")
     cfg = LlamaConfig(**spec, max_position_embeddings=4096, initializer_range=0.02)
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval().requires_grad_(False)
+    with torch.device(device):  # random weights made where they are used (a 7B CPU init takes minutes)
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval().requires_grad_(False)
     bb = adapter_for(hf)
     bb.source, bb.revision, bb.model_path = f"random-{shape}", None, None
     model = EarlyExitModel.convert(bb, exits, arch="mlp", output_embedding="shared")
@@ -110,6 +119,25 @@ def load_traces(path: Path, exits, L: int, n: int, wanted: list[str]) -> tuple[d
     return ee, ss
 
 
+def token_bytes(model) -> int:
+    """Bytes of weights one decoded token reads: every decoder layer, the final norm, the LM head
+    (the input embedding reads one row)."""
+    bb = model.backbone
+    params = [p for layer in bb.layers for p in layer.parameters()] + list(bb.final_norm.parameters())
+    params.append(bb.lm_head.weight)
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second a device-to-device copy of 1 GiB moves (read + written), best of 5."""
+    n = 1 << 29 if torch.device(device).type == "cuda" else 1 << 26
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = min(timed(lambda: b.copy_(a), device) for _ in range(5))
+    return 2 * n / best
+
+
 def timed(fn, device) -> float:
     sync(device)
     t = time.perf_counter()
@@ -134,12 +162,29 @@ def run_shape(shape: str, args) -> list[dict]:
         hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                     pad_token_id=0, eos_token_id=None)
 
+    cache_len = args.prompt_tokens + N + 8
+
+    def hf_static(n):  # one cache object shape for every call: compiled once
+        from transformers import StaticCache
+        cache = StaticCache(config=hf.config, max_cache_len=cache_len)
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                    pad_token_id=0, eos_token_id=None, past_key_values=cache)
+
+    engine = "graphs" if args.graphs else "lean"
+
     def ours(n, **kw):
+        kw.setdefault("engine", engine)
         return generate(model, [prompt], DecodeOptions(max_new_tokens=n, **kw))
 
     ee_traces, ss_traces = load_traces(ROOT / "traces" / args.traces, exits, L, N,
                                        [w for w in args.trace_rows.split(",") if w])
     settings = [("hf-generate", "hf", {}, None), ("full", "full", {}, None)]
+    if args.hf_compile:
+        settings.insert(1, ("hf-generate static cache + compile", "hf-static", {}, None))
+    if args.graphs:
+        settings.insert(2, ("full, lean engine (eager)", "full", {"engine": "lean"}, None))
+    if args.compile:
+        settings.insert(3, ("full, graphs + compile", "full", {"engine": "graphs", "compile": True}, None))
     for mix in ("none", "50/25", "75/0"):
         trace = synthetic(mix, exits, L, N)
         settings.append((f"early-exit gate, forced {mix}", "early-exit", {"confidence": "gate", "threshold": 0.5,
@@ -171,15 +216,26 @@ def run_shape(shape: str, args) -> list[dict]:
     # warm-up, then prefill times (subtracted from every run)
     hf_run(2)
     ours(2, mode="full")
+    compile_s = ours_compile_s = None
+    if args.compile:
+        ours_compile_s = timed(lambda: ours(3, mode="full", engine="graphs", compile=True), args.device)
+        print(f"{shape}: our graphs + compile: first call {ours_compile_s:.1f} s", file=sys.stderr, flush=True)
+    if args.hf_compile:
+        compile_s = timed(lambda: hf_static(3), args.device)  # compiles
+        print(f"{shape}: HF static cache + compile: first call {compile_s:.1f} s", file=sys.stderr, flush=True)
     best = {name: float("inf") for name, *_ in settings}
-    pre_hf = pre_ours = float("inf")
+    pre_hf = pre_ours = pre_static = float("inf")
     passes = {}
     for rep in range(args.reps):
         pre_hf = min(pre_hf, timed(lambda: hf_run(1), args.device))
         pre_ours = min(pre_ours, timed(lambda: ours(1, mode="full"), args.device))
+        if args.hf_compile:
+            pre_static = min(pre_static, timed(lambda: hf_static(1), args.device))
         for name, mode, kw, _ in settings:
             if mode == "hf":
                 t = timed(lambda: hf_run(N), args.device) - pre_hf
+            elif mode == "hf-static":
+                t = timed(lambda: hf_static(N), args.device) - pre_static
             else:
                 out = {}
                 t = timed(lambda: out.setdefault("g", ours(N, mode=mode, **kw)), args.device) - pre_ours
@@ -189,6 +245,8 @@ def run_shape(shape: str, args) -> list[dict]:
             best[name] = min(best[name], t)
         print(f"{shape}: rep {rep + 1}/{args.reps} done", file=sys.stderr, flush=True)
 
+    weight_bytes, bandwidth = token_bytes(model), copy_bandwidth(args.device)
+    floor_ms = weight_bytes / bandwidth * 1e3
     costs = measure_costs(model, DecodeOptions())
     c_layer, c_final = costs["layer"], costs["final"]
     c_head = {k: costs["heads"][k]["transform"] for k in exits}
@@ -201,12 +259,17 @@ def run_shape(shape: str, args) -> list[dict]:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "cost_layer_ms": c_layer * 1e3, "cost_lm_head_ms": c_final * 1e3,
             "cost_exit_mlp_ms": {str(k): v * 1e3 for k, v in c_head.items()},
+            "engine": engine, "floor_ms": round(floor_ms, 4), "bandwidth_gb_s": round(bandwidth / 1e9, 1),
+            "weight_bytes_per_token": weight_bytes, "hf_compile_first_call_s": compile_s,
+            "ours_compile_first_call_s": ours_compile_s,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     rows = []
     for name, mode, kw, trace in settings:
         ms = best[name] / (N - 1) * 1e3
         row = {"setting": name, "ms_per_token": round(ms, 3), "speedup_vs_full": round(full_ms / ms, 3),
-               "vs_hf": round(best["hf-generate"] / best[name], 3), **meta}
+               "vs_hf": round(best["hf-generate"] / best[name], 3), "x_floor": round(ms / floor_ms, 2), **meta}
+        if args.hf_compile:
+            row["vs_hf_static_compile"] = round(best["hf-generate static cache + compile"] / best[name], 3)
         if mode == "early-exit":
             toks = trace[1:N]  # the first token comes from the prefill
             mean_layer = sum(toks) / len(toks)
@@ -233,7 +296,7 @@ def run_shape(shape: str, args) -> list[dict]:
             row["ideal_layer_count"] = round(emitted * L / layer_passes, 3)
             row["realized_over_ideal"] = round(row["speedup_vs_full"] / row["ideal_layer_count"], 3)
             row["accepted_per_round"] = round((emitted - len(log)) / len(log), 3)
-        if mode != "hf":
+        if not mode.startswith("hf"):
             row["layer_passes_per_token"] = round(passes[name][0], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -253,6 +316,11 @@ def main(argv=None):
     ap.add_argument("--trace-rows", default="threshold=0.6 gate_filter,threshold=0.2 gate_filter,"
                                              "self-spec max-prob threshold=0.5 draft_len=4 draft_vocab",
                     help="recorded settings to replay: comma-separated substrings of their names")
+    ap.add_argument("--graphs", action="store_true", help="our settings through the graph engine (eetune.graphs)")
+    ap.add_argument("--hf-compile", action="store_true",
+                    help="add HF generate with a static cache (compiled by transformers on a GPU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add our full decoding through the graph engine with torch.compile'd segments")
     ap.add_argument("--tag", default=None, help="results file tag (default: device)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -264,10 +332,10 @@ def main(argv=None):
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, out)
-    print(f"\n{'shape':<14} {'setting':<48} {'ms/tok':>8} {'vs full':>8} {'vs HF':>6} {'ideal':>6} {'real/id':>7} "
-          f"{'id+heads':>8}")
+    print(f"\n{'shape':<14} {'setting':<48} {'ms/tok':>8} {'xfloor':>6} {'vs full':>8} {'vs HF':>6} {'ideal':>6} "
+          f"{'real/id':>7} {'id+heads':>8}")
     for r in rows:
-        print(f"{r['shape']:<14} {r['setting']:<48} {r['ms_per_token']:8.2f} {r['speedup_vs_full']:8.2f} "
+        print(f"{r['shape']:<14} {r['setting']:<48} {r['ms_per_token']:8.2f} {r['x_floor']:6.1f} {r['speedup_vs_full']:8.2f} "
               f"{r['vs_hf']:6.2f} {r.get('ideal_layer_count', float('nan')):6.2f} "
               f"{r.get('realized_over_ideal', float('nan')):7.2f} {r.get('ideal_with_heads', float('nan')):8.2f}")
     print(f"\nwrote {out}")

@@ -300,8 +300,8 @@ def add_generate(sub):
                         "tokenizer has one, as instruct models expect; --no-chat for plain text)")
     # The decoding flags are fields of DecodeOptions: type, default, choices and help come from there.
     add_fields(p, DecodeOptions, ["mode", "threshold", "exit_thresholds", "confidence", "draft_len", "draft_exit",
-                                  "draft_vocab", "screen_vocab", "gate_filter", "engine", "verbose", "max_new_tokens",
-                                  "temperature", "top_k", "top_p", "seed"],
+                                  "draft_vocab", "screen_vocab", "gate_filter", "engine", "compile", "verbose",
+                                  "max_new_tokens", "temperature", "top_k", "top_p", "seed"],
                defaults={"mode": "early-exit"}, types={"draft_exit": _draft_exit, "exit_thresholds": _exit_thresholds},
                metavars={"draft_vocab": "K", "screen_vocab": "K", "gate_filter": "T", "draft_exit": "LAYER|auto",
                          "exit_thresholds": "K:T,..."})

@@ -66,6 +66,8 @@ class DecodeOptions:
     engine: str = "lean"  # decoding engine: lean (eetune.engine), graphs (eetune.graphs: static caches and CUDA
     #                       graphs per segment between exits, the fast path on a GPU; on a CPU the same code
     #                       runs unrecorded) or the slow, obvious reference (eetune.decode)
+    compile: bool = False  # graphs engine: fuse each recorded segment's kernels with torch.compile first (the first
+    #                        call of each segment compiles it: seconds to minutes)
     verbose: bool = False  # print the --draft-exit auto cost model's figures
     replay: tuple | None = None  # benchmarks only: forced exit layer per token (early-exit) or
     #                              (drafted, accepted) per round (self-spec), for engine timing
@@ -112,6 +114,8 @@ class DecodeOptions:
                               f"give one of them or 'auto'")
         if self.engine not in ENGINES:
             raise EETuneError(f"unknown engine {self.engine!r}: use one of {', '.join(ENGINES)}")
+        if self.compile and self.engine != "graphs":
+            raise EETuneError("--compile works with --engine graphs only")
         if self.draft_exit == "auto" and self.engine != "lean":
             raise EETuneError("--draft-exit auto needs the lean engine (its cost model times the lean engine)")
         if self.confidence == "gate" and not model.has_gates:

@@ -24,6 +24,10 @@ replays instead of thousands of launches:
   rows, thresholds, forced decisions) live on the model (`GraphState`), one geometry (batch size,
   capacity) at a time; a new request writes its values into them.
 
+`compile=True` (`--compile`) first fuses each segment's kernels with `torch.compile` (inductor),
+then records the compiled segment: a HF decoder layer is about forty kernels eager, a dozen
+fused. Each segment and bucket compiles on its first use (seconds to minutes).
+
 On a CPU nothing is captured: the same static-shape functions run directly, which is how the
 test suite checks this engine against the reference engine. The options that need per-row work
 outside a graph (`screen_vocab`, `gate_filter`, sampling) take the same decisions uncaptured.
@@ -179,7 +183,7 @@ class GraphEngine(Engine):
         # graph decide with the lean engine's code (uncaptured heads).
         self.fused = opts.screen_vocab is None and opts.gate_filter is None
         self.H = model.backbone.hidden_size
-        self.variant = (opts.confidence, opts.draft_vocab)  # options the recorded functions depend on
+        self.variant = (opts.confidence, opts.draft_vocab, opts.compile)  # what the recorded functions depend on
 
     # --- geometry and segments ---------------------------------------------------------------
     def _windows(self, lo: int, hi: int, exit_block: bool) -> list:
@@ -317,7 +321,12 @@ class GraphEngine(Engine):
         buf[:, :q].copy_(x)
         g = gs.graphs.get(key)
         if g is None:
-            g = gs.graphs[key] = Graph(self._segment_fn(lo, hi, buf, Q, final, dec), self.capture)
+            fn = self._segment_fn(lo, hi, buf, Q, final, dec)
+            if self.opts.compile:  # inductor fuses the elementwise kernels; the graph records the result
+                import torch._dynamo
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+                fn = torch.compile(fn, dynamic=False)
+            g = gs.graphs[key] = Graph(fn, self.capture)
         return g()
 
     def _head_graph(self, k: int, z_given: bool, h_last) -> torch.Tensor:
@@ -376,7 +385,8 @@ class GraphEngine(Engine):
         return done
 
     def _force(self, index: int) -> None:
-        if self.replay is not None:
+        """Benchmarks: the recorded exit of this token (early-exit replays only)."""
+        if self.replay is not None and self.opts.mode == "early-exit":
             self.gs.force.fill_(self.replay_at(index))
 
     def new_step_state(self, index: int, settled: torch.Tensor) -> dict:

@@ -48,7 +48,6 @@ class _ChunkedExitLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         ce_total = torch.zeros((), dtype=torch.float64, device=h.device)
-        w32 = weight.float()
         w_c = weight.to(dtype)  # cast once per exit, not per chunk
         fw_c = final_weight.to(dtype) if alpha > 0 else None
         for a in range(0, n, chunk):
@@ -79,7 +78,7 @@ class _ChunkedExitLoss(torch.autograd.Function):
             if softcap is not None:
                 g *= 1 - (z / softcap) ** 2  # through z = c tanh(u / c)
             total += part
-            grad_h[a:a + chunk] = g @ w32
+            grad_h[a:a + chunk] = g.to(dtype) @ w_c  # in the compute dtype, as autocast's backward
             if grad_w is not None:
                 grad_w.addmm_(g.t(), hc.float())  # in place: no second vocab x hidden buffer
             del z, p, g, lse
