@@ -686,7 +686,7 @@ def _reference_loop(model, ids, pos, opts, emitter, gen, device, result) -> None
             layer = torch.full((B,), L)
             if opts.record_logits:
                 emitter.step_logits.append((step, layer, logits.clone()))
-            emitter.emit_step(tok, layer, torch.full((B,), float("nan")))
+            emitter.emit_step(tok, layer, torch.full((B,), float("nan"), device=device))
         elif opts.mode == "early-exit":
             logits, layer, conf = early_exit_step(state, tok, opts, done)
             tok = choose(logits, opts, gen)
