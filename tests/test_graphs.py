@@ -256,3 +256,18 @@ def test_recorded_functions_never_read_the_device(monkeypatch):
                    {"mode": "self-spec", "threshold": 0.2}):
             generate(model, PROMPTS, DecodeOptions(engine="graphs", max_new_tokens=12, **kw))
         assert model._eetune_graphs.graphs
+
+
+def test_auto_engine_is_graphs_on_a_gpu_and_lean_elsewhere():
+    from eetune.decode import resolve_engine
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_engine(DecodeOptions(), cuda) == "graphs"
+    assert resolve_engine(DecodeOptions(), cpu) == "lean"
+    assert resolve_engine(DecodeOptions(compile=True), cpu) == "graphs"
+    assert resolve_engine(DecodeOptions(mode="self-spec", draft_exit="auto"), cuda) == "lean"
+    assert resolve_engine(DecodeOptions(engine="reference"), cuda) == "reference"
+    model = model_on("llama")
+    g = generate(model, [PROMPTS[0]], DecodeOptions(max_new_tokens=3))
+    assert g.engine == "lean"
+    with pytest.raises(Exception, match="--draft-exit auto runs the lean engine"):
+        generate(model, [PROMPTS[0]], DecodeOptions(mode="self-spec", draft_exit="auto", compile=True))

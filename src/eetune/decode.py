@@ -38,7 +38,7 @@ from .errors import EETuneError
 
 MODES = ("full", "early-exit", "self-spec")
 CONFIDENCES = ("max-prob", "margin", "entropy", "gate")
-ENGINES = ("lean", "graphs", "reference")
+ENGINES = ("auto", "lean", "graphs", "reference")
 
 
 @dataclass
@@ -63,9 +63,9 @@ class DecodeOptions:
     #                                  reaches the threshold
     gate_filter: float | None = None  # early-exit, max-prob: run an exit's head only where its gate (`tune
     #                                   --gates`) reaches T
-    engine: str = "lean"  # decoding engine: lean (eetune.engine), graphs (eetune.graphs: static caches and CUDA
-    #                       graphs per segment between exits, the fast path on a GPU; on a CPU the same code
-    #                       runs unrecorded) or the slow, obvious reference (eetune.decode)
+    engine: str = "auto"  # decoding engine: auto (graphs on a GPU, lean elsewhere and with --draft-exit auto), lean
+    #                       (eetune.engine), graphs (eetune.graphs: static caches and CUDA graphs per segment
+    #                       between exits; on a CPU the same code runs unrecorded) or the slow, obvious reference
     compile: bool = False  # graphs engine: fuse each recorded segment's kernels with torch.compile first (the first
     #                        call of each segment compiles it: seconds to minutes)
     verbose: bool = False  # print the --draft-exit auto cost model's figures
@@ -114,9 +114,11 @@ class DecodeOptions:
                               f"give one of them or 'auto'")
         if self.engine not in ENGINES:
             raise EETuneError(f"unknown engine {self.engine!r}: use one of {', '.join(ENGINES)}")
-        if self.compile and self.engine != "graphs":
+        if self.compile and self.engine not in ("graphs", "auto"):
             raise EETuneError("--compile works with --engine graphs only")
-        if self.draft_exit == "auto" and self.engine != "lean":
+        if self.compile and self.draft_exit == "auto":
+            raise EETuneError("--compile needs the graphs engine; --draft-exit auto runs the lean engine: give one")
+        if self.draft_exit == "auto" and self.engine not in ("lean", "auto"):
             raise EETuneError("--draft-exit auto needs the lean engine (its cost model times the lean engine)")
         if self.confidence == "gate" and not model.has_gates:
             raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR "
@@ -216,6 +218,7 @@ class Generation:
     policy: object = None  # draft_exit="auto": the engine.DraftPolicy with its measured costs and acceptance
     round_log: list = field(default_factory=list)  # self-spec, lean engine: (drafted, accepted) per round
     thresholds: dict = field(default_factory=dict)  # the threshold used at each exit layer (resolve_thresholds)
+    engine: str = ""  # the engine that ran (resolve_engine)
     threshold_source: str = ""  # given | calibrated | default (with why, when a stored calibration was not used)
 
     @property
@@ -596,12 +599,22 @@ class Emitter:
         return max((self.max_new - len(r.ids) for r, d in zip(self.rows, self._done) if not d), default=0)
 
 
+def resolve_engine(opts: DecodeOptions, device) -> str:
+    """The engine `opts.engine` names; `auto`: the graph engine on a GPU (or when --compile asks
+    for it), the lean engine elsewhere and for --draft-exit auto (whose cost model times it)."""
+    if opts.engine != "auto":
+        return opts.engine
+    if opts.draft_exit == "auto":
+        return "lean"
+    return "graphs" if torch.device(device).type == "cuda" or opts.compile else "lean"
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=None) -> Generation:
     """Decode every prompt (lists of token ids) with `opts`; `on_tokens(row, tokens, stats)` is
     called as tokens are emitted (streaming; returning False ends that row). Runs the lean
-    engine (`engine.py`) unless `opts.engine == "reference"`. Returns a `Generation` with ids
-    and statistics."""
+    engine (`engine.py`), the graph engine (`graphs.py`) or the reference engine as `opts.engine`
+    says (`auto`: see `resolve_engine`). Returns a `Generation` with ids and statistics."""
     opts.validate(model)
     opts, threshold_source = resolve_thresholds(opts, model)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -629,10 +642,11 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
         measure_costs(model, opts)
     t0 = time.perf_counter()
     ids, pos = _left_pad(prompts, 0, device)
-    if opts.engine in ("lean", "graphs"):
+    result.engine = name = resolve_engine(opts, device)
+    if name in ("lean", "graphs"):
         from . import engine
         engine_class = None
-        if opts.engine == "graphs":
+        if name == "graphs":
             from .graphs import GraphEngine as engine_class
         pad = [ids.shape[1] - len(p) for p in prompts]
         stats = engine.run(model, ids, pad, opts, emitter, gen, device, engine_class)
@@ -683,7 +697,7 @@ def _reference_loop(model, ids, pos, opts, emitter, gen, device, result) -> None
         if opts.mode == "full":
             logits = full_step(state, tok)
             tok = choose(logits, opts, gen)
-            layer = torch.full((B,), L)
+            layer = torch.full((B,), L, device=device)
             if opts.record_logits:
                 emitter.step_logits.append((step, layer, logits.clone()))
             emitter.emit_step(tok, layer, torch.full((B,), float("nan"), device=device))
