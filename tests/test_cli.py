@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from eetune.cli import build_parser, main
 
@@ -143,6 +144,9 @@ def test_generate_json_and_stream(tiny_exits, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip() == full_text and "\x1b[" not in captured.out  # not a terminal: plain text
     assert "mean exit layer 4.0 of 4" in captured.err
+    assert main(["generate", str(tiny_exits), "--prompt", "w1 w2 w3", "--mode", "full", "--max-new-tokens", "6",
+                 "--engine", "graphs", "--device", "cpu", "--dtype", "fp32"]) == 0
+    assert capsys.readouterr().out.strip() == full_text
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -161,7 +165,9 @@ def test_generate_json_and_stream(tiny_exits, capsys):
     (["--prompt", "w1", "--gate-filter", "0.5"], "no gates"),
     (["--prompt", "w1", "--gate-filter", "-1"], "--gate-filter -1.0 is outside [0, inf)"),
     (["--prompt", "w1", "--screen-vocab", "0"], "--screen-vocab 0 is outside 1..97"),
-])
+    (["--prompt", "w1", "--device", "tpu9"], "is not a torch device"),
+    (["--prompt", "w1", "--compile", "--engine", "lean"], "--compile works with --engine graphs only"),
+] + ([] if torch.cuda.is_available() else [(["--prompt", "w1", "--device", "cuda"], "no CUDA device")]))
 def test_generate_bad_input(tiny_exits, capsys, argv, match):
     capsys.readouterr()
     try:

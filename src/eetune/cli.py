@@ -305,6 +305,9 @@ def add_generate(sub):
                defaults={"mode": "early-exit"}, types={"draft_exit": _draft_exit, "exit_thresholds": _exit_thresholds},
                metavars={"draft_vocab": "K", "screen_vocab": "K", "gate_filter": "T", "draft_exit": "LAYER|auto",
                          "exit_thresholds": "K:T,..."})
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; cuda on a GPU, where --engine auto "
+                                                   "takes the graph engine)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="backbone weights dtype (default fp32)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--show-exits", action="store_true",
@@ -376,7 +379,8 @@ def cmd_generate(args):
         raise EETuneError("empty prompt: give some text")
     if args.stream and len(prompts) != 1:
         raise EETuneError("--stream takes exactly one prompt")
-    model = EarlyExitModel.from_pretrained(args.dir)
+    check_device(args.device)
+    model = EarlyExitModel.from_pretrained(args.dir, dtype=args.dtype, device=args.device)
     opts = from_args(DecodeOptions, args)
     opts.validate(model)
     tok = load_tokenizer(model.backbone)
