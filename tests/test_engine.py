@@ -140,6 +140,18 @@ def test_draft_vocab_self_spec_is_lossless(engine):
     assert all(t.token == top for r in g.rows for t in r.tokens if t.drafted)
 
 
+@pytest.mark.parametrize("conf", ["entropy", "margin", "max-prob"])
+def test_draft_vocab_confidence_is_that_of_the_whole_vocabulary(conf):
+    """Review finding: with a draft vocabulary the lean engine normalised the draft's entropy by
+    log K, the reference engine (logits masked outside the K tokens) by log V: the same threshold
+    proposed different drafts."""
+    model = EarlyExitModel.convert(peaky_backbone("llama", scale=8.0), [1, 2, 3], arch="mlp")
+    model.vocab_by_frequency = torch.randperm(V, generator=torch.Generator().manual_seed(1))
+    lean, ref = both(model, PROMPTS[:2], mode="self-spec", confidence=conf, threshold=0.8, draft_len=3, draft_exit=2,
+                     draft_vocab=30, temperature=0.8, seed=1, max_new_tokens=38)
+    assert ids_of(lean) == ids_of(ref) and lean.drafted == ref.drafted
+
+
 def test_draft_vocab_lean_equals_reference_sampled():
     model = EarlyExitModel.convert(peaky_backbone("llama", scale=3.0), [2], arch="mlp")
     model.vocab_by_frequency = torch.arange(V).flip(0)

@@ -171,6 +171,13 @@ def test_replayed_decisions_match_the_lean_engine():
     g = generate(model, [PROMPTS[0]], DecodeOptions(engine="graphs", **kw))
     lean = generate(model, [PROMPTS[0]], DecodeOptions(engine="lean", **kw))
     assert g.round_log == lean.round_log and ids_of(g) == ids_of(lean)
+    # gates that never fire: the recorded rounds still stand, in both engines (review finding: the
+    # lean engine ANDed the recorded decision with the gate's)
+    gated(model, bias=-50.0)
+    kw.update(confidence="gate", threshold=0.5)
+    g = generate(model, [PROMPTS[0]], DecodeOptions(engine="graphs", **kw))
+    lean = generate(model, [PROMPTS[0]], DecodeOptions(engine="lean", **kw))
+    assert lean.round_log[:4] == list(rounds) and g.round_log == lean.round_log and ids_of(g) == ids_of(lean)
 
 
 def test_graph_state_is_reused_and_renewed():
@@ -271,3 +278,68 @@ def test_auto_engine_is_graphs_on_a_gpu_and_lean_elsewhere():
     assert g.engine == "lean"
     with pytest.raises(Exception, match="--draft-exit auto runs the lean engine"):
         generate(model, [PROMPTS[0]], DecodeOptions(mode="self-spec", draft_exit="auto", compile=True))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_lean_engine_on_cuda(family):
+    """The lean engine's tests run on the CPU; on a GPU it must give the reference's tokens too."""
+    model = model_on(family, device="cuda")
+    thr = mixing_threshold(model, PROMPTS[0])
+    for kw in ({"mode": "full"}, {"mode": "early-exit", "threshold": thr}, {"mode": "self-spec", "threshold": 0.3}):
+        opts = dict(kw, max_new_tokens=16, record_logits=True)
+        lean = generate(model, PROMPTS, DecodeOptions(engine="lean", **opts))
+        ref = generate(model, PROMPTS, DecodeOptions(engine="reference", **opts))
+        assert ids_of(lean) == ids_of(ref), kw
+
+
+def test_a_new_token_ranking_reaches_recorded_functions():
+    """Review finding: the draft and screen vocabulary rows were cached on the model and not
+    refreshed when `vocab_by_frequency` changed (as `tune` re-ranks it) between requests."""
+    model = model_on("qwen2")
+    model.vocab_by_frequency = torch.arange(V).flip(0)
+    thr = mixing_threshold(model, PROMPTS[0])
+    screen = dict(mode="early-exit", threshold=thr, screen_vocab=30, max_new_tokens=30)
+    draft = dict(mode="self-spec", threshold=0.0, draft_vocab=20, max_new_tokens=20, temperature=0.8, seed=3)
+    assert_same(*pair(model, PROMPTS, **screen))
+    assert_same(*pair(model, PROMPTS, **draft))
+    model.vocab_by_frequency = torch.randperm(V, generator=torch.Generator().manual_seed(0))
+    assert_same(*pair(model, PROMPTS, **screen))
+    g, ref = pair(model, PROMPTS, **draft)
+    lean = generate(model, PROMPTS, DecodeOptions(engine="lean", **draft))
+    assert ids_of(g) == ids_of(ref) == ids_of(lean) and g.drafted == lean.drafted
+
+
+def test_padding_queries_do_not_move_a_dynamic_rotary_scaling():
+    """Review finding: padding queries of a bucketed join carried positions past the last real
+    token, and dynamic/longrope rotary scalings (which look at the largest position) changed
+    the real tokens' rotations."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from conftest import COMMON
+    from eetune.backbone import adapter_for
+    cfg = LlamaConfig(**dict(COMMON, max_position_embeddings=40), rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    torch.manual_seed(0)
+    bb = adapter_for(AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False))
+    bb.source, bb.revision, bb.model_path = "tiny-dynamic-rope", None, None
+    with torch.no_grad():
+        bb.lm_head.weight.mul_(8.0)
+    model = EarlyExitModel.convert(bb, [1, 3], arch="mlp")
+    prompt = [(7 * i + 3) % V for i in range(28)]
+    for thr in (0.3, 0.5, 0.7):
+        assert_same(*pair(model, [prompt], mode="early-exit", threshold=thr, max_new_tokens=12))
+
+
+def test_graph_state_follows_the_weights_and_is_freed():
+    """Review findings: the state was keyed by module ids only (parameters stored anew kept stale
+    graphs) and outlived `release_unused_layers` (graphs over freed layers, caches held while
+    tuning)."""
+    model = model_on("llama")
+    kw = dict(mode="early-exit", threshold=0.5, max_new_tokens=10)
+    assert_same(*pair(model, PROMPTS, **kw))
+    state = model._eetune_graphs
+    proj = model.heads[0].mlp[-1].down_proj
+    proj.weight = torch.nn.Parameter(proj.weight.detach() * 3.0, requires_grad=False)
+    assert_same(*pair(model, PROMPTS, **kw))
+    assert model._eetune_graphs is not state
+    model.release_unused_layers()
+    assert model._eetune_graphs is None

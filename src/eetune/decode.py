@@ -254,8 +254,10 @@ class Generation:
 
 
 # --- confidence and token choice ------------------------------------------------------------
-def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-row confidence in [0, 1] of a (B, V) logits tensor."""
+def confidence(logits: torch.Tensor, kind: str, vocab_size: int | None = None) -> torch.Tensor:
+    """Per-row confidence in [0, 1] of a (B, V) logits tensor. `vocab_size`: the whole vocabulary's
+    size when `logits` cover a restricted one (entropy is normalised by log of the whole
+    vocabulary, as for logits masked to -inf outside the restriction)."""
     probs = logits.float().softmax(-1)
     if kind == "max-prob":
         return probs.amax(-1)
@@ -263,7 +265,7 @@ def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
         top2 = probs.topk(2, dim=-1).values
         return top2[:, 0] - top2[:, 1]
     ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-    return 1.0 - ent / math.log(probs.shape[-1])
+    return 1.0 - ent / math.log(vocab_size or probs.shape[-1])
 
 
 def sampling_probs(logits: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:

@@ -528,8 +528,8 @@ class Engine:
             if gate is not None:
                 g = gate(h[:, -1])
                 proposing = proposing & (g >= opts.exit_thresholds[d])
-                if forced is not None:
-                    proposing = proposing & (t < forced[0])
+                if forced is not None:  # the recorded decision replaces the gate's, as with max-prob
+                    proposing = ~settled & (t < forced[0])
                 if not bool(proposing.any()):
                     break
                 if z is None:
@@ -539,7 +539,8 @@ class Engine:
                 if z is None:
                     z = self.head_hidden(d, h, step)
                 logits = self.project(d, z, draft_weight, draft_bias)
-                proposing = proposing & (confidence(logits, opts.confidence) >= opts.exit_thresholds[d])
+                conf = confidence(logits, opts.confidence, self.bb.vocab_size)  # logits may cover the draft vocab
+                proposing = proposing & (conf >= opts.exit_thresholds[d])
                 if forced is not None:
                     proposing = ~settled & (t < forced[0])
                 if not bool(proposing.any()):

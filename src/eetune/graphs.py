@@ -133,7 +133,8 @@ class GraphState:
         self.thr = {k: torch.zeros((), dtype=torch.float32, device=device) for k in model.exit_layers}
         self.inputs: dict = {}
         self.graphs: dict = {}
-        self.rows: dict = {}  # (exit, K) -> output rows of the K most frequent tokens
+        self.rows: dict = {}  # (exit, K) -> output rows of the K most frequent tokens, refreshed per request
+        self.vocab: torch.Tensor | None = None  # the model's vocab_by_frequency, copied in per request
 
     def buffer(self, name, shape, dtype, device) -> torch.Tensor:
         t = self.inputs.get((name, shape))
@@ -142,19 +143,38 @@ class GraphState:
         return t
 
 
+def _modules(model) -> list:
+    """Every module a recorded function may run: backbone layers, final norm, embeddings, heads, gates."""
+    bb = model.backbone
+    return [*bb.layers, bb.final_norm, bb.lm_head, bb.model.get_input_embeddings(), *model.heads,
+            *(model.gate(k) for k in model.exit_layers)]
+
+
 def state_key(model, B: int, capacity: int, device, dtype) -> tuple:
-    """Graphs hold the addresses of the modules they ran: new heads or gates need new graphs."""
-    modules = tuple(id(m) for m in model.heads) + tuple(id(model.gate(k)) for k in model.exit_layers)
-    return (B, capacity, str(device), dtype, tuple(model.exit_layers), modules)
+    """Graphs hold the addresses of the tensors they read: other modules (heads replaced, layers
+    released) or parameters stored anew (`.to()`, loading) need new graphs. The state keeps the
+    modules themselves alive, so an id is never reused while it is compared."""
+    mods = _modules(model)
+    ptrs = tuple(p.data_ptr() for m in mods if m is not None for p in m.parameters())
+    return (B, capacity, str(device), dtype, tuple(model.exit_layers), tuple(id(m) for m in mods), ptrs)
 
 
 def graph_state(model, B: int, capacity: int, device, dtype) -> GraphState:
     key = state_key(model, B, capacity, device, dtype)
     st = getattr(model, "_eetune_graphs", None)
     if st is None or st.key != key:
-        model._eetune_graphs = None  # free the old geometry's buffers first
+        free_graph_state(model)  # the old geometry's buffers first
         st = model._eetune_graphs = GraphState(model, B, capacity, device, dtype)
+        st.modules = _modules(model)
     return st
+
+
+def free_graph_state(model) -> None:
+    """Drop the recorded graphs and their static caches (before training, after releasing layers)."""
+    if getattr(model, "_eetune_graphs", None) is not None:
+        model._eetune_graphs = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class Seg:
@@ -184,6 +204,7 @@ class GraphEngine(Engine):
         self.fused = opts.screen_vocab is None and opts.gate_filter is None
         self.H = model.backbone.hidden_size
         self.variant = (opts.confidence, opts.draft_vocab, opts.compile)  # what the recorded functions depend on
+        self._refresh_vocab()
 
     # --- geometry and segments ---------------------------------------------------------------
     def _windows(self, lo: int, hi: int, exit_block: bool) -> list:
@@ -196,7 +217,9 @@ class GraphEngine(Engine):
         """Slots, layer context and masks of a block of Q queries starting at `gs.start`."""
         gs = self.gs
         qs = gs.start + gs.arange[:Q][None, :] - gs.behind[:, None]  # (B, Q) slots written
-        positions = qs - gs.pad[:, None]
+        # Padding queries (after the real ones) take the last real position: rotary scalings that
+        # look at the largest position (dynamic, longrope) must see the real tokens' only.
+        positions = torch.minimum(qs, qs[:, :1] + gs.last) - gs.pad[:, None]
         ctx = self.bb.context(like, positions)
         ctx = LayerContext(positions, ctx.rope, positions.clamp(min=0))
         k = gs.arange
@@ -285,19 +308,41 @@ class GraphEngine(Engine):
             z = head.transform(h_last)
         w, b = (head.out_weight(), "head") if not opts.draft_vocab else self._static_rows(d, opts.draft_vocab)
         logits = self.bb.logits(z, w, b)
-        conf = self.model.gate(d)(h_last) if self.gate_mode else confidence(logits, opts.confidence)
+        conf = self.model.gate(d)(h_last) if self.gate_mode else confidence(logits, opts.confidence,
+                                                                             self.bb.vocab_size)
         propose = ~gs.decided & (conf >= gs.thr[d])  # gs.decided: rows that stopped proposing
         nxt = logits.argmax(-1)
         if opts.draft_vocab:
-            nxt = self.model.vocab_by_frequency[:opts.draft_vocab][nxt]
+            nxt = self.gs.vocab[:opts.draft_vocab][nxt]
         return {"logits": logits, "propose": propose, "next": nxt, "flags": propose.any()[None]}
 
+    def _rows_now(self, k: int, K: int) -> tuple:
+        ids = self.model.vocab_by_frequency[:K]
+        b = getattr(self.bb.lm_head, "bias", None)
+        return self.model.head(k).out_weight()[ids], None if b is None else b[ids]
+
     def _static_rows(self, k: int, K: int) -> tuple:
+        """Exit k's output rows of the K most frequent tokens, in tensors whose address stays (graphs
+        read them); `_refresh_vocab` rewrites them in place at every request."""
         if (k, K) not in self.gs.rows:
-            ids = self.model.vocab_by_frequency[:K]
-            b = getattr(self.bb.lm_head, "bias", None)
-            self.gs.rows[(k, K)] = (self.model.head(k).out_weight()[ids], None if b is None else b[ids])
+            self.gs.rows[(k, K)] = tuple(None if t is None else t.clone() for t in self._rows_now(k, K))
         return self.gs.rows[(k, K)]
+
+    def _refresh_vocab(self) -> None:
+        """The token ranking or the heads may have changed since the graphs were recorded."""
+        gs, ranking = self.gs, self.model.vocab_by_frequency
+        if ranking is None:
+            return
+        if gs.vocab is None or gs.vocab.shape != ranking.shape:
+            gs.vocab = ranking.to(self.device).clone()
+            gs.graphs = {k: g for k, g in gs.graphs.items() if not (isinstance(k[-1], tuple) and k[-1][1])}
+        else:
+            gs.vocab.copy_(ranking)
+        for (k, K), (w, b) in gs.rows.items():
+            w_now, b_now = self._rows_now(k, K)
+            w.copy_(w_now)
+            if b is not None:
+                b.copy_(b_now)
 
     def vocab_rows(self, k: int, K: int) -> tuple:
         return self._static_rows(k, K)

@@ -132,6 +132,8 @@ class EarlyExitModel(nn.Module):
         keeps its length (placeholders), so layer numbering and per-layer attention types stay
         as they were; `forward(final=True)` is refused afterwards. `start=0` frees every layer
         (hidden states served from a cache). Returns how many were freed."""
+        from .graphs import free_graph_state
+        free_graph_state(self)  # recorded decoding graphs read these layers
         deepest = max(self.config.exit_layers) if start is None else start
         layers = self.backbone.layers
         freed = 0

@@ -724,6 +724,8 @@ def _setup(model, exits_dir: Path, out: Path, train_dir: Path, exit_config: Exit
                                              progress=cfg.progress and rank == 0)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
+    from .graphs import free_graph_state
+    free_graph_state(model)  # generated data (`generated:N`) may have left decoding graphs and caches
     n_train, bb = train.shape[0], model.backbone
     G = cfg.batch_size * cfg.grad_accum * world
     total_steps = cfg.steps or (math.ceil(cfg.tokens / (G * cfg.seq_len)) if cfg.tokens else math.ceil(n_train / G))
