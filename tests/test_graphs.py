@@ -343,3 +343,17 @@ def test_graph_state_follows_the_weights_and_is_freed():
     assert model._eetune_graphs is not state
     model.release_unused_layers()
     assert model._eetune_graphs is None
+
+
+def test_a_function_that_cannot_be_recorded_runs_unrecorded_with_a_warning():
+    """Recording fails for a module that reads the device (a host sync); that segment then runs
+    without a graph, with the same results, and says so once. (On this CPU the recording itself
+    fails, which exercises the same path.)"""
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return {"x": torch.ones(2) * len(calls)}
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        g = graphs.Graph(fn, capture=True)
+    assert g.graph is None and torch.equal(g()["x"], torch.full((2,), float(len(calls))))

@@ -101,8 +101,9 @@ class Graph:
                 with torch.cuda.graph(graph):
                     self.out = fn()
                 self.graph = graph
-            except Exception as err:  # pragma: no cover - depends on the model's modules
-                torch.cuda.synchronize()
+            except Exception as err:  # a module that reads the device (a host sync) cannot be recorded
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 warnings.warn(f"eetune: CUDA graph capture failed ({type(err).__name__}: {err}); "
                               f"running this segment without a graph")
                 self.graph, self.out = None, None
