@@ -502,7 +502,7 @@ class Engine:
         """Draft up to `n_draft` tokens with exit d, verify them with layers d+1..L; returns
         (emitted tokens per row, accepted drafts per row, drafts proposed in total). `live`: the
         host's copy of which rows are unfinished (`~settled`)."""
-        from .decode import confidence, sampling_probs, speculative_accept
+        from .decode import confidence, sampling_probs
         opts, B, L = self.opts, self.B, self.L
         head = self.model.head(d)
         gate = self.model.gate(d) if self.gate_mode else None
@@ -566,8 +566,20 @@ class Engine:
         for i in range(d, L):
             h = self.layer(i, h, step)
         final = self.final_logits(h)  # (B, m + 1, V)
-        if opts.temperature == 0:
-            target = final.argmax(-1)  # (B, m + 1)
+        emitted, acc_l, n_prop_l = self.accept(final, final.argmax(-1) if opts.temperature == 0 else None, drafts,
+                                                n_prop, q_probs, forced, gen)
+        self.keep_slots(slot0, acc_l, settled, live)
+        return emitted, acc_l, sum(n_prop_l)
+
+
+    def accept(self, final, target, drafts: list, n_prop, q_probs: list, forced, gen):
+        """A verified round's outcome per row: (emitted tokens, accepted drafts, drafts proposed).
+        Greedy (`target`: the full model's argmax at every verified position): the longest prefix
+        of drafts equal to it, then its next token, with one host read; sampling: the
+        speculative-sampling rule, as in the reference engine."""
+        from .decode import sampling_probs, speculative_accept
+        opts, B, m = self.opts, self.B, len(drafts)
+        if target is not None:
             if m:
                 D = torch.stack(drafts, 1)
                 ok = (D == target[:, :m]) & (torch.arange(m, device=self.device)[None] < n_prop[:, None])
@@ -579,32 +591,36 @@ class Engine:
                 acc = torch.zeros(B, dtype=torch.long, device=self.device)
             flat = torch.cat([acc, target.reshape(-1), n_prop]).tolist()  # the round's one host read
             acc_l, tg, n_prop_l = flat[:B], flat[B:B + B * (m + 1)], flat[B + B * (m + 1):]
-            emitted = [tg[b * (m + 1): b * (m + 1) + acc_l[b] + 1] for b in range(B)]
-        else:
-            n_prop_l = n_prop.tolist()
-            D = [x.tolist() for x in drafts]
-            emitted, acc_l = [], []
-            for b in range(B):  # the speculative-sampling rule, as in the reference engine
-                mb = n_prop_l[b]
-                row = speculative_accept(sampling_probs(final[b], opts), [q[b] for q in q_probs[:mb]],
-                                         [D[i][b] for i in range(mb)], gen)
-                emitted.append(row)
-                acc_l.append(len(row) - 1)
-        # Cache: each row keeps its slots up to its last accepted draft; rejected slots are reused.
+            return [tg[b * (m + 1): b * (m + 1) + acc_l[b] + 1] for b in range(B)], acc_l, n_prop_l
+        n_prop_l = n_prop.tolist()
+        D = [x.tolist() for x in drafts]
+        emitted, acc_l = [], []
+        for b in range(B):
+            mb = n_prop_l[b]
+            row = speculative_accept(sampling_probs(final[b], opts), [q[b] for q in q_probs[:mb]],
+                                     [D[i][b] for i in range(mb)], gen)
+            emitted.append(row)
+            acc_l.append(len(row) - 1)
+        return emitted, acc_l, n_prop_l
+
+    def keep_slots(self, slot0: int, acc_l: list[int], settled, live) -> None:
+        """Cache bookkeeping after a round: each row keeps its slots up to its last accepted draft
+        (rejected slots are reused); finished rows keep no new slots (their outputs are unused).
+        Rows that kept fewer than the leading row lag `behind[b]` slots."""
         behind = self.behind_host
         if live is None:
             live = (~settled).tolist()
-        # finished rows keep no new slots (their outputs are no longer used)
-        valid = [slot0 - behind[b] + (acc_l[b] + 1 if live[b] else 0) for b in range(B)]
+        valid = [slot0 - behind[b] + (acc_l[b] + 1 if live[b] else 0) for b in range(self.B)]
         self.slot = max(valid)
         new_behind = [self.slot - v for v in valid]
+        self.set_behind(new_behind)
         self.behind_host = new_behind
-        bt = torch.tensor(new_behind, device=self.device) if any(new_behind) else None
+
+    def set_behind(self, behind: list[int]) -> None:
+        bt = torch.tensor(behind, device=self.device) if any(behind) else None
         for c in [self.cache, *self.exit_caches.values()]:
             c.n = [self.slot if x > 0 else x for x in c.n]
             c.behind = bt
-        return emitted, acc_l, sum(n_prop_l)
-
 
 def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, engine_class=None) -> dict:
     """Decode the left-padded prompts `ids` with the lean engine (or `engine_class`, a subclass

@@ -375,6 +375,10 @@ class GraphEngine(Engine):
             g = gs.graphs[key] = Graph(fn, self.capture)
         return g()
 
+    def set_behind(self, behind: list[int]) -> None:
+        if behind != self.behind_host:
+            self.gs.behind.copy_(torch.tensor(behind))
+
     def _head_graph(self, k: int, z_given: bool, h_last) -> torch.Tensor:
         """Exit k's logits for the newest token (after a gate fired): its transform (unless `z`
         is given: a `layer` exit's normed block output) and projection, recorded."""
@@ -537,7 +541,7 @@ class GraphEngine(Engine):
         """As the lean engine's round, over recorded segments: each draft is one replay of layers
         1..d with the draft head fused in (one host read: does any row still propose?), the
         verification one replay of layers d+1..L with the LM head over every position."""
-        from .decode import sampling_probs, speculative_accept
+        from .decode import sampling_probs
         opts, B, L, gs = self.opts, self.B, self.L, self.gs
         head = self.model.head(d)
         forced = None
@@ -581,38 +585,7 @@ class GraphEngine(Engine):
             cur = nxt
             m += 1
         out = self.segment(d, L, vbuf[:, :m + 1], slot0 + m + 1, final="all", exact=True)
-        final = out["logits"]
-        if opts.temperature == 0:
-            target = out["target"]
-            if m:
-                D = torch.stack(drafts, 1)
-                ok = (D == target[:, :m]) & (torch.arange(m, device=self.device)[None] < n_prop[:, None])
-                if forced is not None:
-                    ok = torch.arange(m, device=self.device)[None].expand(B, m) < min(forced[1], m)
-                    target = torch.cat([D, target[:, m:]], 1)
-                acc = ok.long().cumprod(-1).sum(-1)
-            else:
-                acc = torch.zeros(B, dtype=torch.long, device=self.device)
-            flat = torch.cat([acc, target.reshape(-1), n_prop]).tolist()  # the round's one host read
-            acc_l, tg, n_prop_l = flat[:B], flat[B:B + B * (m + 1)], flat[B + B * (m + 1):]
-            emitted = [tg[b * (m + 1): b * (m + 1) + acc_l[b] + 1] for b in range(B)]
-        else:
-            n_prop_l = n_prop.tolist()
-            D = [x.tolist() for x in drafts]
-            emitted, acc_l = [], []
-            for b in range(B):
-                mb = n_prop_l[b]
-                row = speculative_accept(sampling_probs(final[b], opts), [q[b] for q in q_probs[:mb]],
-                                         [D[i][b] for i in range(mb)], gen)
-                emitted.append(row)
-                acc_l.append(len(row) - 1)
-        behind = self.behind_host
-        if live is None:
-            live = (~settled).tolist()
-        valid = [slot0 - behind[b] + (acc_l[b] + 1 if live[b] else 0) for b in range(B)]
-        self.slot = max(valid)
-        new_behind = [self.slot - v for v in valid]
-        if new_behind != self.behind_host:
-            gs.behind.copy_(torch.tensor(new_behind))
-        self.behind_host = new_behind
+        emitted, acc_l, n_prop_l = self.accept(out["logits"], out["target"] if opts.temperature == 0 else None,
+                                                drafts, n_prop, q_probs, forced, gen)
+        self.keep_slots(slot0, acc_l, settled, live)
         return emitted, acc_l, sum(n_prop_l)
