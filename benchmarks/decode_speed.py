@@ -119,13 +119,7 @@ def main(argv=None):
     ap.add_argument("--gate-self-spec", default="", help="self-spec threshold:draft_len rows with gates")
     ap.add_argument("--draft-vocab", type=int, default=None,
                     help="also run every self-spec row with this draft vocabulary (K most frequent tokens)")
-    ap.add_argument("--screen-vocab", type=int, default=None,
-                    help="also run every early-exit max-prob row screened on this many most frequent tokens "
-                         "(with --gate-filter: only behind the gate prefilter)")
-    ap.add_argument("--gate-filter", type=float, default=None,
-                    help="also run every early-exit max-prob row behind this gate prefilter (with the screen if given)")
     ap.add_argument("--auto", default="", help="self-spec --draft-exit auto rows, threshold:draft_len (e.g. 0.5:6)")
-    ap.add_argument("--reference", action="store_true", help="also time `full` through the reference engine")
     ap.add_argument("--save-traces", default=None,
                     help="write the per-token exit layers and self-spec rounds of every row here (JSON)")
     ap.add_argument("--device", default="cpu")
@@ -158,21 +152,9 @@ def main(argv=None):
         measure_costs(model, DecodeOptions())
 
     settings = [("hf-generate", "hf-generate", {}), ("full", "full", {})]
-    if args.reference:
-        settings.append(("full (reference engine)", "full", {"engine": "reference"}))
     conf = args.confidence
     settings += [(f"early-exit {conf} threshold={t}", "early-exit", {"threshold": float(t), "confidence": conf})
                  for t in args.thresholds.split(",") if t]
-    if args.screen_vocab and args.gate_filter is None:  # with --gate-filter the screen goes into those rows
-        settings += [(f"early-exit {conf} threshold={t} screen_vocab={args.screen_vocab}", "early-exit",
-                      {"threshold": float(t), "confidence": conf, "screen_vocab": args.screen_vocab})
-                     for t in args.thresholds.split(",") if t]
-    if args.gate_filter is not None:
-        settings += [(f"early-exit {conf} threshold={t} gate_filter={args.gate_filter}"
-                      + (f" screen_vocab={args.screen_vocab}" if args.screen_vocab else ""), "early-exit",
-                      {"threshold": float(t), "confidence": conf, "gate_filter": args.gate_filter,
-                       "screen_vocab": args.screen_vocab})
-                     for t in args.thresholds.split(",") if t]
     settings += [(f"early-exit gate threshold={t}", "early-exit", {"threshold": float(t), "confidence": "gate"})
                  for t in args.gate_thresholds.split(",") if t]
     spec_rows = [(conf, x) for x in args.self_spec.split(",") if x]
@@ -248,12 +230,7 @@ def main(argv=None):
 def family(r: dict) -> str:
     """The line a row belongs to in the plot: mode plus how it decides."""
     if r["mode"] == "early-exit":
-        name = f"early-exit {r['setting'].split()[1]}"  # the confidence, as the setting names it
-        if r.get("gate_filter") is not None:
-            name += " + gate filter"
-        if r.get("screen_vocab"):
-            name += " + screen"
-        return name
+        return f"early-exit {r['setting'].split()[1]}"  # the confidence, as the setting names it
     if r["mode"] == "self-spec":
         return "self-spec" + (" auto" if r.get("draft_exit") == "auto" else "") + (
             " + draft vocab" if r.get("draft_vocab") else "")

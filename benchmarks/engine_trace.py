@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/engine_trace.py                      # CPU: SmolLM2-135M shape
     .venv/bin/python benchmarks/engine_trace.py --shapes smollm2-135m,llama-3.2-1b --new-tokens 48
     python benchmarks/engine_trace.py --device cuda --dtype bf16 --shapes smollm2-135m,llama-3.2-1b,llama-2-7b
-    python benchmarks/engine_trace.py --device cuda --dtype bf16 --graphs --hf-compile --shapes llama-3.2-1b
+    python benchmarks/engine_trace.py --device cuda --dtype bf16 --hf-compile --compile --shapes llama-3.2-1b
 
 Exit quality is measured elsewhere (decode_speed.py, eetune evaluate); here the exit decisions
 are *forced*, so the engine's cost is measured apart from how good the exits are. Models are
@@ -24,9 +24,8 @@ also counts the measured cost of the exit head and LM head each token pays. ms/t
 the prefill (timed separately and subtracted). All settings of a shape are interleaved, best of
 `--reps`. One JSON line per row; all rows go to benchmarks/results/engine_trace-<tag>.jsonl.
 
-`--compile` adds our `full` through graphs of torch.compile'd segments. `--graphs` runs our
-settings with the graph engine (eetune.graphs: CUDA graphs per segment) and
-adds the lean engine's `full` as a row; `--hf-compile` adds HF `generate` with a static cache,
+Our engine records its segments as CUDA graphs on a GPU and runs them eagerly on a CPU.
+`--compile` adds our `full` through torch.compile'd segments; `--hf-compile` adds HF `generate` with a static cache,
 which transformers compiles (torch.compile, mode reduce-overhead) on a GPU. Every row also
 gives ms/token ÷ the memory-bandwidth floor: the bytes of the weights one token reads (decoder
 layers, final norm, LM head) ÷ the device's copy bandwidth measured in the same run.
@@ -170,10 +169,9 @@ def run_shape(shape: str, args) -> list[dict]:
         hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                     pad_token_id=0, eos_token_id=None, past_key_values=cache)
 
-    engine = "graphs" if args.graphs else "lean"
+    engine = "cuda-graphs" if torch.device(args.device).type == "cuda" else "eager"
 
     def ours(n, **kw):
-        kw.setdefault("engine", engine)
         return generate(model, [prompt], DecodeOptions(max_new_tokens=n, **kw))
 
     ee_traces, ss_traces = load_traces(ROOT / "traces" / args.traces, exits, L, N,
@@ -181,10 +179,8 @@ def run_shape(shape: str, args) -> list[dict]:
     settings = [("hf-generate", "hf", {}, None), ("full", "full", {}, None)]
     if args.hf_compile:
         settings.insert(1, ("hf-generate static cache + compile", "hf-static", {}, None))
-    if args.graphs:
-        settings.insert(2, ("full, lean engine (eager)", "full", {"engine": "lean"}, None))
     if args.compile:
-        settings.insert(3, ("full, graphs + compile", "full", {"engine": "graphs", "compile": True}, None))
+        settings.insert(2, ("full, graphs + compile", "full", {"compile": True}, None))
     for mix in ("none", "50/25", "75/0"):
         trace = synthetic(mix, exits, L, N)
         settings.append((f"early-exit gate, forced {mix}", "early-exit", {"confidence": "gate", "threshold": 0.5,
@@ -218,7 +214,7 @@ def run_shape(shape: str, args) -> list[dict]:
     ours(2, mode="full")
     compile_s = ours_compile_s = None
     if args.compile:
-        ours_compile_s = timed(lambda: ours(3, mode="full", engine="graphs", compile=True), args.device)
+        ours_compile_s = timed(lambda: ours(3, mode="full", compile=True), args.device)
         print(f"{shape}: our graphs + compile: first call {ours_compile_s:.1f} s", file=sys.stderr, flush=True)
     if args.hf_compile:
         compile_s = timed(lambda: hf_static(3), args.device)  # compiles
@@ -316,11 +312,10 @@ def main(argv=None):
     ap.add_argument("--trace-rows", default="threshold=0.6 gate_filter,threshold=0.2 gate_filter,"
                                              "self-spec max-prob threshold=0.5 draft_len=4 draft_vocab",
                     help="recorded settings to replay: comma-separated substrings of their names")
-    ap.add_argument("--graphs", action="store_true", help="our settings through the graph engine (eetune.graphs)")
     ap.add_argument("--hf-compile", action="store_true",
                     help="add HF generate with a static cache (compiled by transformers on a GPU)")
     ap.add_argument("--compile", action="store_true",
-                    help="add our full decoding through the graph engine with torch.compile'd segments")
+                    help="add our full decoding with torch.compile'd segments (recorded as CUDA graphs on a GPU)")
     ap.add_argument("--tag", default=None, help="results file tag (default: device)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)

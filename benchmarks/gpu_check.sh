@@ -17,14 +17,14 @@ stamp() { echo "[$((SECONDS - t0)) s] $*"; }
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 stamp "card $card"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-stamp "exactness tests (CUDA cases of tests/test_graphs.py)"
-python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py -k cuda 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+stamp "exactness tests (CUDA cases of tests/test_engine.py)"
+python3 -m pytest -q -p no:cacheprovider tests/test_engine.py -k cuda 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
 
 for shape in $SHAPES; do
   compile="--hf-compile --compile"
   if (( SECONDS - t0 > BUDGET )); then compile=; stamp "over budget: $shape without HF compile"; fi
   stamp "engine trace $shape $compile"
-  python3 benchmarks/engine_trace.py --device cuda --dtype bf16 --graphs $compile --shapes "$shape" \
+  python3 benchmarks/engine_trace.py --device cuda --dtype bf16 $compile --shapes "$shape" \
     --new-tokens 64 --reps 3 --tag "$card-$shape" 2>&1 | grep -v "^{" | tee -a "$OUT/engine_trace.txt"
   cp "benchmarks/results/engine_trace-$card-$shape.jsonl" "$OUT/" 2>/dev/null
 done

@@ -51,6 +51,28 @@ def tiny_backbone(family: str, seed: int = 0):
     return bb
 
 
+def tiny_gpt2_with_dropout(seed: int = 0):
+    """A tiny GPT-2 that keeps GPT-2's default dropout (resid/embd/attn pdrop 0.1), which
+    `tiny_config("gpt2")` sets to 0: heads copied from it (a `layer` exit copies a block, an
+    `mlp` exit its MLP) have dropout, so their train/eval mode shows in what they compute."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=V, n_embd=H, n_layer=L, n_head=4, n_positions=256, initializer_range=0.1,
+                        bos_token_id=0, eos_token_id=0)
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.1
+    model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def gpt2_dropout_backbone():
+    """The backbone of `tiny_gpt2_with_dropout` (frozen, eval mode)."""
+    bb = adapter_for(tiny_gpt2_with_dropout())
+    bb.source, bb.revision, bb.model_path = "tiny-gpt2-dropout", None, None
+    return bb
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import L, V, peaky_backbone, save_peaky_model_dir
-from test_engine import PROMPTS, assert_same, both, gated, ids_of
+from test_engine import PROMPTS, assert_same, gated, ids_of
+from test_engine import pair as both
+from reference import reference_generate
 from tune_helpers import one_thread  # noqa: F401 - tiny models run fastest on one thread
 
 from eetune.backbone import load_tokenizer
@@ -216,11 +218,7 @@ def test_generate_uses_the_calibration_unless_a_threshold_is_given(world, capsys
     per_exit = json.loads(capsys.readouterr().out)
     assert per_exit["summary"]["thresholds"] == {"1": 2.0, "3": 0.0}
     assert {t["exit_layer"] for t in per_exit["rows"][0]["tokens"]} == {3}
-    # another confidence measure, or self-speculation: 0.9 as before
-    _gen_json(out, "--confidence", "margin")
-    other = json.loads(capsys.readouterr().out)["summary"]
-    assert other["thresholds"] == {"1": DEFAULT_THRESHOLD, "3": DEFAULT_THRESHOLD}
-    assert other["threshold_source"] == "default (the stored calibration is for --confidence max-prob)"
+    # another confidence measure (gates, which these exits lack: refused), or self-speculation: 0.9 as before
     _gen_json(out, "--mode", "self-spec")
     assert json.loads(capsys.readouterr().out)["summary"]["threshold_source"] == "default"
     # the summary line says which threshold was used
@@ -300,12 +298,12 @@ def test_per_exit_thresholds_lean_equals_reference(family):
         assert lean.thresholds == ref.thresholds == th
         lean, ref = both(model, PROMPTS, mode="self-spec", exit_thresholds=th, draft_len=3, max_new_tokens=16)
         assert ids_of(lean) == ids_of(ref)
-    for engine in ("lean", "reference"):  # the exit's own threshold decides there
-        only3 = generate(model, PROMPTS, DecodeOptions(mode="early-exit", exit_thresholds={1: NEVER, 3: 0.0},
-                                                       max_new_tokens=8, engine=engine))
+    for gen in (generate, reference_generate):  # the exit's own threshold decides there
+        only3 = gen(model, PROMPTS, DecodeOptions(mode="early-exit", exit_thresholds={1: NEVER, 3: 0.0},
+                                                  max_new_tokens=8))
         assert {t.exit_layer for r in only3.rows for t in r.tokens} == {3}
-        only1 = generate(model, PROMPTS, DecodeOptions(mode="early-exit", exit_thresholds={1: 0.0, 3: NEVER},
-                                                       max_new_tokens=8, engine=engine))
+        only1 = gen(model, PROMPTS, DecodeOptions(mode="early-exit", exit_thresholds={1: 0.0, 3: NEVER},
+                                                  max_new_tokens=8))
         assert {t.exit_layer for r in only1.rows for t in r.tokens} == {1}
     gm = gated(EarlyExitModel.convert(peaky_backbone(family, scale=8.0), [1, 3], arch="mlp"))
     assert_same(*both(gm, PROMPTS, mode="early-exit", confidence="gate", exit_thresholds={1: 0.7, 3: 0.5},

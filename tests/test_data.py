@@ -134,3 +134,53 @@ def test_too_little_data(tmp_path, tok, content, match):
     (tmp_path / "d.txt").write_text(content)
     with pytest.raises(EETuneError, match=match):
         data.train_val_blocks(str(tmp_path / "d.txt"), tok, 32, val_blocks=2)
+
+
+# --- encodings: one line naming the file, not a traceback or silent replacement characters -------
+def test_jsonl_that_is_not_utf8_names_the_file_and_line(tmp_path, tok):
+    """Regression: a Latin-1 line in a .jsonl file raised a UnicodeDecodeError traceback."""
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "w1 w2"}\n' + '{"text": "caf\u00e9 w3"}\n'.encode("latin-1"))
+    with pytest.raises(EETuneError) as e:
+        data.load_texts(str(path), tok)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and f"{path} line 2 is not UTF-8 (byte 0xe9 at column 14)" in msg
+    assert "re-save the file as UTF-8" in msg
+    # a byte-order mark at the start is fine
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "w1 w2"}\n{"text": "w3"}\n')
+    assert data.load_texts(str(bom), tok) == ["w1 w2", "w3"]
+
+
+@pytest.mark.parametrize("content,match", [
+    (bytes(range(256)) * 8, "holds NUL bytes"),  # binary
+    ("w1 w2 w3\n".encode("utf-16"), "holds NUL bytes"),  # UTF-16 text
+    (("caf\u00e9 na\u00efve w1 w2 " * 50).encode("latin-1"), "is not UTF-8 text: 100 of its 850 bytes are invalid"),
+], ids=["binary", "utf16", "latin1"])
+def test_txt_that_is_mostly_not_utf8_is_refused(tmp_path, tok, content, match):
+    """Regression: binary or mis-encoded .txt data was tokenised silently, full of U+FFFD."""
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(EETuneError, match=match) as e:
+        data.load_texts(str(path), tok)
+    assert len(str(e.value).splitlines()) == 1 and str(path) in str(e.value) and "re-save it as UTF-8" in str(e.value)
+    # in a folder of .txt files too, naming the file
+    folder = tmp_path / "docs"
+    make_docs(folder, n=3)
+    (folder / "zz.txt").write_bytes(content)
+    with pytest.raises(EETuneError, match=match) as e:
+        data.load_texts(str(folder), tok)
+    assert str(folder / "zz.txt") in str(e.value)
+
+
+def test_txt_with_a_few_bad_bytes_is_read_with_a_warning(tmp_path, tok, capsys):
+    path = tmp_path / "mostly.txt"
+    path.write_bytes(b"w1 w2 w3 " * 100 + b"\nw4 \xe9 w5\n")  # 1 bad byte in 911
+    texts = data.load_texts(str(path), tok)
+    assert texts[0].endswith("w4 \ufffd w5\n")
+    err = capsys.readouterr().err.strip()
+    assert err == (f"eetune: warning: {path} has 1 byte that is not UTF-8 (first on line 2); read as replacement "
+                   f"characters (re-save it as UTF-8 to keep them)")
+    good = tmp_path / "good.txt"
+    good.write_text("w1 \u00e9 w2", encoding="utf-8")
+    assert data.load_texts(str(good), tok) == ["w1 \u00e9 w2"] and capsys.readouterr().err == ""

@@ -7,11 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from conftest import save_peaky_model_dir
+from conftest import peaky_backbone, save_peaky_model_dir, word_tokenizer
 from eetune.cli import main
-from eetune.downstream import (Rouge, bootstrap_ci, extract_choice, extract_yes_no, normalize_answer,
-                               paired_bootstrap_ci, parse_tasks, parse_thresholds, score_item, token_f1)
+from eetune.decode import Generation, RowResult
+from eetune.downstream import (TASKS, EvalConfig, Rouge, _decode, bootstrap_ci, cut_reply, extract_choice,
+                               extract_yes_no, load_items, normalize_answer, paired_bootstrap_ci, parse_tasks,
+                               parse_thresholds, pick_sample_item, report_html, run_task_speed, score_item,
+                               settings_for, task_figure, token_f1, visible_token)
 from eetune.errors import EETuneError
+from eetune.model import EarlyExitModel
 
 
 # --- metrics: documented rules, hand-computed values ---------------------------------------------
@@ -38,6 +42,44 @@ def test_yes_no_extraction(text, expected):
                                            ("I think A is right", "A"), ("none", None), ("Because", None)])
 def test_choice_extraction(text, expected):
     assert extract_choice(text) == expected
+
+
+@pytest.mark.parametrize("raw,scored", [
+    ("\nThe cat sat.\nMore text", "The cat sat."),  # a leading newline is not the end of the reply
+    ("  \n\n  Paris\nQuestion: why", "Paris"),
+    ("Paris\nQuestion: why", "Paris"),
+    ("Paris", "Paris"),
+    ("  yes  ", "yes"),
+    ("\n \n\t", ""),  # white space only: an empty reply
+    ("", ""),
+])
+def test_cut_reply_drops_leading_white_space_then_stops(raw, scored):
+    assert cut_reply(raw, ("\n",)) == scored
+
+
+def test_cut_reply_at_the_first_of_several_stops():
+    assert cut_reply(" A. Paris ### B", ("###", ".")) == "A"
+    assert cut_reply("###\nyes", ("###",)) == ""  # a reply that opens with a stop string is empty
+
+
+def test_every_setting_scores_the_same_text_by_the_same_rule(monkeypatch):
+    """The replies as `eval` scores them: hand-built raw replies through `_decode`, for every setting."""
+    import eetune.decode as decode
+    raw = {1: "\nThe cat sat on the mat.\nThe article then goes on", 2: "\n\n", 3: "The cat sat.\nMore"}
+    monkeypatch.setattr(decode, "end_token_ids", lambda model, tok: (0,))
+    monkeypatch.setattr(decode, "generate", lambda model, prompts, opts, on_tokens=None: Generation(
+        rows=[RowResult(prompt_ids=p, ids=list(p)) for p in prompts], mode=opts.mode, seconds=1.0, num_layers=4))
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=False):
+            return raw[ids[0]]
+
+    rouge = Rouge()
+    for setting in settings_for((0.9,)):
+        _, texts = _decode(None, Tok(), [[1], [2], [3]], setting, TASKS["xsum"])
+        assert texts == ["The cat sat on the mat.", "", "The cat sat."], setting.name
+        assert score_item("xsum", texts[0], {"summary": "the cat sat on the mat"}, rouge)["rougeL"] == 1.0
+        assert score_item("narrativeqa", texts[1], {"answers": ["a cat"]})["f1"] == 0.0
 
 
 def test_rouge_from_the_rouge_score_package():
@@ -69,6 +111,92 @@ def test_parsing_refuses_in_one_line():
         assert "\n" not in str(e.value)
 
 
+# --- speed ----------------------------------------------------------------------------------------
+def test_speed_is_warmed_up_then_measured_over_enough_decode_tokens(monkeypatch):
+    import eetune.decode as decode
+    model = EarlyExitModel.convert(peaky_backbone("llama"), (1, 3), arch="norm")
+    tok = word_tokenizer()
+    calls = []
+    real = decode.generate
+
+    def counting(model, prompts, opts, on_tokens=None):
+        calls.append((opts.mode, opts.threshold))
+        return real(model, prompts, opts, on_tokens=on_tokens)
+
+    monkeypatch.setattr(decode, "generate", counting)
+    settings = settings_for((0.1,))
+    cfg = EvalConfig(tasks=("boolq",), speed_items=2, speed_min_tokens=10, max_context=32, progress=False)
+    speed = run_task_speed(model, tok, "boolq", load_items("boolq", 3), settings, cfg, chat=False)
+    assert speed["items"] == 2 and speed["warmup_runs"] == 1 and speed["min_tokens"] == 10
+    # boolq replies are at most 4 tokens (3 after the first): one pass over 2 items is not enough
+    assert speed["rounds"] >= 4
+    # one untimed run per setting first, then `rounds` timed runs of every setting
+    modes = [(s.options["mode"], s.options.get("threshold")) for s in settings]
+    assert sorted(calls[:len(settings)], key=str) == sorted(modes, key=str)
+    assert len(calls) == len(settings) * (1 + speed["rounds"])
+    rows = speed["settings"]
+    for name, r in rows.items():
+        assert r["warmup_runs"] == 1 and r["runs"] == speed["rounds"]
+        assert 10 <= r["decode_tokens"] == r["tokens"] - r["runs"]  # the first token of each run is not timed
+        assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["decode_tokens"] / r["seconds"])
+    full = rows["full"]["tokens_per_s"]
+    assert 0 < full < float("inf")  # measured like the others
+    assert rows["early-exit@0.1"]["speedup"] == pytest.approx(rows["early-exit@0.1"]["tokens_per_s"] / full)
+    assert rows["full"]["layer_passes_per_token"] == pytest.approx(4.0)  # a decode token climbs the 4 layers
+    assert rows["early-exit@0.1"]["mean_exit_layer"] < 4.0
+
+    cfg = EvalConfig(tasks=("boolq",), speed_items=0, progress=False)
+    assert run_task_speed(model, tok, "boolq", load_items("boolq", 3), settings, cfg, chat=False) == {}
+    with pytest.raises(EETuneError):
+        EvalConfig(speed_min_tokens=-1).validate()
+
+
+# --- the report's sample and plots ------------------------------------------------------------------
+def test_the_sample_item_has_visible_replies():
+    replies = {"full": ["\n", "yes", "no"], "early-exit@0.5": ["", " ", "yes"]}
+    assert pick_sample_item(replies, "early-exit@0.5") == 2  # the first with text in every setting
+    assert pick_sample_item({"full": ["", "x"], "early-exit@0.5": ["yes", ""]}, "early-exit@0.5") == 0
+    assert pick_sample_item({"full": ["x", "", "y"], "early-exit@0.5": ["", "no", ""]}, "early-exit@0.5") == 1
+    assert pick_sample_item({"full": ["", " "], "early-exit@0.5": ["\n", ""]}, "early-exit@0.5") == 0
+
+
+def _report(sample):
+    meta = {"exits": "runs/x", "model": "tiny", "exit_layers": [1, 3], "num_layers": 4, "arch": "norm",
+            "date": "today", "machine": "cpu"}
+    return report_html({"tasks": {}, "meta": meta, "config": {}, "sample": sample}, {}, None)
+
+
+def test_a_blank_sample_reply_is_said_so_and_white_space_is_visible():
+    blank = {"task": "boolq", "setting": "early-exit@0.5", "item_index": 0, "reply": "",
+             "tokens": [{"text": "\n", "exit_layer": 1}, {"text": "  ", "exit_layer": 3}]}
+    page = _report(blank)
+    assert "(blank reply" in page and "↵" in page and "··" in page
+    assert "'>\n</span>" not in page and "'>  </span>" not in page  # no box holds only white space
+    shown = {**blank, "reply": "Yes", "tokens": [{"text": "\n", "exit_layer": 1}, {"text": "Yes", "exit_layer": 4}]}
+    page = _report(shown)
+    assert "(blank reply" not in page and "Scored reply: Yes" in page and "item 0" in page
+    assert visible_token("Yes") == "Yes" and visible_token(" \n") == "·↵\n" and visible_token("") == "∅"
+
+
+def _text_boxes(fig):
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    return [t.get_window_extent(r) for t in fig.axes[0].texts]
+
+
+def test_task_plot_labels_of_coinciding_points_do_not_overlap():
+    def row(name, x, y):
+        return {"setting": name, "metric": "accuracy", "speedup": x, "score": y, "ci_low": y - 0.1,
+                "ci_high": y + 0.1}
+    rows = [row("full", 1.0, 0.5), row("early-exit@1", 1.0, 0.5), row("early-exit@0.9", 1.0, 0.5),
+            row("early-exit@0.8", 1.01, 0.5), row("self-spec", 1.0, 0.5), row("early-exit@0.2", 2.0, 0.3)]
+    fig = task_figure(rows, "boolq")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["full", "t=1", "t=0.9", "t=0.8", "self-spec", "t=0.2"]
+    boxes = _text_boxes(fig)
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
 # --- the verb -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def exits(tmp_path_factory):
@@ -81,8 +209,9 @@ def exits(tmp_path_factory):
     return out, text
 
 
-def test_eval_writes_results_plots_and_report(exits, tmp_path, capsys):
+def test_eval_writes_results_plots_and_report(exits, tmp_path, capsys, monkeypatch):
     d, text = exits
+    monkeypatch.setattr("eetune.downstream.DEFAULT_SPEED_MIN_TOKENS", 12)  # seconds, not minutes
     out = tmp_path / "eval"
     code = main(["eval", str(d), "--tasks", "ppl,boolq,xsum", "--out", str(out), "--limit", "10",
                  "--speed-items", "2", "--batch-size", "4", "--max-context", "32", "--thresholds", "1.5,0.5,0.1",
@@ -90,6 +219,7 @@ def test_eval_writes_results_plots_and_report(exits, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "boolq (accuracy, n=10" in printed and "early-exit@0.5" in printed
+    assert "1 untimed warm-up run per setting" in printed and "at least 12 decode tokens" in printed
     res = json.loads((out / "results.json").read_text())
     assert set(res["tasks"]) == {"ppl", "boolq", "xsum"}
     assert set(res["tasks"]["ppl"]["rows"]) == {"exit 1", "exit 3", "final"}
@@ -101,7 +231,14 @@ def test_eval_writes_results_plots_and_report(exits, tmp_path, capsys):
         for lossless in ("self-spec", "early-exit@1.5"):
             assert rows[lossless]["same_reply_as_full"] == 1.0 and rows[lossless]["diff_vs_full"] == 0.0
             assert rows[lossless]["diff_ci_low"] == 0.0 == rows[lossless]["diff_ci_high"]
-        assert rows["full"]["speedup"] == 1.0 and rows["full"]["mean_exit_layer"] == 4.0
+        # speed: every setting's measured decode tokens / seconds, after a warm-up; speedup a ratio of two
+        for r in rows.values():
+            assert r["speed_warmup_runs"] == 1 and r["speed_tokens"] >= 12 and r["speed_seconds"] > 0
+            assert r["tokens_per_s"] == pytest.approx(r["speed_tokens"] / r["speed_seconds"])
+            assert r["speedup"] == pytest.approx(r["tokens_per_s"] / rows["full"]["tokens_per_s"])
+        assert res["tasks"][task]["speed"] == {"items": 2, "rounds": res["tasks"][task]["speed"]["rounds"],
+                                               "warmup_runs": 1, "min_tokens": 12}
+        assert rows["full"]["mean_exit_layer"] == 4.0
         assert rows["early-exit@0.1"]["mean_exit_layer"] < 4.0  # the peaked exits do exit at a low threshold
         assert rows["full"]["ci_low"] <= rows["full"]["score"] <= rows["full"]["ci_high"]
         assert (out / f"{task}.png").stat().st_size > 1000
@@ -109,7 +246,7 @@ def test_eval_writes_results_plots_and_report(exits, tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == 10
     report = (out / "report.html").read_text()
     assert "<h2>boolq</h2>" in report and "data:image/png;base64," in report and "exit 1" in report
-    assert "A sample generation" in report
+    assert "A sample generation" in report and "untimed warm-up" in report
     # `eetune report` prints the same tables again from results.json
     assert main(["report", str(out)]) == 0
     again = capsys.readouterr().out

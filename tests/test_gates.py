@@ -159,7 +159,6 @@ def test_tune_gates_only_keeps_heads_bit_identical(world, tmp_path, capsys):
     assert main(base + ["--mode", "full"]) == 0
     full = json.loads(capsys.readouterr().out)["rows"][0]["ids"]
     for extra in (["--mode", "early-exit", "--confidence", "gate", "--threshold", "1.01"],
-                  ["--mode", "early-exit", "--gate-filter", "0.3", "--screen-vocab", "20", "--threshold", "1.01"],
                   ["--mode", "self-spec", "--draft-vocab", "20", "--threshold", "0"],
                   ["--mode", "self-spec", "--confidence", "gate", "--threshold", "0.2"],
                   ["--mode", "self-spec", "--draft-exit", "auto", "--verbose"]):
@@ -261,3 +260,22 @@ def test_info_and_evaluate_show_gates(world, tmp_path, capsys):
     assert m["gates"]["tokens"] == m["tokens"] and set(m["gates"]["exits"]) == {"1", "3"}
     assert main(["evaluate", str(out), "--data", str(text_file), "--seq-len", "32"]) == 0
     assert "gates vs max-prob" in capsys.readouterr().out
+
+
+def test_gates_fit_on_heads_in_eval_mode_and_put_the_mode_back(gpt2_dropout_backbone):
+    """Gate features and the report come from the heads in eval mode (no dropout: a GPT-2 `layer`
+    exit has some); regression: `train_gates` left the model in eval mode afterwards."""
+    model = EarlyExitModel.convert(gpt2_dropout_backbone, [1, 3], arch="layer")
+    model.train()
+    seen = []
+    for m in model.heads.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.register_forward_hook(lambda mod, a, o: seen.append(mod.training))
+    g = torch.Generator().manual_seed(0)
+    blocks, val = torch.randint(0, 97, (4, 12), generator=g), torch.randint(0, 97, (2, 12), generator=g)
+    train_gates(model, blocks, val, batch_size=2, progress=False)
+    assert seen and not any(seen)
+    assert all(m.training for m in model.heads.modules()) and not gpt2_dropout_backbone.model.training
+    seen.clear()
+    gate_report(model, val, batch_size=2)
+    assert seen and not any(seen) and all(m.training for m in model.heads.modules())

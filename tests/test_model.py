@@ -123,3 +123,42 @@ def test_bad_config_values():
         ExitConfig(exit_layers=(1,), num_layers=L, arch="attention")
     with pytest.raises(EETuneError, match="unknown init"):
         ExitConfig(exit_layers=(1,), num_layers=L, init="zeros")
+
+
+# --- train/eval mode of the heads (dropout) -----------------------------------------------------
+def _record_head_dropout(model):
+    """Forward hooks on the Dropout modules of the heads: the `training` flag each ran with."""
+    seen = []
+    drops = [m for m in model.heads.modules() if isinstance(m, torch.nn.Dropout)]
+    for m in drops:
+        m.register_forward_hook(lambda mod, args, out: seen.append(mod.training))
+    return drops, seen
+
+
+@pytest.mark.parametrize("arch", ["layer", "mlp"])
+def test_models_start_in_eval_mode_and_generate_runs_the_heads_in_eval_mode(tmp_path, gpt2_dropout_backbone, arch):
+    """Regression: `generate` never put the heads in eval mode, so heads with dropout (a GPT-2
+    `layer` or `mlp` exit) decoded with it on after `model.train()`; and a converted or loaded
+    model started in train mode. Now both start in eval mode, `generate` decodes in eval mode
+    and the caller's mode is put back afterwards, module by module."""
+    bb = gpt2_dropout_backbone
+    model = EarlyExitModel.convert(bb, [1, 3], arch=arch)
+    assert not any(m.training for m in model.modules()) and not bb.model.training
+    model.save_pretrained(tmp_path / "e")
+    loaded = EarlyExitModel.from_pretrained(tmp_path / "e", backbone=bb)
+    assert not any(m.training for m in loaded.modules())
+    drops, seen = _record_head_dropout(model)
+    assert drops and all(m.p == 0.1 for m in drops)
+    reference = model.generate([[1, 2, 3]], mode="early-exit", threshold=0.0, max_new_tokens=4).rows[0].ids
+    assert seen and not any(seen)
+    model.train()
+    seen.clear()
+    out = model.generate([[1, 2, 3]], mode="early-exit", threshold=0.0, max_new_tokens=4)
+    assert seen and not any(seen), "the heads decoded in train mode (dropout on)"
+    assert out.rows[0].ids == reference
+    assert all(m.training for m in model.modules()) and not bb.model.training  # the caller's mode, put back
+    # a model whose parts were in different modes gets exactly those back
+    model.heads[0].eval()
+    model.generate([[1, 2, 3]], mode="early-exit", threshold=0.0, max_new_tokens=2)
+    assert [m.training for m in model.heads[0].modules()] == [False] * len(list(model.heads[0].modules()))
+    assert all(m.training for m in model.heads[1].modules())

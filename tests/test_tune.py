@@ -245,6 +245,7 @@ def _nothing_written(tmp_path, *keep):
 @pytest.mark.parametrize("case,match", [
     ("missing", "data not found"), ("empty", "is empty"), ("short", "fewer than one block"),
     ("weights", "has 3 values but there are 2 exits"), ("notexits", "is not an exits directory"),
+    ("latin1", "line 1 is not UTF-8 (byte 0xe9"), ("binary", "holds NUL bytes"),
 ])
 def test_bad_input(world, tmp_path, capsys, case, match):
     data, exits, extra = str(world["docs"]), str(world["norm"]), []
@@ -256,6 +257,12 @@ def test_bad_input(world, tmp_path, capsys, case, match):
     elif case == "short":
         (tmp_path / "short.txt").write_text("w1 w2 w3")
         data = str(tmp_path / "short.txt")
+    elif case == "latin1":  # regression: a traceback
+        (tmp_path / "latin1.jsonl").write_bytes('{"text": "w1 \u00e9"}\n'.encode("latin-1"))
+        data = str(tmp_path / "latin1.jsonl")
+    elif case == "binary":  # regression: trained on silently
+        (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+        data = str(tmp_path / "binary.txt")
     elif case == "weights":
         extra = ["--loss-weights", "1,1,1"]
     elif case == "notexits":
@@ -291,13 +298,14 @@ def test_resume_refusals(world, tmp_path, capsys):
     capsys.readouterr()
     _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4"],
          "pass --resume")
-    _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4",
-                  "--resume", "--lr", "0.5"], "settings that differ")
+    err = _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps",
+                        "4", "--resume", "--lr", "0.5"], "settings that differ")
+    assert "(lr: 0.01 in the checkpoint, 0.5 now)" in err  # the difference named, and the fix
     # regression (issue 11): cached (bf16-rounded) inputs and the compute dtype change the trajectory
     _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4",
-                  "--resume", "--cache-hidden", str(tmp_path / "hc")], "(cache_hidden)")
+                  "--resume", "--cache-hidden", str(tmp_path / "hc")], "(cache_hidden: False in the checkpoint")
     _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4",
-                  "--resume", "--dtype", "bf16"], "(dtype)")
+                  "--resume", "--dtype", "bf16"], "(dtype: 'fp32' in the checkpoint, 'bf16' now)")
     # continued tuning: more steps from the checkpoint
     assert main(["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", out, *BASE, "--steps", "4",
                  "--save-every", "1", "--resume"]) == 0
@@ -488,3 +496,208 @@ def test_chunked_losses_tune_like_whole_logits(world, tmp_path, kw):
         assert abs(chunked["val_loss"][k] - v) <= (2e-2 if kw.get("dtype") == "bf16" else 1e-4) * v
     if kw.get("dtype") != "bf16":
         assert chunked["val_agreement"] == whole["val_agreement"]
+
+
+# --- train/eval mode of heads with dropout (GPT-2 keeping its default dropout) ---------------------
+@pytest.fixture(scope="module")
+def gpt2_world(tmp_path_factory):
+    """A tiny GPT-2 with dropout 0.1 (conftest.tiny_gpt2_with_dropout) saved with a tokenizer, the
+    documents, and `layer` exits after layers 1 and 3 (each a copy of a GPT-2 block: dropout)."""
+    from conftest import tiny_gpt2_with_dropout
+    from tune_helpers import make_docs, make_tokenizer
+
+    root = tmp_path_factory.mktemp("gpt2")
+    model_dir = root / "tiny-gpt2-dropout"
+    tiny_gpt2_with_dropout().save_pretrained(model_dir)
+    make_tokenizer(model_dir)
+    exits = root / "exits-layer"
+    EarlyExitModel.convert(load_backbone(str(model_dir)), (1, 3), arch="layer").save_pretrained(exits)
+    return {"model": model_dir, "docs": make_docs(root / "docs"), "layer": exits}
+
+
+def gpt2_cfg(world, **kw):
+    base = dict(data=str(world["docs"]), seq_len=32, batch_size=4, lr=1e-2, distill=0.0, progress=False,
+                val_blocks=2, select="last")
+    return TuneConfig(**{**base, **kw})
+
+
+class StopAt(dict):
+    """What `_stop_on_interrupt` returns, asking to stop (as a Ctrl-C would) after step `n`: the
+    loop reads stop["asked"] once per step."""
+
+    def __init__(self, n):
+        super().__init__(asked=False, restore=lambda: None)
+        self.n, self.reads = n, 0
+
+    def __getitem__(self, key):
+        if key == "asked":
+            self.reads += 1
+            return self.reads >= self.n
+        return super().__getitem__(key)
+
+
+def test_training_steps_run_the_heads_in_train_mode_and_validation_in_eval_mode(gpt2_world, tmp_path):
+    """Regression: the heads' mode was left to chance (a loaded `layer` exit's block in eval mode,
+    `validate` switching everything to train mode after it), so dropout came on only after the
+    first validation. Every step now runs the heads in train mode, validation in eval mode with
+    the previous mode put back; the backbone stays in eval mode throughout."""
+    from eetune import tune as T
+
+    out = tmp_path / "out"
+    c, exit_config, train_dir = T._check_run(gpt2_world["layer"], out, gpt2_cfg(gpt2_world, steps=3))
+    model = T._load_for_tuning(gpt2_world["layer"], exit_config, c, None, torch.device("cpu"), 0)
+    heads_seen, trunk_seen = [], []
+    head_drops = [m for m in model.heads.modules() if isinstance(m, torch.nn.Dropout)]
+    assert head_drops and all(m.p == 0.1 for m in head_drops)
+    for m in head_drops:
+        m.register_forward_hook(lambda mod, a, o: heads_seen.append(mod.training))
+    for m in model.backbone.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.register_forward_hook(lambda mod, a, o: trunk_seen.append(mod.training))
+    run = T._setup(model, gpt2_world["layer"], out, train_dir, exit_config, c, 1, 0, torch.device("cpu"),
+                   caller_backbone=False)
+    T._seed(run)
+    T.train_step(run)
+    assert heads_seen and all(heads_seen), "the first step ran the heads without dropout"
+    heads_seen.clear()
+    T.validate(run)
+    assert heads_seen and not any(heads_seen), "validation ran the heads with dropout"
+    assert all(m.training for m in model.heads.modules())  # put back as it was
+    model.heads.eval()  # whatever a caller did in between, a step trains in train mode
+    heads_seen.clear()
+    T.train_step(run)
+    assert heads_seen and all(heads_seen)
+    assert trunk_seen and not any(trunk_seen) and not model.backbone.model.training
+
+
+def test_gpt2_dropout_heads_resume_like_an_uninterrupted_run(gpt2_world, tmp_path, monkeypatch, capsys):
+    """Regression: a GPT-2 run resumed from a checkpoint differed (by 0.021) from an uninterrupted
+    one, since a validation switched the heads' dropout on and a resumed process started with it
+    off. Now validations do not change the training (the same heads with and without them), and
+    a run stopped after step 3 and resumed equals the uninterrupted one bit for bit."""
+    import eetune.tune as tune_mod
+    from eetune.errors import Interrupted
+
+    layer = gpt2_world["layer"]
+    quiet = tmp_path / "quiet"
+    tune(layer, quiet, gpt2_cfg(gpt2_world, steps=6))
+    validated = tmp_path / "validated"
+    tune(layer, validated, gpt2_cfg(gpt2_world, steps=6, eval_every=2))
+    a, b, start = heads(quiet), heads(validated), heads(layer)
+    assert all(torch.equal(a[k], b[k]) for k in a), "a validation changed the following training steps"
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        m.setattr(tune_mod, "_stop_on_interrupt", lambda world: StopAt(3))
+        with pytest.raises(Interrupted, match="after step 3 of 6"):
+            tune(layer, resumed, gpt2_cfg(gpt2_world, steps=6, eval_every=2))
+    capsys.readouterr()
+    tune(layer, resumed, gpt2_cfg(gpt2_world, steps=6, eval_every=2, resume=True))
+    assert "note: --resume" not in capsys.readouterr().err  # the same length: nothing to say
+    r = heads(resumed)
+    assert r.keys() == b.keys() and all(torch.equal(r[k], b[k]) for k in r), \
+        max((r[k] - b[k]).abs().max().item() for k in r)
+
+
+# --- --resume with another --steps: accepted, and said what happens to the schedule -----------
+def test_resume_with_more_steps_says_how_the_schedule_changes(world, tmp_path, capsys):
+    """Regression: a changed --steps on --resume was accepted silently, although the learning-rate
+    schedule is a function of it. It is still accepted (extending a run is the common wish), with
+    one line saying so and what the rate does; the summary records it."""
+    out = tmp_path / "out"
+    args = ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", str(out), *BASE, "--save-every", "1",
+            "--warmup", "1"]
+    assert main([*args, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--steps", "4", "--resume"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note: --resume" in line]
+    assert len(notes) == 1, notes
+    c = TuneConfig(lr=1e-2, warmup=1)
+    new_lr, old_lr = lr_at(2, 4, c), lr_at(1, 2, c)
+    assert (f"--resume with 4 steps in all where the checkpointed run had 2: continuing from step 2" in notes[0]
+            and "that of a 4-step run" in notes[0] and f"{new_lr:.3g} at step 3" in notes[0]
+            and f"had ended at {old_lr:.3g}" in notes[0]), notes[0]
+    rows = list(csv.DictReader(open(tmp_path / "out.train" / "log.csv")))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([lr_at(0, 2, c), lr_at(1, 2, c), lr_at(2, 4, c),
+                                                            lr_at(3, 4, c)])
+    summary = json.loads((out / "exit_config.json").read_text())["training"]
+    assert summary["steps"] == 4
+    assert summary["schedule_changes"] == [{"step": 2, "total_steps_before": 2, "total_steps": 4}]
+
+
+# --- --seq-len beyond the model's context: refused before anything loads ----------------------
+def test_seq_len_beyond_the_model_context_is_refused_up_front(world, gpt2_world, tmp_path, capsys, monkeypatch):
+    """Regression: --seq-len past the model's context (max_position_embeddings / n_positions) was
+    accepted and ran out of memory after 46 s. Now one line, before any weights load."""
+    import eetune.tune as tune_mod
+
+    def no_loading(*a, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(tune_mod, "_load_in_turns", no_loading)
+    monkeypatch.setattr(EarlyExitModel, "from_pretrained", no_loading)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    err = _bad(capsys, ["tune", str(world["norm"]), "--data", str(world["docs"]), "--out", str(tmp_path / "out"),
+                        *BASE, "--steps", "1", "--seq-len", "257"], "--seq-len 257 is longer than the context of")
+    assert "(256 tokens, its max_position_embeddings): give --seq-len 256 or less" in err
+    _nothing_written(tmp_path, *before)
+    # GPT-2's field, a backbone passed in, and --gates-only alike
+    with pytest.raises(EETuneError, match=r"\(256 tokens, its n_positions\): give --seq-len 256 or less"):
+        tune(gpt2_world["layer"], tmp_path / "a", gpt2_cfg(gpt2_world, steps=1, seq_len=300),
+             backbone=load_backbone(str(gpt2_world["model"])))
+    with pytest.raises(EETuneError, match="--seq-len 1024 is longer than the context"):
+        tune(world["norm"], tmp_path / "b", TuneConfig(data=str(world["docs"]), seq_len=1024, gates_only=True,
+                                                       progress=False))
+    _nothing_written(tmp_path, *before)
+
+
+# --- progress away from a terminal: status lines with an ETA -------------------------------------
+def test_status_lines_with_an_eta_when_stderr_is_not_a_terminal(world, tmp_path, capsys, monkeypatch):
+    """Regression: away from a terminal (a log, a pipe) `tune` printed nothing for minutes (gate
+    fitting on 16k tokens: ~10 minutes). Now a status line every ~30 s (here every step) for the
+    training and the gate fitting, with step/total, loss, tokens/s and an ETA."""
+    monkeypatch.setenv("EETUNE_PROGRESS_INTERVAL", "0")
+    # what the CLI runs when stderr is not a terminal (its progress bar is off)
+    assert main(["tune", str(world["mlp"]), "--data", str(world["docs"]), "--out", str(tmp_path / "out"),
+                 "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--distill", "0", "--steps", "3",
+                 "--gates", "--gate-tokens", "96"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    steps = [line for line in err if line.startswith("tune: step ")]
+    assert [line.split(",")[0] for line in steps] == ["tune: step 1/3 (33%)", "tune: step 2/3 (67%)",
+                                                      "tune: step 3/3 (100%)"], err
+    for line in steps:
+        assert "loss 1:" in line and " 3:" in line and " tok/s" in line and "elapsed " in line and "ETA " in line, line
+    assert "ETA 0s" in steps[-1]
+    gates = [line for line in err if line.startswith("gate features: batch ")]
+    assert gates and all("tok/s" in line and "ETA " in line for line in gates), err
+    assert any(line.startswith("gate fit: exit 2/2") for line in err) and any(
+        line.startswith("gate report: batch") for line in err)
+    # on a terminal: the progress bar, no status lines
+    monkeypatch.setattr("eetune.tune._is_terminal", lambda stream: True)
+    tune(world["norm"], tmp_path / "tty", cfg(world, steps=2, progress=True))
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("tune: step")]
+
+
+def test_status_lines_every_interval_with_the_eta_of_the_steps_so_far(monkeypatch, capsys):
+    from eetune import tune as T
+
+    now = [100.0]
+    lines = T.StatusLines(10, "tune", "step", interval=30.0, initial=2, clock=lambda: now[0])  # resumed at step 2
+    lines.set_postfix({"loss": "1:2.500", "tok/s": "1,234"})
+    now[0] = 110.0
+    lines.update()  # 10 s: too soon
+    assert capsys.readouterr().err == ""
+    now[0] = 131.0
+    lines.update()  # step 4, 31 s for 2 steps: 6 left take 93 s
+    assert capsys.readouterr().err == ("tune: step 4/10 (40%), loss 1:2.500, 1,234 tok/s, elapsed 31s, "
+                                       "ETA 1m33s\n")
+    now[0] = 140.0
+    lines.update()
+    lines.close()  # a last line once any was printed
+    assert capsys.readouterr().err.endswith("step 5/10 (50%), loss 1:2.500, 1,234 tok/s, elapsed 40s, stopped\n")
+    monkeypatch.setenv("EETUNE_PROGRESS_INTERVAL", "off")
+    assert T.progress_interval() is None
+    monkeypatch.setenv("EETUNE_PROGRESS_INTERVAL", "soon")
+    with pytest.raises(EETuneError, match="EETUNE_PROGRESS_INTERVAL"):
+        T.progress_interval()

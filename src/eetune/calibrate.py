@@ -19,14 +19,14 @@ code; this module does it for eetune's exits, behind `eetune calibrate DIR --tar
    agreement = share of tokens whose emitted token is the final layer's top-1.
 3. **Cost model** (`cost_model`), in decoder-layer equivalents measured on this machine by
    `eetune.evaluate.exit_costs` (each figure the median of 3 measurements): a token that leaves
-   at exit k costs k layers plus every exit head evaluated on the way (max-prob / margin /
-   entropy: each exit passed costs its transform and vocabulary projection; gate: a passed exit
+   at exit k costs k layers plus every exit head evaluated on the way (max-prob: each exit
+   passed costs its transform and vocabulary projection; gate: a passed exit
    costs nothing but its block for `layer` exits, since the head runs only when the gate fires,
    and the gate's dot product is counted as free); a token that leaves nowhere costs all L
    layers, those heads and the final norm + LM head. Full depth costs L + the LM head; predicted speedup = full cost / mean cost. As in `eetune
    scan`, the tokens that climb the skipped layers later (KV recomputation, batched with the next
    token that goes deeper) are not counted: the prediction is optimistic by that much. With
-   max-prob, margin or entropy the costs do not change which single threshold is chosen (a lower
+   max-prob the costs do not change which single threshold is chosen (a lower
    threshold only ever moves a token to a shallower, cheaper outcome, so the fastest threshold
    meeting the target is the lowest one); they decide per-exit and gate thresholds and the
    predicted speedup.

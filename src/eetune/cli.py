@@ -11,6 +11,7 @@ VERB ...` also shows the traceback behind it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -53,10 +54,15 @@ def cmd_convert(args):
     from .model import EarlyExitModel, check_output_dir
 
     check_output_dir(Path(args.out))  # refuse before the (slow) model load
+    check_writable(args.out, "write --out", kind="dir")
     config = model_config(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
     depth = config.num_hidden_layers
     layers = parse_exit_layers(args.exits, depth)
     ExitConfig(exit_layers=layers, num_layers=depth, arch=args.arch)  # validates the layers before loading
+    if depth in layers:
+        print(f"eetune: warning: the exit after layer {depth} is after the model's last layer: it reproduces the "
+              f"final layer's logits and can never save compute (exits that can go after layers 1..{depth - 1})",
+              file=sys.stderr)
     # Partial loading: the layers up to the deepest exit (and the last one, which `layer` exits copy).
     also = (depth - 1,) if args.arch == "layer" and args.init == "copy" else ()
     backbone = load_backbone(args.model, dtype=args.dtype, revision=args.revision,
@@ -159,7 +165,7 @@ def add_evaluate(sub):
                 "The plot needs matplotlib (pip install 'eetune[bench]'); without it the plot is skipped.")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--max-blocks", type=int, default=16, help="number of blocks to evaluate (default 16)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table (the profile under 'profile')")
     plot = p.add_mutually_exclusive_group()
     plot.add_argument("--plot", metavar="PATH", default=None,
@@ -188,11 +194,16 @@ def cmd_evaluate(args):
         raise EETuneError("--seq-len must be >= 2, --max-blocks and --batch-size >= 1")
     plot_path = (Path(args.plot) if args.plot else None if args.no_plot or args.no_store
                  else Path(args.dir) / "exit_profile.png")
+    if plot_path is not None:
+        check_writable(plot_path, "write the exit-profile plot", "give --plot a path in a folder you may write to, "
+                                                                 "or --no-plot")
     if plot_path is not None and (plot_path.is_dir() or not plot_path.parent.is_dir()):
         raise EETuneError(f"cannot write the plot to {plot_path} (a directory, or its folder does not exist): "
                           f"give --plot a file path in an existing folder, or --no-plot")
-    if not args.no_store and (Path(args.dir) / CONFIG_NAME).is_file() and not os.access(args.dir, os.W_OK):
-        raise EETuneError(f"cannot store the exit profile: {args.dir} is not writable; pass --no-store")
+    if not args.no_store and (Path(args.dir) / CONFIG_NAME).is_file():
+        if not os.access(args.dir, os.W_OK):
+            raise EETuneError(f"cannot store the exit profile: {args.dir} is not writable; pass --no-store")
+        check_writable(args.dir, "store the exit profile", "pass --no-store", kind="into")
     texts = load_texts(args.data)
     model = EarlyExitModel.from_pretrained(args.dir)
     blocks = pack_blocks(load_tokenizer(model.backbone), texts, args.seq_len, args.max_blocks)
@@ -261,6 +272,11 @@ def cmd_tune(args):
     from .tune import tune
 
     cfg = from_args(TuneConfig, args, progress=args.progress and sys.stderr.isatty())
+    # Every path tune writes, refused before the data and the model are loaded.
+    check_writable(args.out, "write --out", kind="dir")
+    for flag, path in (("--train-dir", cfg.train_dir), ("--cache-hidden", cfg.cache_hidden)):
+        if path:
+            check_writable(path, f"write {flag}", kind="into")
     s = tune(args.dir, args.out, cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -291,22 +307,24 @@ EXIT_COLOURS = ["32", "36", "33", "35", "34", "92", "96", "93"]  # ANSI: green, 
 def add_generate(sub):
     p = sub.add_parser("generate", help="decode with early exits (full | early-exit | self-spec)",
                        description="Generate text with an exits directory: full-depth baseline, lossy early exit "
-                                   "by confidence (KV recomputation), or lossless self-speculative decoding.")
+                                   "by confidence (KV recomputation), or lossless self-speculative decoding. "
+                                   "Prompts are plain text to be continued unless --chat puts them through the "
+                                   "tokenizer's chat template (instruct models, questions and instructions).")
     p.add_argument("dir", help="exits directory")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
-    p.add_argument("--prompt-file", help="a file whose whole content is one prompt")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap each prompt as a user turn of the tokenizer's chat template (default: on when the "
-                        "tokenizer has one, as instruct models expect; --no-chat for plain text)")
+    p.add_argument("--prompt-file", help="a UTF-8 text file whose whole content is one prompt")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
+                   help="wrap each prompt as a user turn of the tokenizer's chat template, as instruct models expect "
+                        "for questions and instructions. Default: off, plain completion (the prompt is continued as "
+                        "text; right for base models and for 'The capital of France is'), as in the Python API")
     # The decoding flags are fields of DecodeOptions: type, default, choices and help come from there.
     add_fields(p, DecodeOptions, ["mode", "threshold", "exit_thresholds", "confidence", "draft_len", "draft_exit",
-                                  "draft_vocab", "screen_vocab", "gate_filter", "engine", "compile", "verbose",
-                                  "max_new_tokens", "temperature", "top_k", "top_p", "seed"],
+                                  "draft_vocab", "compile", "verbose", "max_new_tokens", "temperature", "top_k",
+                                  "top_p", "seed"],
                defaults={"mode": "early-exit"}, types={"draft_exit": _draft_exit, "exit_thresholds": _exit_thresholds},
-               metavars={"draft_vocab": "K", "screen_vocab": "K", "gate_filter": "T", "draft_exit": "LAYER|auto",
-                         "exit_thresholds": "K:T,..."})
-    p.add_argument("--device", default="cpu", help="torch device (default cpu; cuda on a GPU, where --engine auto "
-                                                   "takes the graph engine)")
+               metavars={"draft_vocab": "K", "draft_exit": "LAYER|auto", "exit_thresholds": "K:T,..."})
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; on cuda the engine records its "
+                                                   "segments as CUDA graphs)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="backbone weights dtype (default fp32)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
@@ -317,10 +335,10 @@ def add_generate(sub):
 
 
 def use_chat(flag: bool | None, tokenizer) -> bool:
-    """--chat / --no-chat as given; by default, the chat template when the tokenizer has one."""
-    if flag is not None:
-        return flag
-    return getattr(tokenizer, "chat_template", None) is not None
+    """Whether prompts go through the chat template: only with --chat. The default is plain
+    completion, the same as the Python API (`EarlyExitModel.generate`, `decode.generate_text`:
+    chat=False), whatever the tokenizer; a model without a template refuses --chat."""
+    return bool(flag)
 
 
 def empty_note(row: int, rows: int, result, chat: bool) -> str:
@@ -328,7 +346,7 @@ def empty_note(row: int, rows: int, result, chat: bool) -> str:
     which = f"prompt {row + 1}" if rows > 1 else "the prompt"
     if result.finished_by == "eos":
         why = "the model emitted its end token at once"
-        hint = "" if chat else " (an instruct model expects its chat template: drop --no-chat)"
+        hint = "" if chat else " (an instruct model expects its chat template: add --chat)"
     elif result.finished_by == "stop":
         why, hint = "a --stop string came first", ""
     else:
@@ -372,7 +390,12 @@ def cmd_generate(args):
     if args.prompt_file:
         if not Path(args.prompt_file).is_file():
             raise EETuneError(f"prompt file not found: {args.prompt_file}")
-        prompts.append(Path(args.prompt_file).read_text(encoding="utf-8"))
+        try:
+            prompts.append(Path(args.prompt_file).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise EETuneError(f"prompt file {args.prompt_file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                              f"offset {e.start}): convert it, e.g. `iconv -f latin1 -t utf-8 {args.prompt_file} > "
+                              f"prompt.txt`, and pass that file") from None
     if not prompts:
         raise EETuneError("no prompt: give --prompt TEXT or --prompt-file FILE")
     if any(not p.strip() for p in prompts):
@@ -507,6 +530,9 @@ def cmd_scan(args):
     check_device(args.device)
     plot = None if args.no_plot else args.plot
     for flag, path in (("--json", args.json), ("--plot", plot)):
+        if path:
+            check_writable(path, f"write {flag}", "give a path in a folder you may write to"
+                                                  + (", or --no-plot" if flag == "--plot" else ""))
         if path and not Path(path).resolve().parent.is_dir():
             raise EETuneError(f"{flag} {path}: folder {Path(path).parent} does not exist: create it or give "
                               f"another path")
@@ -593,20 +619,24 @@ def add_eval(sub):
                                     "intervals; results, plots and an HTML report",
                        description="Evaluate an exits directory on downstream tasks from the embedded data "
                                    "(ppl, xsum, boolq, mmlu, narrativeqa): quality of full, early-exit at each "
-                                   "threshold and self-spec decoding on --limit items (bootstrap 95%% intervals, "
-                                   "paired against full), speed at batch 1 on --speed-items items in one "
-                                   "interleaved run. Writes results.json, results.csv, a PNG per task and "
+                                   "threshold and self-spec decoding on --limit items (bootstrap 95% intervals, "
+                                   "paired against full), speed at batch 1 on --speed-items items, every "
+                                   "setting warmed up first, then timed in interleaved rounds until each has "
+                                   "--speed-min-tokens decode tokens. Writes results.json, results.csv, a PNG per task and "
                                    "report.html into --out. Prompts are zero-shot (see eetune.downstream).")
     p.add_argument("dir", help="exits directory")
     p.add_argument("--tasks", default="boolq,xsum", help="comma-separated: ppl, xsum, boolq, mmlu, narrativeqa "
                                                          "(default boolq,xsum)")
-    p.add_argument("--out", required=True, help="results directory to write (replaced whole when it exists)")
+    p.add_argument("--out", required=True, help="results directory to write (replaced whole when it exists): "
+                                                "results.json, results.csv, a PNG per task and report.html")
     p.add_argument("--thresholds", default="1,0.9,0.8,0.6,0.4,0.2",
                    help="early-exit thresholds (default 1,0.9,0.8,0.6,0.4,0.2)")
     p.add_argument("--confidence", default="max-prob", choices=["max-prob", "margin", "entropy", "gate"],
                    help="early-exit confidence measure (default max-prob)")
     p.add_argument("--limit", type=int, default=200, help="quality items per task (default 200)")
     p.add_argument("--speed-items", type=int, default=8, help="items per task timed at batch 1 (default 8)")
+    p.add_argument("--speed-min-tokens", type=int, default=None,
+                   help="decode tokens timed per setting at least (default 256; rounds repeat the items until then)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together for quality (default 16)")
     p.add_argument("--max-context", type=int, default=384,
                    help="tokens of a passage or article kept in a prompt (default 384)")
@@ -632,11 +662,13 @@ def cmd_eval(args):
 
     cfg = EvalConfig(tasks=parse_tasks(args.tasks), thresholds=parse_thresholds(args.thresholds),
                      confidence=args.confidence, limit=args.limit, speed_items=args.speed_items,
+                     **({} if args.speed_min_tokens is None else {"speed_min_tokens": args.speed_min_tokens}),
                      batch_size=args.batch_size, max_context=args.max_context, self_spec=not args.no_self_spec,
                      ppl_data=args.ppl_data, ppl_blocks=args.ppl_blocks, seq_len=args.seq_len, seed=args.seed,
                      progress=not args.no_progress and sys.stderr.isatty())
     cfg.validate()
     out = Path(args.out)
+    check_writable(out, "write results to", "give --out a directory in a folder you may write to", kind="dir")
     parent = out.resolve().parent
     if out.exists() and not out.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) \
             or out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
@@ -708,11 +740,27 @@ def cmd_lm_eval(args):
         args.lm_eval_parser.print_help()
         print()
         rest = ["--help"]
+    out = _lm_eval_output_path(rest)
+    if out:  # lm-eval writes its results at the very end: refuse an unwritable path now
+        from pathlib import Path
+        check_writable(out, "write --output_path",
+                       kind="file" if Path(out).suffix == ".json" or Path(out).is_file() else "into")
     try:
         from .lmeval import run_harness  # importing it registers the `eetune` model type
     except ImportError as e:
         raise EETuneError(f"lm-evaluation-harness is not installed ({e}): pip install 'eetune[eval]'") from None
     run_harness(rest)
+
+
+def _lm_eval_output_path(argv: list[str]) -> str | None:
+    """The value of lm-eval's --output_path (-o) in its argument list, if given."""
+    for i, a in enumerate(argv):
+        for flag in ("--output_path", "--output-path", "-o"):
+            if a == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(flag + "=") and flag != "-o":
+                return a.split("=", 1)[1]
+    return None
 
 
 # --- calibrate -----------------------------------------------------------------------------
@@ -765,8 +813,10 @@ def cmd_calibrate(args):
     if args.confidence == "gate" and not config.gates:
         raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR --out OUT "
                           "--gates-only`, or use --confidence max-prob")
-    if not args.no_store and not os.access(args.dir, os.W_OK):
-        raise EETuneError(f"cannot store the calibration: {args.dir} is not writable; pass --no-store")
+    if not args.no_store:
+        if not os.access(args.dir, os.W_OK):
+            raise EETuneError(f"cannot store the calibration: {args.dir} is not writable; pass --no-store")
+        check_writable(args.dir, "store the calibration", "pass --no-store", kind="into")
     model = EarlyExitModel.from_pretrained(args.dir)
     calib, test, data = calibration_blocks(load_tokenizer(model.backbone), args.data, args.seq_len, args.calib_blocks,
                                            args.test_blocks)
@@ -794,6 +844,42 @@ def check_device(value: str) -> None:
         raise EETuneError(f"--device {value!r} is not a torch device: give cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EETuneError(f"--device {value}: no CUDA device on this machine: use --device cpu")
+
+
+def check_writable(path, what: str, fix: str = "give a path in a folder you may write to", *,
+                   kind: str = "file") -> None:
+    """Refuse, in one line and before any loading or work, an output path this process cannot write.
+
+    `kind`: "file" (a file written under its own name) or "dir" (a directory written under its own
+    name) is made beside itself and renamed into place (eetune.fsio), so its folder must take new
+    files; "into" (an existing directory written into: an exits directory whose config is updated, a
+    cache, a checkpoint folder) must itself take them. Folders that do not exist yet are created then,
+    so the nearest existing one is what is tried, by creating and removing a temporary file in it:
+    this also catches what permission bits do not (root, read-only file systems, /proc). The error
+    reads `cannot WHAT: PATH is not writable (why); FIX`."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise EETuneError(f"cannot {what}: {path} is a directory; {fix}")
+    folder = Path(os.path.abspath(path if kind == "into" else path.parent))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    why = None
+    if not folder.is_dir():
+        why = f"{folder} is a file, not a folder"
+    else:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".eetune-write-check-", dir=folder)
+        except OSError as e:
+            why = f"cannot create a file in {folder}: {e.strerror or e}"
+        else:
+            os.close(fd)
+            os.unlink(probe)
+    if why is not None:
+        raise EETuneError(f"cannot {what}: {path} is not writable ({why}); {fix}")
 
 
 VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate, add_scan, add_plan, add_eval, add_report, add_lm_eval,

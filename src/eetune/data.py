@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,62 @@ def _resolve(spec: str) -> Path:
     return path
 
 
+MAX_INVALID_UTF8 = 0.01  # share of a text file's bytes that may be invalid UTF-8 (read as U+FFFD, with a warning)
+_ESCAPED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of each byte that is not UTF-8
+
+
+def read_text_file(path: Path) -> str:
+    """A plain-text data file as UTF-8 text. Refuses (one line naming the file) a file that is
+    binary or in another encoding: NUL bytes (binary data, or UTF-16/32 text), or more than
+    `MAX_INVALID_UTF8` of its bytes invalid UTF-8; a few invalid bytes (a stray Latin-1
+    character) are read as U+FFFD replacement characters, with a warning naming the first."""
+    data = path.read_bytes()
+    fix = f"re-save it as UTF-8 text (e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.txt) or remove it"
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise EETuneError(f"data file {path} holds NUL bytes (first on line {line}): it "
+                          f"is binary, or UTF-16/32 text, not UTF-8 text; {fix}")
+    escaped = data.decode("utf-8", errors="surrogateescape")
+    bad = len(_ESCAPED.findall(escaped))
+    if not bad:
+        return escaped
+    first = _ESCAPED.search(escaped).start()
+    line = escaped.count("\n", 0, first) + 1
+    if bad > MAX_INVALID_UTF8 * len(data):
+        raise EETuneError(f"data file {path} is not UTF-8 text: {bad:,} of its {len(data):,} bytes are invalid "
+                          f"(first on line {line}); {fix}")
+    import sys
+    print(f"eetune: warning: {path} has {bad:,} byte{'s' if bad > 1 else ''} that {'are' if bad > 1 else 'is'} not "
+          f"UTF-8 (first on line {line}); read as replacement characters (re-save it as UTF-8 to keep them)",
+          file=sys.stderr)
+    return data.decode("utf-8", errors="replace")
+
+
+def _read_jsonl(path: Path, spec: str) -> list[dict]:
+    """The objects of a JSON Lines file, one per non-blank line; a line that is not UTF-8 (JSON
+    text is UTF-8), not JSON or not an object is refused in one line naming it."""
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark at the start is fine
+            except UnicodeDecodeError as e:
+                raise EETuneError(f"{spec} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}):"
+                                  f" JSON Lines must be UTF-8; re-save the file as UTF-8 (e.g. iconv -f latin1 -t "
+                                  f"utf-8 {path.name} > fixed.jsonl)") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise EETuneError(f"{spec} line {n} is not valid JSON: fix or remove it") from None
+            if not isinstance(row, dict):
+                raise EETuneError(f"{spec} line {n} is not a JSON object: give one object per line")
+            rows.append(row)
+    return rows
+
+
 def read_rows(spec: str) -> list:
     """The raw rows of a source: strings (plain text) or dicts (JSONL / datasets rows)."""
     path = _resolve(spec)
@@ -151,24 +208,12 @@ def read_rows(spec: str) -> list:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise EETuneError(f"data folder {spec} has no .txt files: add some or point to a file")
-        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        return [read_text_file(p) for p in files]
     if path.suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise EETuneError(f"{spec} line {n} is not valid JSON: fix or remove it") from None
-                if not isinstance(row, dict):
-                    raise EETuneError(f"{spec} line {n} is not a JSON object: give one object per line")
-                rows.append(row)
-        return rows
+        return _read_jsonl(path, spec)
     if path.suffix in DATASETS_SUFFIXES:
         return _read_with_datasets(path, DATASETS_SUFFIXES[path.suffix])
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    return [read_text_file(path)]
 
 
 def _read_with_datasets(path: Path, builder: str) -> list[dict]:

@@ -1,28 +1,16 @@
-"""The decoding engine: full, early-exit (with KV recomputation) and self-speculative decoding.
+"""Decoding: the options, the decision rules, the generate API and its text, streaming and
+Hugging Face `custom_generate` front ends. The engine that runs the layers is `eetune.engine`.
 
-Plain functions over an `EarlyExitModel` and a per-layer `LayerCache` (layers may hold different
-numbers of slots), in the spirit of gpt-fast:
-
-- `prefill`: the prompt through every layer (and through `layer` exits, to fill their caches).
-- `early_exit_step`: one new token climbs the trunk; at each exit its confidence (max-prob,
-  margin or entropy) is compared with that exit's threshold (one for all exits, per exit, or the
-  calibrated default: `resolve_thresholds`) and the first confident exit emits it. The
-  token then stops: the layers above hold no keys/values for its position. Those are filled by
-  **KV recomputation**: pending tokens wait, each with its hidden state at the depth where it
-  stopped, and join the next token that climbs past that depth, in one batched pass. Because
-  the trunk's hidden states depend only on the tokens (never on exit decisions), every logit
-  equals that of a cache-free pass over the whole sequence.
-- `full_step`: the baseline, every layer, no heads.
-- `self_spec_round`: the draft exit proposes up to `draft_len` tokens (stopping when its
-  confidence falls below the threshold), the layers above it verify all of them in one pass
-  reusing the drafted tokens' shallow keys/values, the longest agreeing prefix is kept plus the
-  model's own next token. Greedy: identical to `full`. Sampling: the speculative-sampling
-  acceptance rule (accept with min(1, p/q), else resample from max(0, p - q)), so the output
-  follows the full model's distribution.
-
-Batches of prompts of different lengths are left-padded; padding slots carry position -1 and
-are masked. `generate()` is the entry point; it returns token ids, text and per-token
-statistics (exit layer, confidence, drafted/accepted counts).
+- `DecodeOptions`: mode (`full`, `early-exit`, `self-spec`), thresholds, confidence (max-prob or
+  the exits' gates), draft length, draft exit (or `auto`), draft vocabulary, sampling.
+  `resolve_thresholds` decides a decode's exit thresholds (given, calibrated or default).
+- Decision rules: `confidence` (max softmax probability), `sampling_probs` (temperature, top-k,
+  top-p), `choose`, and `speculative_accept` (the speculative-sampling rule: accept a draft with
+  min(1, p/q), else resample from max(0, p - q), so self-speculation's output follows the full
+  model's distribution; greedy self-speculation is identical to `full`).
+- `generate(model, prompts, opts)`: left-pads the prompts, runs the engine, and returns a
+  `Generation` with ids and per-token statistics (exit layer, confidence, drafted/accepted);
+  `generate_text` is text in, text out with stop strings and streaming (`TextStream`).
 """
 
 from __future__ import annotations
@@ -37,8 +25,7 @@ from .backbone import LayerCache
 from .errors import EETuneError
 
 MODES = ("full", "early-exit", "self-spec")
-CONFIDENCES = ("max-prob", "margin", "entropy", "gate")
-ENGINES = ("auto", "lean", "graphs", "reference")
+CONFIDENCES = ("max-prob", "gate")
 
 
 @dataclass
@@ -49,25 +36,16 @@ class DecodeOptions:
     threshold: float | None = None  # exit (early-exit) or keep drafting (self-spec) when confidence >= this; > 1
     #                                 never exits early. Default: in early-exit mode the threshold(s) `eetune
     #                                 calibrate` stored in the exits directory for this --confidence, else 0.9
-    #                                 (resolved by decode.resolve_thresholds)
-    confidence: str = "max-prob"  # confidence measure: max-prob (the paper), margin (top1 - top2), entropy
-    #                               (1 - H/log V), or gate: the exits' learned gates (`tune --gates`), which skip
-    #                               an exit's head unless it fires
+    confidence: str = "max-prob"  # confidence measure: max-prob (the paper: the exit's top softmax probability),
+    #                               or gate: the exits' learned gates (`tune --gates`), which skip an exit's head
+    #                               unless it fires
     draft_len: int = 4  # self-spec: most tokens drafted per round
     draft_exit: int | str | None = None  # self-spec: the exit layer that drafts (default: the deepest), or auto (a
     #                                      cost model picks the exit and draft length per round)
     draft_vocab: int | None = None  # self-spec: draft over the K most frequent tokens of the tuning data only
     #                                 (still lossless)
-    screen_vocab: int | None = None  # early-exit, max-prob: take each exit's max-prob over the K most frequent
-    #                                  tuning tokens first and run the full vocabulary projection only if that
-    #                                  reaches the threshold
-    gate_filter: float | None = None  # early-exit, max-prob: run an exit's head only where its gate (`tune
-    #                                   --gates`) reaches T
-    engine: str = "auto"  # decoding engine: auto (graphs on a GPU, lean elsewhere and with --draft-exit auto), lean
-    #                       (eetune.engine), graphs (eetune.graphs: static caches and CUDA graphs per segment
-    #                       between exits; on a CPU the same code runs unrecorded) or the slow, obvious reference
-    compile: bool = False  # graphs engine: fuse each recorded segment's kernels with torch.compile first (the first
-    #                        call of each segment compiles it: seconds to minutes)
+    compile: bool = False  # fuse each segment with torch.compile before recording it (a GPU; the first call of each
+    #                        segment compiles it: seconds to minutes)
     verbose: bool = False  # print the --draft-exit auto cost model's figures
     replay: tuple | None = None  # benchmarks only: forced exit layer per token (early-exit) or
     #                              (drafted, accepted) per round (self-spec), for engine timing
@@ -81,7 +59,7 @@ class DecodeOptions:
     #                                      (as `eetune calibrate --per-exit` finds them; from Python {10: 0.95, 20: 0.9})
 
     # Values a string setting may take (also the flags' choices).
-    CHOICES = {"mode": MODES, "confidence": CONFIDENCES, "engine": ENGINES}
+    CHOICES = {"mode": MODES, "confidence": CONFIDENCES}
 
     def validate(self, model) -> None:
         if self.mode not in MODES:
@@ -112,31 +90,10 @@ class DecodeOptions:
         if self.draft_exit is not None and self.draft_exit != "auto" and self.draft_exit not in model.exit_layers:
             raise EETuneError(f"draft exit {self.draft_exit!r} is not one of the exits {list(model.exit_layers)}: "
                               f"give one of them or 'auto'")
-        if self.engine not in ENGINES:
-            raise EETuneError(f"unknown engine {self.engine!r}: use one of {', '.join(ENGINES)}")
-        if self.compile and self.engine not in ("graphs", "auto"):
-            raise EETuneError("--compile works with --engine graphs only")
-        if self.compile and self.draft_exit == "auto":
-            raise EETuneError("--compile needs the graphs engine; --draft-exit auto runs the lean engine: give one")
-        if self.draft_exit == "auto" and self.engine not in ("lean", "auto"):
-            raise EETuneError("--draft-exit auto needs the lean engine (its cost model times the lean engine)")
         if self.confidence == "gate" and not model.has_gates:
             raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR "
                               "--out OUT --gates-only`, or use --confidence max-prob")
-        if self.gate_filter is not None:
-            if not (isinstance(self.gate_filter, (int, float)) and self.gate_filter >= 0
-                    and not math.isnan(self.gate_filter)):
-                raise EETuneError(f"--gate-filter {self.gate_filter} is outside [0, inf): give e.g. 0.5")
-            if self.confidence != "max-prob":
-                raise EETuneError(f"--gate-filter works with --confidence max-prob only (got {self.confidence})")
-            if not model.has_gates:
-                raise EETuneError("--gate-filter: these exits have no gates; train them with `eetune tune DIR "
-                                  "--out OUT --gates-only`")
-            if model.config.arch == "layer":
-                raise EETuneError("--gate-filter cannot skip a `layer` exit (its block must fill its own cache)")
-        if self.screen_vocab is not None and self.confidence != "max-prob":
-            raise EETuneError(f"--screen-vocab works with --confidence max-prob only (got {self.confidence})")
-        for flag, k in (("--draft-vocab", self.draft_vocab), ("--screen-vocab", self.screen_vocab)):
+        for flag, k in (("--draft-vocab", self.draft_vocab),):
             if k is None:
                 continue
             V = model.backbone.vocab_size
@@ -156,8 +113,8 @@ def _valid_threshold(t) -> bool:
 
 
 def resolve_thresholds(opts: DecodeOptions, model) -> tuple[DecodeOptions, str]:
-    """The one place where a decode's exit thresholds are decided (`generate` calls it for both
-    engines, which then read `exit_thresholds[k]` only). In order:
+    """The one place where a decode's exit thresholds are decided (`generate` calls it; the
+    engine then reads `exit_thresholds[k]` only). In order:
 
     1. `threshold` given: it, at every exit ("given");
     2. `exit_thresholds` given: those ("given");
@@ -216,9 +173,11 @@ class Generation:
     rounds: int = 0  # self-spec: draft/verify rounds
     step_logits: list = field(default_factory=list)  # record_logits: (step, exit layer per row, logits (B, V))
     policy: object = None  # draft_exit="auto": the engine.DraftPolicy with its measured costs and acceptance
-    round_log: list = field(default_factory=list)  # self-spec, lean engine: (drafted, accepted) per round
+    round_log: list = field(default_factory=list)  # self-spec: (drafted, accepted) per round
     thresholds: dict = field(default_factory=dict)  # the threshold used at each exit layer (resolve_thresholds)
-    engine: str = ""  # the engine that ran (resolve_engine)
+    engine: str = ""  # how the engine ran: "cuda-graphs" (segments recorded) or "eager"
+    max_pending: int = 0  # early-exit: most exited tokens waiting for KV recomputation at once
+    record_seconds: float = 0.0  # CUDA graph recording during this call (not counted in `seconds`)
     threshold_source: str = ""  # given | calibrated | default (with why, when a stored calibration was not used)
 
     @property
@@ -254,18 +213,14 @@ class Generation:
 
 
 # --- confidence and token choice ------------------------------------------------------------
-def confidence(logits: torch.Tensor, kind: str, vocab_size: int | None = None) -> torch.Tensor:
-    """Per-row confidence in [0, 1] of a (B, V) logits tensor. `vocab_size`: the whole vocabulary's
-    size when `logits` cover a restricted one (entropy is normalised by log of the whole
-    vocabulary, as for logits masked to -inf outside the restriction)."""
-    probs = logits.float().softmax(-1)
-    if kind == "max-prob":
-        return probs.amax(-1)
-    if kind == "margin":
-        top2 = probs.topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-    ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-    return 1.0 - ent / math.log(vocab_size or probs.shape[-1])
+def confidence(logits: torch.Tensor, kind: str = "max-prob", vocab_size: int | None = None) -> torch.Tensor:
+    """Per-row max softmax probability of a (B, V) logits tensor (the paper's confidence; `gate`
+    confidences come from the exits' gates, not from logits). `vocab_size` is accepted for
+    restricted-vocabulary logits and changes nothing: max-prob over K tokens is the max-prob of
+    logits masked to -inf outside them."""
+    if kind != "max-prob":
+        raise EETuneError(f"confidence {kind!r} is not computed from logits: use max-prob")
+    return logits.float().softmax(-1).amax(-1)
 
 
 def sampling_probs(logits: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
@@ -316,214 +271,6 @@ def speculative_accept(p: torch.Tensor, q: list[torch.Tensor], drafts: list[int]
     return out
 
 
-# --- engine state ---------------------------------------------------------------------------
-class DecodeState:
-    """Caches and bookkeeping of one batch being decoded."""
-
-    def __init__(self, model, batch: int, device):
-        self.model = model
-        self.bb = model.backbone
-        L = self.bb.num_layers
-        self.cache = LayerCache(L)
-        # `layer` exits attend over their own cache (slot num_layers - 1, the copied block's index).
-        self.exit_caches = {h.layer: LayerCache(L) for h in model.heads if h.arch == "layer"}
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # position of the next token
-        # KV recomputation: tokens whose upper layers are missing, as (depth, hidden, positions).
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self.layer_token_passes = 0
-
-    def run_layer(self, i: int, h: torch.Tensor, ctx) -> torch.Tensor:
-        self.layer_token_passes += h.shape[0] * h.shape[1]
-        return self.bb.call_layer(self.bb.layers[i], i, h, ctx, self.cache, i)
-
-    def exit_logits(self, layer: int, h: torch.Tensor, ctx, last_only: bool = True) -> torch.Tensor:
-        """Logits of exit `layer` for the last position of `h` (a `layer` exit first runs its
-        block over every position of `h`, filling its own cache)."""
-        head = self.model.head(layer)
-        if head.arch == "layer":
-            z = head.transform(h, ctx, self.exit_caches[layer])
-            return self.bb.logits(z[:, -1], head.out_weight())
-        return head(h[:, -1])
-
-    def final_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.bb.logits(self.bb.final_norm(h))
-
-
-def prefill(state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, exits_wanted=(), opts=None):
-    """Run the (left-padded) prompts through every layer. Returns the full-depth logits of the
-    last position and each wanted exit's logits and confidence there, {layer: ((B, V), (B,))}
-    (evaluating a `layer` exit also fills its own cache over the prompt)."""
-    bb = state.bb
-    h = bb.embed(ids, positions)
-    ctx = bb.context(h, positions)
-    exits = {}
-    for i in range(bb.num_layers + 1):
-        if i in exits_wanted:
-            logits = state.exit_logits(i, h, ctx)
-            exits[i] = (logits, None if opts is None else exit_confidence(state, i, h, logits, opts))
-        if i == bb.num_layers:
-            break
-        h = state.run_layer(i, h, ctx)
-    state.next_pos = positions[:, -1] + 1
-    return state.final_logits(h[:, -1]), exits
-
-
-def exit_confidence(state: DecodeState, layer: int, h: torch.Tensor, logits: torch.Tensor, opts) -> torch.Tensor:
-    """Confidence of exit `layer` at the last position: its gate's probability on the exit's
-    input hidden state (`gate`), else a function of its logits."""
-    if opts.confidence == "gate":
-        return state.model.gate(layer)(h[:, -1])
-    conf = confidence(logits, opts.confidence)
-    if opts.gate_filter is not None and opts.mode == "early-exit":  # the gate prefilter must pass too
-        conf = conf.masked_fill(state.model.gate(layer)(h[:, -1]) < opts.gate_filter, -1.0)
-    if opts.screen_vocab and opts.mode == "early-exit":  # the screen must pass too: max-prob over the K most frequent tokens
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        keep[state.model.vocab_by_frequency[:opts.screen_vocab]] = True
-        screened = confidence(logits.masked_fill(~keep, float("-inf")), "max-prob")
-        conf = torch.minimum(conf, screened)
-    return conf
-
-
-def full_step(state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-    """One token per row through every layer; full-depth logits (B, V)."""
-    bb = state.bb
-    pos = state.next_pos[:, None]
-    h = bb.embed(tokens[:, None], pos)
-    ctx = bb.context(h, pos)
-    for i in range(bb.num_layers):
-        h = state.run_layer(i, h, ctx)
-    state.next_pos = state.next_pos + 1
-    return state.final_logits(h[:, -1])
-
-
-def early_exit_step(state: DecodeState, tokens: torch.Tensor, opts: DecodeOptions, settled: torch.Tensor):
-    """One token per row climbs until every row not yet `settled` has found a confident exit.
-
-    Returns (logits used (B, V), exit layer per row (B,), confidence per row (B,)). Rows in
-    `settled` (finished rows) never hold the batch back. The climbing token stops at the exit
-    where the last row decided; it then waits in `state.pending` for its upper layers.
-    """
-    bb, model = state.bb, state.model
-    L = bb.num_layers
-    B = tokens.shape[0]
-    pos = state.next_pos[:, None]
-    h = bb.embed(tokens[:, None], pos)
-    ctx = bb.context(h, pos)
-    decided = settled.clone()
-    out_logits = torch.zeros(B, bb.vocab_size, dtype=h.dtype, device=h.device)
-    out_layer = torch.full((B,), L, dtype=torch.long, device=h.device)
-    out_conf = torch.full((B,), float("nan"), device=h.device)
-    exit_set = set(model.exit_layers)
-    state.next_pos = state.next_pos + 1
-    for i in range(L + 1):
-        if i in exit_set:
-            logits = state.exit_logits(i, h, ctx)
-            conf = exit_confidence(state, i, h, logits, opts)
-            take = ~decided & (conf >= opts.exit_thresholds[i])
-            out_logits[take], out_layer[take], out_conf[take] = logits[take], i, conf[take]
-            decided |= take
-            if bool(decided.all()):
-                state.pending.append((i, h, ctx.positions))
-                return out_logits, out_layer, out_conf
-        if i == L:
-            break
-        joiners = [p for p in state.pending if p[0] == i]
-        if joiners:  # KV recomputation: earlier exited tokens climb on with this one
-            state.pending = [p for p in state.pending if p[0] != i]
-            h = torch.cat([p[1] for p in joiners] + [h], dim=1)
-            ctx = bb.context(h, torch.cat([p[2] for p in joiners] + [ctx.positions], dim=1))
-        h = state.run_layer(i, h, ctx)
-    rest = ~decided
-    out_logits[rest] = state.final_logits(h[:, -1])[rest]
-    return out_logits, out_layer, out_conf
-
-
-def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOptions, settled: torch.Tensor,
-                    gen: torch.Generator | None, n_draft: int | None = None):
-    """Draft with the draft exit, verify with the layers above it.
-
-    `tokens` (B,) is each row's newest token, not yet seen by any layer. At most `n_draft`
-    (default `opts.draft_len`) tokens are drafted. With `opts.draft_vocab` the draft exit's
-    logits outside the K most frequent tuning tokens are masked out. Returns, per row, the
-    list of emitted tokens (accepted drafts, then the model's own token) and how many of them
-    were accepted drafts. Rejected drafts' slots are invalidated in every cache.
-    """
-    bb, model = state.bb, state.model
-    d = opts.draft_exit or max(model.exit_layers)
-    B = tokens.shape[0]
-    n0 = state.next_pos.clone()
-    hs, drafts, q_probs = [], [], []
-    proposing = ~settled
-    n_prop = torch.zeros(B, dtype=torch.long, device=tokens.device)
-    cur = tokens
-    head = model.head(d)
-    n_draft = opts.draft_len if n_draft is None else n_draft
-    keep = None
-    if opts.draft_vocab:
-        keep = torch.zeros(bb.vocab_size, dtype=torch.bool, device=tokens.device)
-        keep[model.vocab_by_frequency[:opts.draft_vocab]] = True
-    for step in range(n_draft + 1):
-        pos = state.next_pos[:, None]
-        h = bb.embed(cur[:, None], pos)
-        ctx = bb.context(h, pos)
-        for i in range(d):
-            h = state.run_layer(i, h, ctx)
-        state.next_pos = state.next_pos + 1
-        hs.append((h, ctx.positions))
-        if step == n_draft:
-            if head.arch == "layer":  # its own cache must hold every position that may be accepted
-                head.transform(h, ctx, state.exit_caches[d])
-            break
-        logits = state.exit_logits(d, h, ctx)
-        if keep is not None:
-            logits = logits.masked_fill(~keep, float("-inf"))
-        proposing = proposing & (exit_confidence(state, d, h, logits, opts) >= opts.exit_thresholds[d])
-        if not bool(proposing.any()):
-            break
-        if opts.temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            q = sampling_probs(logits, opts)
-            nxt = torch.multinomial(q, 1, generator=gen).squeeze(-1)
-            q_probs.append(q)
-        n_prop += proposing.long()
-        drafts.append(nxt)
-        cur = nxt
-    m = len(drafts)
-    # Verify: every drafted position through the layers above the draft exit, in one pass.
-    h = torch.cat([x[0] for x in hs], dim=1)  # (B, m + 1, H) hidden states after layer d
-    vpos = torch.cat([x[1] for x in hs], dim=1)
-    ctx = bb.context(h, vpos)
-    for i in range(d, bb.num_layers):
-        h = state.run_layer(i, h, ctx)
-    final = state.final_logits(h)  # (B, m + 1, V)
-    emitted, n_acc = [], []
-    for b in range(B):
-        mb = int(n_prop[b])
-        row, acc = [], 0
-        if opts.temperature == 0:
-            target = final[b].argmax(-1)
-            while acc < mb and int(drafts[acc][b]) == int(target[acc]):
-                row.append(int(drafts[acc][b]))
-                acc += 1
-            row.append(int(target[acc]))
-        else:
-            row = speculative_accept(sampling_probs(final[b], opts), [q[b] for q in q_probs[:mb]],
-                                     [int(x[b]) for x in drafts[:mb]], gen)
-            acc = len(row) - 1
-        emitted.append(row)
-        n_acc.append(acc)
-    # Keep the slots of the accepted positions (n0 .. n0 + acc), drop the rest in every cache.
-    last_valid = n0 + torch.tensor(n_acc, device=n0.device)
-    for i in range(bb.num_layers):
-        state.cache.invalidate_after(i, last_valid)
-    for c in state.exit_caches.values():
-        c.invalidate_after(bb.num_layers - 1, last_valid)
-    state.next_pos = last_valid + 1
-    return emitted, n_acc, m, int(n_prop.sum())
-
-
-# --- the entry point ------------------------------------------------------------------------
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
@@ -601,22 +348,12 @@ class Emitter:
         return max((self.max_new - len(r.ids) for r, d in zip(self.rows, self._done) if not d), default=0)
 
 
-def resolve_engine(opts: DecodeOptions, device) -> str:
-    """The engine `opts.engine` names; `auto`: the graph engine on a GPU (or when --compile asks
-    for it), the lean engine elsewhere and for --draft-exit auto (whose cost model times it)."""
-    if opts.engine != "auto":
-        return opts.engine
-    if opts.draft_exit == "auto":
-        return "lean"
-    return "graphs" if torch.device(device).type == "cuda" or opts.compile else "lean"
-
-
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=None) -> Generation:
+def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=None, run=None) -> Generation:
     """Decode every prompt (lists of token ids) with `opts`; `on_tokens(row, tokens, stats)` is
-    called as tokens are emitted (streaming; returning False ends that row). Runs the lean
-    engine (`engine.py`), the graph engine (`graphs.py`) or the reference engine as `opts.engine`
-    says (`auto`: see `resolve_engine`). Returns a `Generation` with ids and statistics."""
+    called as tokens are emitted (streaming; returning False ends that row). Runs `eetune.engine`
+    (`run`: another function of its signature, e.g. the tests' reference decoder). Returns a
+    `Generation` with ids and statistics."""
     opts.validate(model)
     opts, threshold_source = resolve_thresholds(opts, model)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -643,81 +380,21 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
         from .engine import measure_costs
         measure_costs(model, opts)
     t0 = time.perf_counter()
-    ids, pos = _left_pad(prompts, 0, device)
-    result.engine = name = resolve_engine(opts, device)
-    if name in ("lean", "graphs"):
-        from . import engine
-        engine_class = None
-        if name == "graphs":
-            from .graphs import GraphEngine as engine_class
-        pad = [ids.shape[1] - len(p) for p in prompts]
-        stats = engine.run(model, ids, pad, opts, emitter, gen, device, engine_class)
-        result.rounds, result.drafted, result.accepted = stats["rounds"], stats["drafted"], stats["accepted"]
-        result.layer_token_passes = stats["layer_token_passes"]
-        result.policy = stats["policy"]
-        result.round_log = stats["round_log"]
-    else:
-        _reference_loop(model, ids, pos, opts, emitter, gen, device, result)
-    result.seconds = time.perf_counter() - t0
+    ids, _ = _left_pad(prompts, 0, device)
+    pad = [ids.shape[1] - len(p) for p in prompts]
+    if run is None:
+        from .engine import run
+    stats = run(model, ids, pad, opts, emitter, gen, device)
+    result.engine = "cuda-graphs" if device.type == "cuda" else "eager"
+    result.rounds, result.drafted, result.accepted = stats["rounds"], stats["drafted"], stats["accepted"]
+    result.layer_token_passes = stats["layer_token_passes"]
+    result.policy = stats["policy"]
+    result.round_log = stats["round_log"]
+    result.max_pending = stats["max_pending"]
+    result.record_seconds = stats["record_seconds"]
+    result.seconds = time.perf_counter() - t0 - result.record_seconds  # graph recording is not decoding
     result.step_logits = emitter.step_logits
     return result
-
-
-def _reference_loop(model, ids, pos, opts, emitter, gen, device, result) -> None:
-    """The reference engine's decoding loop (this module's functions, one step at a time)."""
-    bb = model.backbone
-    B, L = ids.shape[0], bb.num_layers
-    draft_exit = opts.draft_exit or max(model.exit_layers)
-    done = emitter.done
-    state = DecodeState(model, B, device)
-    use_exits = opts.mode == "early-exit"
-    if use_exits:
-        wanted = set(model.exit_layers)
-    elif opts.mode == "self-spec":  # a `layer` drafter attends over its own cache: fill it
-        wanted = {draft_exit} if model.head(draft_exit).arch == "layer" else set()
-    else:
-        wanted = set()
-    final, exits = prefill(state, ids, pos, wanted, opts)
-    state.layer_token_passes = 0  # count the decoding phase only
-    # The first token: same rule as every later one.
-    logits, layer, conf = final, torch.full((B,), L, device=device), torch.full((B,), float("nan"), device=device)
-    if use_exits:
-        decided = torch.zeros(B, dtype=torch.bool, device=device)
-        logits = final.clone()
-        conf = conf.clone()
-        for k in model.exit_layers:
-            lg, c = exits[k]
-            take = ~decided & (c >= opts.exit_thresholds[k])
-            logits[take], layer[take], conf[take] = lg[take], k, c[take]
-            decided |= take
-    if opts.record_logits:
-        emitter.step_logits.append((0, layer.clone(), logits.clone()))
-    tok = choose(logits, opts, gen)
-    emitter.emit_step(tok, layer, conf)
-    step = 1
-    while not emitter.all_done():
-        if opts.mode == "full":
-            logits = full_step(state, tok)
-            tok = choose(logits, opts, gen)
-            layer = torch.full((B,), L, device=device)
-            if opts.record_logits:
-                emitter.step_logits.append((step, layer, logits.clone()))
-            emitter.emit_step(tok, layer, torch.full((B,), float("nan"), device=device))
-        elif opts.mode == "early-exit":
-            logits, layer, conf = early_exit_step(state, tok, opts, done)
-            tok = choose(logits, opts, gen)
-            if opts.record_logits:
-                emitter.step_logits.append((step, layer.clone(), logits.clone()))
-            emitter.emit_step(tok, layer, conf)
-        else:
-            n_draft = min(opts.draft_len, emitter.max_remaining() - 1)  # never draft past what is asked
-            emitted, n_acc, m, proposed = self_spec_round(state, tok, opts, done, gen, n_draft)
-            result.rounds += 1
-            result.drafted += proposed
-            result.accepted += sum(a for a, live in zip(n_acc, emitter.live()) if live)
-            tok = emitter.emit_round(emitted, draft_exit, L)
-        step += 1
-    result.layer_token_passes = state.layer_token_passes
 
 
 def end_token_ids(model, tokenizer) -> tuple[int, ...]:
@@ -740,8 +417,14 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
 
 def generate_text(model, tokenizer, prompts: list[str], opts: DecodeOptions, chat: bool = False,
                   stop: tuple[str, ...] = (), on_text=None) -> Generation:
-    """Text in, text out: tokenise (optionally through the chat template), decode, cut at stop
-    strings. `on_text(row, piece, stat)` streams each row's text, one token's piece at a time."""
+    """Text in, text out: tokenise, decode, cut at stop strings. `on_text(row, piece, stat)`
+    streams each row's text, one token's piece at a time.
+
+    `chat=False` (the default, as `eetune generate` without --chat and `EarlyExitModel.generate`):
+    plain completion, each prompt tokenised as text to be continued, right for base models and for
+    prompts such as "The capital of France is". `chat=True` (`eetune generate --chat`): each prompt
+    becomes one user turn of the tokenizer's chat template, as instruct models expect for questions
+    and instructions; a tokenizer without a template refuses it."""
     if not prompts or any(not p.strip() for p in prompts):
         raise EETuneError("empty prompt: give some text")
     if chat:
@@ -813,29 +496,131 @@ class TextStream:
 
 
 def custom_generate_fn(model, options: dict):
-    """Build the `custom_generate` callable behind `EarlyExitModel.as_custom_generate`."""
+    """Build the `custom_generate` callable behind `EarlyExitModel.as_custom_generate`.
+
+    Hugging Face's `generate()` calls it with the logits processors and stopping criteria it built
+    from the generation config (and those passed in). The ones eetune's engine honours are
+    translated into `DecodeOptions`: the temperature / top-k / top-p warpers (sampling; in greedy
+    decoding they cannot change the argmax), `MaxLengthCriteria` (new tokens = max_length - the
+    padded prompt width, as HF counts them) and `EosTokenCriteria`. Anything else (repetition
+    penalty, n-gram blocking, bad words, min length, stop strings, max time, beam search, ...) is
+    refused with an `EETuneError` rather than silently dropped. `options` (from
+    `as_custom_generate`) take precedence over what the generation config says."""
+
+    # The settings behind each Hugging Face logits processor / stopping criterion that eetune's engine
+    # cannot apply, with the value that turns it off (what a refusal tells the user to pass).
+    settings = {
+        "RepetitionPenaltyLogitsProcessor": ("repetition_penalty", "1.0"),
+        "EncoderRepetitionPenaltyLogitsProcessor": ("encoder_repetition_penalty", "1.0"),
+        "NoRepeatNGramLogitsProcessor": ("no_repeat_ngram_size", "0"),
+        "EncoderNoRepeatNGramLogitsProcessor": ("encoder_no_repeat_ngram_size", "0"),
+        "NoBadWordsLogitsProcessor": ("bad_words_ids", "None"),
+        "SequenceBiasLogitsProcessor": ("sequence_bias", "None"),
+        "MinLengthLogitsProcessor": ("min_length", "0"),
+        "MinNewTokensLengthLogitsProcessor": ("min_new_tokens", "None"),
+        "PrefixConstrainedLogitsProcessor": ("prefix_allowed_tokens_fn", "None"),
+        "ForcedBOSTokenLogitsProcessor": ("forced_bos_token_id", "None"),
+        "ForcedEOSTokenLogitsProcessor": ("forced_eos_token_id", "None"),
+        "InfNanRemoveLogitsProcessor": ("remove_invalid_values", "False"),
+        "ExponentialDecayLengthPenalty": ("exponential_decay_length_penalty", "None"),
+        "SuppressTokensLogitsProcessor": ("suppress_tokens", "None"),
+        "SuppressTokensAtBeginLogitsProcessor": ("begin_suppress_tokens", "None"),
+        "UnbatchedClassifierFreeGuidanceLogitsProcessor": ("guidance_scale", "None"),
+        "ClassifierFreeGuidanceLogitsProcessor": ("guidance_scale", "None"),
+        "MinPLogitsWarper": ("min_p", "None"),
+        "TypicalLogitsWarper": ("typical_p", "1.0"),
+        "EpsilonLogitsWarper": ("epsilon_cutoff", "0.0"),
+        "EtaLogitsWarper": ("eta_cutoff", "0.0"),
+        "TopHLogitsWarper": ("top_h", "None"),
+        "LogitNormalization": ("renormalize_logits", "False"),
+        "WatermarkLogitsProcessor": ("watermarking_config", "None"),
+        "SynthIDTextWatermarkLogitsProcessor": ("watermarking_config", "None"),
+        "MaxTimeCriteria": ("max_time", "None"),
+        "StopStringCriteria": ("stop_strings", "None"),
+        "ConfidenceCriteria": ("assistant_confidence_threshold", "None"),
+    }
+
+    def refusal(obj, gc, kind: str) -> EETuneError:
+        name = type(obj).__name__
+        setting, off = settings.get(name, (None, None))
+        if name == "MinLengthLogitsProcessor" and gc.min_new_tokens:  # HF turns min_new_tokens into both
+            setting, off = settings["MinNewTokensLengthLogitsProcessor"]
+        if setting is None:
+            return EETuneError(f"the {kind} {name} is not supported by eetune's custom_generate (its engine applies "
+                               f"only temperature, top_k, top_p, max length and EOS): drop it, or call generate() "
+                               f"without custom_generate (the full model)")
+        return EETuneError(f"{setting} is not supported by eetune's custom_generate: drop it (pass {setting}={off} if "
+                           f"the model's generation config sets it), or call generate() without custom_generate "
+                           f"(the full model)")
 
     def decoding_loop(hf_model, input_ids, logits_processor=None, stopping_criteria=None,
                       generation_config=None, **model_kwargs):
         if hf_model is not model.backbone.model:
             raise EETuneError("custom_generate was built for another model: call the backbone's own generate()")
-        gc = generation_config
+        gc = generation_config if generation_config is not None else hf_model.generation_config
+        if (gc.num_beams or 1) > 1:
+            raise EETuneError(f"num_beams={gc.num_beams} is not supported by eetune's custom_generate: drop it "
+                              f"(pass num_beams=1), or call generate() without custom_generate (the full model)")
+        if gc.return_dict_in_generate:
+            raise EETuneError("return_dict_in_generate is not supported by eetune's custom_generate (it returns the "
+                              "token ids only): drop it, or call generate() without custom_generate (the full model)")
+        sampling = bool(gc.do_sample)
+        warp = {}  # what the temperature / top-k / top-p warpers ask for
+        for proc in logits_processor or ():
+            name = type(proc).__name__
+            if name == "TemperatureLogitsWarper":
+                warp["temperature"] = float(proc.temperature)
+            elif name == "TopKLogitsWarper":
+                warp["top_k"] = int(proc.top_k)
+            elif name == "TopPLogitsWarper":
+                warp["top_p"] = float(proc.top_p)
+            elif name == "MinLengthLogitsProcessor" and proc.min_length <= input_ids.shape[1]:
+                pass  # the prompt is already that long: it never acts
+            else:
+                raise refusal(proc, gc, "logits processor")
+        max_length, eos = None, None
+        if stopping_criteria is None:  # called directly, not through generate(): the config says
+            max_length = gc.max_length
+            e = gc.eos_token_id
+            eos = () if e is None else ((int(e),) if isinstance(e, int) else tuple(int(x) for x in e))
+        else:
+            for crit in stopping_criteria:
+                name = type(crit).__name__
+                if name == "MaxLengthCriteria":
+                    m = int(crit.max_length)
+                    max_length = m if max_length is None else min(max_length, m)
+                elif name == "EosTokenCriteria":
+                    e = crit.eos_token_id
+                    ids = e.flatten().tolist() if isinstance(e, torch.Tensor) else ([e] if isinstance(e, int) else e)
+                    eos = tuple(sorted(set(eos or ()) | {int(x) for x in ids}))
+                else:
+                    raise refusal(crit, gc, "stopping criterion")
+            eos = eos or ()
         mask = model_kwargs.get("attention_mask")
         if mask is None:
             prompts = [row.tolist() for row in input_ids]
         else:
             prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
-        eos = gc.eos_token_id
-        eos = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(int(e) for e in eos))
         opts = dict(options)
-        opts.setdefault("max_new_tokens", gc.max_new_tokens or 20)
-        if gc.do_sample:
-            opts.setdefault("temperature", gc.temperature or 1.0)
-            opts.setdefault("top_k", gc.top_k or 0)
-            opts.setdefault("top_p", gc.top_p or 1.0)
+        if max_length is not None:  # HF sets it from max_new_tokens too; it counts the padded batch width
+            new_tokens = max(1, max_length - input_ids.shape[1])
+        elif gc.max_new_tokens is not None:
+            new_tokens = gc.max_new_tokens
+        else:
+            new_tokens = 20  # HF's default
+        opts.setdefault("max_new_tokens", new_tokens)
+        if sampling:
+            opts.setdefault("temperature", warp.get("temperature", 1.0))
+            opts.setdefault("top_k", warp.get("top_k", 0))
+            opts.setdefault("top_p", warp.get("top_p", 1.0))
+            if "seed" not in opts:  # torch.manual_seed makes it reproducible, as with HF sampling
+                opts["seed"] = int(torch.randint(0, 2 ** 62, (), device="cpu"))
         opts.setdefault("eos_token_ids", eos)
         result = generate(model, prompts, DecodeOptions(**opts))
         pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0]
+        pad = int(pad.flatten()[0]) if isinstance(pad, torch.Tensor) else int(pad)
         width = max(len(r.ids) for r in result.rows)
         new = torch.full((len(prompts), width), pad, dtype=input_ids.dtype, device=input_ids.device)
         for b, r in enumerate(result.rows):

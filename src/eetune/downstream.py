@@ -16,14 +16,22 @@ Prompting is zero-shot: each item becomes one user turn of the tokenizer's chat 
 has one (instruct models expect it), plain text otherwise; passages and articles are cut to
 `--max-context` tokens. The prompts and answer-extraction rules are the `TASKS` below. Every
 setting decodes greedily: `full`, `early-exit` at each of `--thresholds` (max-prob confidence by
-default) and `self-spec` (lossless: its quality must equal `full`'s, item for item).
+default) and `self-spec` (lossless: its quality must equal `full`'s, item for item). Every setting's
+reply is cut by the same rule (`cut_reply`): leading white space is dropped, then the reply ends
+before the task's first stop string, so "\\nThe answer...\\nMore" is scored as "The answer..." and a
+reply of white space only as "".
 
 Quality and speed are measured apart. Quality: every item (default 200 per task, `--limit`) in
 every setting, batched; each setting's mean score with a bootstrap 95% interval, and its paired
-bootstrap 95% interval of the difference from `full` (the same items resampled for both). Speed:
-`--speed-items` items at batch 1 in one interleaved run (each item through every setting, the
-order rotating), giving tokens/s, the speedup over `full`, the mean exit layer and decoder-layer
-passes per token.
+bootstrap 95% interval of the difference from `full` (the same items resampled for both). Speed
+(`run_task_speed`): at batch 1, after one untimed warm-up generation per setting, in interleaved
+rounds (one `--speed-items` item per round, cycling, through every setting, the order rotating)
+until every setting has timed at least `speed_min_tokens` decode tokens (default 256) and every
+speed item was used. A generation's decode time runs from its first token to its last (prefill and
+the first token excluded, CUDA graph recording subtracted), so every setting's tokens/s, `full`'s
+included, is decode tokens / decode seconds, and the speedup is the ratio of two measured speeds;
+the mean exit layer (over every generated token) and the decoder-layer passes per decode token come
+from the same runs.
 
 Outputs in `--out` (written to a temporary directory, then published whole): `results.json`,
 `results.csv`, one PNG per task (score against speedup, error bars, `full` marked) and
@@ -53,6 +61,8 @@ from .errors import EETuneError
 
 TASK_NAMES = ("ppl", "xsum", "boolq", "mmlu", "narrativeqa")
 DEFAULT_THRESHOLDS = (1.0, 0.9, 0.8, 0.6, 0.4, 0.2)
+DEFAULT_SPEED_MIN_TOKENS = 256  # decode tokens timed per setting and task, at least
+WARMUP_RUNS = 1  # untimed generations per setting before the speed runs
 
 
 # --- answer extraction and metrics (documented rules, tested on hand-computed values) -----------
@@ -92,6 +102,15 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     "Answer: B" all read B); None when there is none."""
     m = re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text)
     return m.group(1) if m else None
+
+
+def cut_reply(text: str, stops) -> str:
+    """The part of a reply that is scored, the same for every setting: leading white space is
+    dropped (it is not content), then the text ends before the first of the `stops` strings;
+    white space around the result is stripped. A reply of white space only is ""."""
+    text = text.lstrip()
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut].strip()
 
 
 class Rouge:
@@ -231,6 +250,7 @@ class EvalConfig:
     confidence: str = "max-prob"
     limit: int = 200  # quality items per task
     speed_items: int = 8  # items per task timed at batch 1
+    speed_min_tokens: int = field(default_factory=lambda: DEFAULT_SPEED_MIN_TOKENS)  # decode tokens per setting
     batch_size: int = 16
     max_context: int = 384  # tokens of a passage or article kept in the prompt
     self_spec: bool = True
@@ -245,27 +265,48 @@ class EvalConfig:
         parse_tasks(",".join(self.tasks))
         if self.limit < 1:
             raise EETuneError(f"--limit {self.limit}: give at least 1 item per task")
-        if self.speed_items < 0 or self.batch_size < 1 or self.max_context < 16 or self.ppl_blocks < 1 \
-                or self.seq_len < 2:
-            raise EETuneError("--speed-items >= 0, --batch-size >= 1, --max-context >= 16, --ppl-blocks >= 1 and "
-                              "--seq-len >= 2")
+        if self.speed_items < 0 or self.speed_min_tokens < 0 or self.batch_size < 1 or self.max_context < 16 \
+                or self.ppl_blocks < 1 or self.seq_len < 2:
+            raise EETuneError("--speed-items >= 0, --speed-min-tokens >= 0, --batch-size >= 1, --max-context >= 16, "
+                              "--ppl-blocks >= 1 and --seq-len >= 2")
+
+
+def _options(model, tok, setting: Setting, task: Task):
+    from .decode import DecodeOptions, end_token_ids
+
+    return DecodeOptions(max_new_tokens=task.max_new_tokens, eos_token_ids=tuple(end_token_ids(model, tok)),
+                         **setting.options)
 
 
 def _decode(model, tok, prompts: list[list[int]], setting: Setting, task: Task):
-    from .decode import DecodeOptions, end_token_ids, generate
+    """Generate for `prompts` in one setting: the Generation and each reply cut by `cut_reply`."""
+    from .decode import generate
 
-    opts = DecodeOptions(max_new_tokens=task.max_new_tokens, eos_token_ids=tuple(end_token_ids(model, tok)),
-                         **setting.options)
-    gen = generate(model, prompts, opts)
-    texts = []
-    for row in gen.rows:
-        text = tok.decode(row.ids, skip_special_tokens=True)
-        for s in task.stop:
-            cut = text.find(s)
-            if cut > 0:  # a stop string first of all does not end an empty reply
-                text = text[:cut]
-        texts.append(text.strip())
-    return gen, texts
+    gen = generate(model, prompts, _options(model, tok, setting, task))
+    return gen, [cut_reply(tok.decode(row.ids, skip_special_tokens=True), task.stop) for row in gen.rows]
+
+
+def timed_generation(model, tok, prompt: list[int], setting: Setting, task: Task) -> dict:
+    """One generation at batch 1, timed over its decoding phase: from the first token's emission
+    (prefill and the first token are behind it) to the last, less any CUDA graph recording.
+    Returns {"tokens": all generated, "decode_tokens": those after the first, "decode_seconds",
+    "layers": the sum of every generated token's exit layer, "passes": decoder-layer token passes
+    of the decoding phase}."""
+    from .decode import generate
+
+    first = []
+
+    def on_tokens(row, tokens, stats):
+        if not first:
+            first.append(time.perf_counter())
+
+    gen = generate(model, [prompt], _options(model, tok, setting, task), on_tokens=on_tokens)
+    end = time.perf_counter()
+    n = gen.new_tokens
+    seconds = max(end - first[0] - float(getattr(gen, "record_seconds", 0.0) or 0.0), 0.0) if first else 0.0
+    return {"tokens": n, "decode_tokens": max(n - 1, 0), "decode_seconds": seconds,
+            "layers": gen.mean_layers_per_token * n if n else 0.0,
+            "passes": gen.layer_token_passes}
 
 
 def run_task_quality(model, tok, task: str, items: list[dict], settings: list[Setting], cfg: EvalConfig,
@@ -293,38 +334,68 @@ def run_task_quality(model, tok, task: str, items: list[dict], settings: list[Se
 
 def run_task_speed(model, tok, task: str, items: list[dict], settings: list[Setting], cfg: EvalConfig,
                    chat: bool) -> dict:
-    """`speed_items` items at batch 1, interleaved: every item through every setting, the order of
-    the settings rotating from item to item so drifts of the machine fall on all of them."""
+    """Decoding speed of every setting at batch 1 on the first `speed_items` items. Each setting
+    first runs `WARMUP_RUNS` untimed generations; then rounds follow, one item per round (cycling
+    through the items), through every setting in an order rotating from round to round so that
+    drifts of the machine fall on all of them, until every item was used and every setting has
+    timed at least `cfg.speed_min_tokens` decode tokens (at most max(items, speed_min_tokens)
+    rounds: a setting whose replies end at their first token cannot get there). Speed = decode
+    tokens / decode seconds (`timed_generation`) for every setting alike; speedup = a setting's
+    speed / `full`'s. Returns {"settings": {name: row}, "items", "rounds", "warmup_runs",
+    "min_tokens"}; {} without speed items."""
     t = TASKS[task]
-    acc = {s.name: {"tokens": 0, "seconds": 0.0, "layers": 0.0, "passes": 0.0} for s in settings}
     subset = items[:cfg.speed_items]
     if not subset:
         return {}
-    _decode(model, tok, [prompt_ids(tok, task, subset[0], cfg.max_context, chat)], settings[0], t)  # warm-up
-    bar = tqdm(total=len(settings) * len(subset), desc=f"{task} speed", unit="run", disable=not cfg.progress)
-    for j, it in enumerate(subset):
-        p = prompt_ids(tok, task, it, cfg.max_context, chat)
+    prompts = [prompt_ids(tok, task, it, cfg.max_context, chat) for it in subset]
+    for s in settings:
+        for _ in range(WARMUP_RUNS):
+            timed_generation(model, tok, prompts[0], s, t)
+    acc = {s.name: {"tokens": 0, "decode_tokens": 0, "decode_seconds": 0.0, "layers": 0.0, "passes": 0.0,
+                    "runs": 0} for s in settings}
+    cap = max(len(subset), cfg.speed_min_tokens)
+    rounds = 0
+    bar = tqdm(desc=f"{task} speed", unit="run", disable=not cfg.progress)
+    while rounds < len(subset) or (rounds < cap and min(a["decode_tokens"] for a in acc.values())
+                                   < cfg.speed_min_tokens):
+        p = prompts[rounds % len(prompts)]
         for k in range(len(settings)):
-            s = settings[(j + k) % len(settings)]
-            gen, _ = _decode(model, tok, [p], s, t)
-            n = gen.new_tokens
+            s = settings[(rounds + k) % len(settings)]
+            run = timed_generation(model, tok, p, s, t)
             a = acc[s.name]
-            a["tokens"] += n
-            a["seconds"] += gen.seconds
-            a["layers"] += gen.mean_layers_per_token * n
-            a["passes"] += gen.layer_passes_per_token * n
+            for key in ("tokens", "decode_tokens", "decode_seconds", "layers", "passes"):
+                a[key] += run[key]
+            a["runs"] += 1
             bar.update(1)
+        rounds += 1
     bar.close()
     out = {}
     for name, a in acc.items():
         n = max(a["tokens"], 1)
-        out[name] = {"tokens": a["tokens"], "seconds": a["seconds"],
-                     "tokens_per_s": a["tokens"] / a["seconds"] if a["seconds"] else float("nan"),
-                     "mean_exit_layer": a["layers"] / n, "layer_passes_per_token": a["passes"] / n}
+        out[name] = {"tokens": a["tokens"], "decode_tokens": a["decode_tokens"], "seconds": a["decode_seconds"],
+                     "runs": a["runs"], "warmup_runs": WARMUP_RUNS,
+                     "tokens_per_s": a["decode_tokens"] / a["decode_seconds"] if a["decode_seconds"] > 0
+                     else float("nan"),
+                     "mean_exit_layer": a["layers"] / n,
+                     "layer_passes_per_token": a["passes"] / a["decode_tokens"] if a["decode_tokens"] else float("nan")}
     full = out.get("full", {}).get("tokens_per_s")
     for v in out.values():
-        v["speedup"] = v["tokens_per_s"] / full if full else float("nan")
-    return out
+        v["speedup"] = v["tokens_per_s"] / full if full and math.isfinite(full) else float("nan")
+    return {"settings": out, "items": len(subset), "rounds": rounds, "warmup_runs": WARMUP_RUNS,
+            "min_tokens": cfg.speed_min_tokens}
+
+
+SPEED_METHOD = ("tokens/s = decode tokens / decode seconds at batch 1 (decode: after the first token, so prefill "
+                "is excluded), after {warmup} untimed warm-up run per setting; {items} items in {rounds} "
+                "interleaved rounds, at least {min_tokens} decode tokens per setting")
+
+
+def speed_note(info: dict | None) -> str:
+    """How a task's speed was measured, in one line (for the tables and the report)."""
+    if not info:
+        return "speed not measured (no speed items)"
+    return SPEED_METHOD.format(warmup=info.get("warmup_runs", "?"), items=info.get("items", "?"),
+                               rounds=info.get("rounds", "?"), min_tokens=info.get("min_tokens", "?"))
 
 
 def run_ppl(model, tok, cfg: EvalConfig) -> dict:
@@ -358,22 +429,35 @@ def summarize(task: str, quality: dict, speed: dict) -> list[dict]:
         for other in q["metrics"][0]:
             if other != metric:
                 row[other] = float(np.mean([m[other] for m in q["metrics"]]))
-        row.update({k: speed.get(name, {}).get(k) for k in ("tokens_per_s", "speedup", "mean_exit_layer",
-                                                           "layer_passes_per_token")})
+        sp = (speed.get("settings") or {}).get(name, {})
+        row.update({k: sp.get(k) for k in ("tokens_per_s", "speedup", "mean_exit_layer", "layer_passes_per_token")})
+        row.update({"speed_tokens": sp.get("decode_tokens"), "speed_seconds": sp.get("seconds"),
+                    "speed_runs": sp.get("runs"), "speed_warmup_runs": sp.get("warmup_runs")})
         rows.append(row)
     return rows
 
 
-def sample_generation(model, tok, task: str, item: dict, setting: Setting, cfg: EvalConfig, chat: bool) -> dict:
-    """One reply with the exit layer of every token (for the report's coloured sample)."""
-    from .decode import DecodeOptions, end_token_ids, generate
+def pick_sample_item(replies: dict[str, list[str]], setting: str) -> int:
+    """The item the report's sample generation shows: the first whose scored replies have visible
+    text in every setting, else the first whose reply in `setting` has, else item 0."""
+    n = len(replies[setting])
+    for i in range(n):
+        if all(r[i].strip() for r in replies.values()):
+            return i
+    return next((i for i in range(n) if replies[setting][i].strip()), 0)
+
+
+def sample_generation(model, tok, task: str, item: dict, setting: Setting, cfg: EvalConfig, chat: bool,
+                      index: int = 0) -> dict:
+    """One reply with the exit layer of every token (for the report's coloured sample), the item's
+    index among the task's items and the scored reply (`cut_reply`)."""
+    from .decode import generate
 
     t = TASKS[task]
-    opts = DecodeOptions(max_new_tokens=t.max_new_tokens, eos_token_ids=tuple(end_token_ids(model, tok)),
-                         **setting.options)
-    gen = generate(model, [prompt_ids(tok, task, item, cfg.max_context, chat)], opts)
+    gen = generate(model, [prompt_ids(tok, task, item, cfg.max_context, chat)], _options(model, tok, setting, t))
     row = gen.rows[0]
-    return {"task": task, "setting": setting.name,
+    return {"task": task, "setting": setting.name, "item_index": index,
+            "reply": cut_reply(tok.decode(row.ids, skip_special_tokens=True), t.stop),
             "tokens": [{"text": tok.decode([s.token]), "exit_layer": s.exit_layer} for s in row.tokens]}
 
 
@@ -383,6 +467,9 @@ def run_eval(model, tok, cfg: EvalConfig) -> dict:
     chat = getattr(tok, "chat_template", None) is not None
     settings = settings_for(cfg.thresholds, cfg.confidence, cfg.self_spec)
     results = {"tasks": {}, "settings": [s.name for s in settings], "chat_template": chat}
+    mid = [s for s in settings if s.options.get("mode") == "early-exit"]
+    pick = mid[len(mid) // 2] if mid else settings[0]  # the sample's setting
+    sample_from = None
     for task in cfg.tasks:
         if task == "ppl":
             results["tasks"]["ppl"] = run_ppl(model, tok, cfg)
@@ -392,52 +479,67 @@ def run_eval(model, tok, cfg: EvalConfig) -> dict:
         speed = run_task_speed(model, tok, task, items, settings, cfg, chat)
         results["tasks"][task] = {"rows": summarize(task, quality, speed), "n": len(items),
                                   "speed_items": min(cfg.speed_items, len(items)),
+                                  "speed": {k: v for k, v in speed.items() if k != "settings"},
                                   "examples": [{"item": {k: (v if not isinstance(v, str) else v[:300])
                                                          for k, v in items[i].items()},
                                                 "replies": {name: q["replies"][i] for name, q in quality.items()}}
                                                for i in range(min(3, len(items)))],
                                   "per_item": {name: [m[TASKS[task].metric] for m in q["metrics"]]
                                                for name, q in quality.items()}}
-    generative = [t for t in cfg.tasks if t != "ppl"]
-    if generative:
-        mid = [s for s in settings if s.options.get("mode") == "early-exit"]
-        pick = mid[len(mid) // 2] if mid else settings[0]
-        results["sample"] = sample_generation(model, tok, generative[0], load_items(generative[0], 1, cfg.seed)[0],
-                                              pick, cfg, chat)
+        if sample_from is None:
+            i = pick_sample_item({name: q["replies"] for name, q in quality.items()}, pick.name)
+            sample_from = (task, items[i], i)
+    if sample_from is not None:
+        task, item, i = sample_from
+        results["sample"] = sample_generation(model, tok, task, item, pick, cfg, chat, index=i)
     return results
 
 
 # --- outputs ------------------------------------------------------------------------------------
 CSV_FIELDS = ("task", "setting", "metric", "n", "score", "ci_low", "ci_high", "diff_vs_full", "diff_ci_low",
               "diff_ci_high", "same_reply_as_full", "tokens_per_s", "speedup", "mean_exit_layer",
-              "layer_passes_per_token")
+              "layer_passes_per_token", "speed_tokens", "speed_seconds", "speed_runs", "speed_warmup_runs")
 
 
-def plot_task(task: str, rows: list[dict], path: Path, title: str) -> bool:
-    """Score against speedup, one point per setting with its 95% interval; `full` marked."""
+def task_figure(rows: list[dict], title: str):
+    """Score against speedup as a matplotlib Figure (Agg canvas): one point per setting with its
+    95% interval, `full` marked; each point labelled with its setting, labels of points that
+    coincide stacked, not overlapping (`eetune.evaluate.place_labels`). None without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        return False
+        return None
+    from .evaluate import place_labels
+
     fig = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    labels = []
     for r in rows:
         x = r.get("speedup")
         if x is None or not math.isfinite(x):
             continue
         is_full = r["setting"] == "full"
+        colour = "black" if is_full else ("tab:green" if r["setting"] == "self-spec" else "tab:blue")
         ax.errorbar([x], [r["score"]], yerr=[[r["score"] - r["ci_low"]], [r["ci_high"] - r["score"]]],
-                    fmt="s" if is_full else "o", color="black" if is_full else
-                    ("tab:green" if r["setting"] == "self-spec" else "tab:blue"), capsize=3)
-        ax.annotate(r["setting"].replace("early-exit@", "t="), (x, r["score"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+                    fmt="s" if is_full else "o", color=colour, capsize=3)
+        labels.append((r["setting"].replace("early-exit@", "t="), (x, r["score"]), colour))
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("speedup over full (tokens/s, batch 1)")
+    ax.margins(x=0.15, y=0.12)
+    ax.set_xlabel("speedup over full (decode tokens/s, batch 1)")
     ax.set_ylabel(f"{rows[0]['metric']} (95% CI)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
+    place_labels(ax, labels, fontsize=8)
+    return fig
+
+
+def plot_task(task: str, rows: list[dict], path: Path, title: str) -> bool:
+    """`task_figure` as a PNG at `path`; False, drawing nothing, without matplotlib."""
+    fig = task_figure(rows, title)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=110)
     return True
 
@@ -462,14 +564,24 @@ def format_tables(results: dict) -> str:
             continue
         rows = r["rows"]
         lines.append(f"{task} ({rows[0]['metric']}, n={r['n']}; speed on {r['speed_items']} items at batch 1)")
+        lines.append(f"  {speed_note(r.get('speed'))}")
         lines.append(f"  {'setting':<16} {'score':>6} {'95% CI':>15} {'diff vs full':>13} {'95% CI':>17} "
-                     f"{'tok/s':>7} {'speedup':>7} {'exit layer':>10}")
+                     f"{'tok/s':>7} {'speedup':>7} {'timed tok':>9} {'exit layer':>10}")
         for row in rows:
             lines.append(f"  {row['setting']:<16} {row['score']:>6.3f} "
                          f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] {row['diff_vs_full']:>+13.3f} "
                          f"[{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}] {_fmt(row['tokens_per_s'], 1):>7} "
-                         f"{_fmt(row['speedup'], 2):>7} {_fmt(row['mean_exit_layer'], 1):>10}")
+                         f"{_fmt(row['speedup'], 2):>7} {_fmt(row.get('speed_tokens')):>9} "
+                         f"{_fmt(row['mean_exit_layer'], 1):>10}")
     return "\n".join(lines)
+
+
+def visible_token(text: str) -> str:
+    """A token as the report's sample shows it: one of white space only is drawn visibly (a line
+    break as "↵" and the break, a space as "·", a tab as "→"), so no token is an empty box."""
+    if text.strip():
+        return text
+    return text.replace(" ", "·").replace("\t", "→").replace("\r", "").replace("\n", "↵\n") or "∅"
 
 
 EXIT_HTML_COLOURS = ["#2ca02c", "#17becf", "#bcbd22", "#9467bd", "#1f77b4", "#98df8a", "#9edae5", "#dbdb8d"]
@@ -499,16 +611,17 @@ def report_html(results: dict, images: dict[str, bytes], profile_png: bytes | No
             continue
         rows = r["rows"]
         parts.append(f"<p>{esc(rows[0]['metric'])} on n = {r['n']} items (95% bootstrap intervals; the difference "
-                     f"from full is a paired bootstrap); speed on {r['speed_items']} items at batch 1, interleaved.</p>")
+                     f"from full is a paired bootstrap). Speed: {esc(speed_note(r.get('speed')))}.</p>")
         parts.append("<table><tr><th>setting</th><th>score</th><th>95% CI</th><th>diff vs full</th><th>95% CI</th>"
-                     "<th>same reply as full</th><th>tokens/s</th><th>speedup</th><th>mean exit layer</th>"
-                     "<th>layer passes / token</th></tr>")
+                     "<th>same reply as full</th><th>tokens/s</th><th>speedup</th><th>decode tokens timed</th>"
+                     "<th>mean exit layer</th><th>layer passes / token</th></tr>")
         for row in rows:
             parts.append(f"<tr><td>{esc(row['setting'])}</td><td>{row['score']:.3f}</td>"
                          f"<td>[{row['ci_low']:.3f}, {row['ci_high']:.3f}]</td><td>{row['diff_vs_full']:+.3f}</td>"
                          f"<td>[{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}]</td>"
                          f"<td>{row['same_reply_as_full']:.2f}</td><td>{_fmt(row['tokens_per_s'], 1)}</td>"
-                         f"<td>{_fmt(row['speedup'], 2)}</td><td>{_fmt(row['mean_exit_layer'], 1)}</td>"
+                         f"<td>{_fmt(row['speedup'], 2)}</td><td>{_fmt(row.get('speed_tokens'))}</td>"
+                         f"<td>{_fmt(row['mean_exit_layer'], 1)}</td>"
                          f"<td>{_fmt(row['layer_passes_per_token'], 1)}</td></tr>")
         parts.append("</table>")
         if task in images:
@@ -518,15 +631,22 @@ def report_html(results: dict, images: dict[str, bytes], profile_png: bytes | No
     if sample:
         layers = sorted({t["exit_layer"] for t in sample["tokens"]})
         colour = {k: EXIT_HTML_COLOURS[i % len(EXIT_HTML_COLOURS)] for i, k in enumerate(meta["exit_layers"])}
-        parts.append(f"<h2>A sample generation ({esc(sample['task'])}, {esc(sample['setting'])})</h2><p>")
+        item = f", item {sample['item_index']}" if "item_index" in sample else ""
+        parts.append(f"<h2>A sample generation ({esc(sample['task'])}{item}, {esc(sample['setting'])})</h2><p>")
         parts.append(" ".join(f"<span class='tok' style='background:{colour.get(k, '#eee')}'>exit {k}</span>"
                               if k in colour else f"<span class='tok' style='background:#eee'>final layer {k}</span>"
-                              for k in layers) + "</p><pre>")
+                              for k in layers) + "</p>")
+        if not "".join(t["text"] for t in sample["tokens"]).strip():
+            parts.append("<p><em>(blank reply: the model generated only white space)</em></p>")
+        parts.append("<pre>")
         for t in sample["tokens"]:
             bg = colour.get(t["exit_layer"], "transparent")
             parts.append(f"<span class='tok' style='background:{bg}' title='layer {t['exit_layer']}'>"
-                         f"{esc(t['text'])}</span>")
+                         f"{esc(visible_token(t['text']))}</span>")
         parts.append("</pre>")
+        if "reply" in sample:
+            parts.append(f"<p>Scored reply: {esc(sample['reply']) if sample['reply'] else '<em>(blank reply)</em>'}"
+                         "</p>")
     if profile_png:
         parts.append("<h2>Exit profile (stored by <code>eetune evaluate</code>)</h2>"
                      f"<img alt='exit profile' src='data:image/png;base64,{base64.b64encode(profile_png).decode()}'>")

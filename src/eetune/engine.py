@@ -1,39 +1,42 @@
-"""The lean decoding engine: the same three modes as `decode.py`, with the hot path kept lean.
+"""The decoding engine: full, early-exit (with KV recomputation) and self-speculative decoding
+over static caches, one static-shape function per span of layers between exits, recorded as a
+CUDA graph on a GPU and run directly on a CPU.
 
-`decode.py` is the readable reference (a mask built per layer call, per-row Python when
-self-speculation accepts, slots invalidated rather than reused). This module computes the same
-tokens and logits (tested against it, every mode and family, batches included) but:
+`decode.generate` owns the options, the prompt checks and the per-row bookkeeping (`Emitter`);
+`run(model, ids, pad, opts, emitter, gen, device)` decodes one batch with this engine. The slow,
+obvious reference that the tests hold it against lives in `tests/reference.py`.
 
-- **One static cache** (`StaticCache`): per layer, key/value buffers preallocated for the whole
-  request. Every row's valid slots are a prefix in position order (slot `s` of row `b` holds
-  position `s - pad[b]`), so keys need no position table, and a self-spec round's rejected slots
-  are simply written over by the next round: the cache grows only with accepted tokens. Rows
-  that accepted fewer drafts than the leading row are `behind[b]` slots back and write that much
-  lower, per row.
-- **Geometry once per step** (`Step`): token positions, rotary tables and the additive masks
-  (one per distinct sliding window) are built once per step for the widest query block of the
-  step and sliced for each layer: in every step the query blocks of all layers end at the same
-  slot, so a layer with fewer queries (KV recomputation joins tokens on the way up) uses the
-  last rows of the same tensors. At batch 1 without padding a one-token step needs no mask.
-- **Host reads**: one per exit decision stage (did every row decide? with a gate prefilter or
-  a screen, also: does any row go on to the full projection?), one per self-spec round (how many
-  drafts each row kept) and per draft step (does any row still propose?), and the emitted tokens
-  once per step. Choices between rows use `torch.where`, never boolean-mask assignment.
-- **Gates** (`--confidence gate`): the exit's probe runs first; its MLP and vocabulary
-  projection run only if the gate fires for some row, so a token that does not leave pays one
-  dot product at that exit. A `layer` exit still runs its block (its own cache must stay full).
-- **Screened max-prob** (`screen_vocab=K`): an exit's max-prob is first taken over the K most
-  frequent tokens only (a 1/12 of the projection for K = 4096 of 49,152); the full projection
-  runs only for rows whose screened value reaches the threshold.
-- **Gate prefilter** (`gate_filter=T`, with max-prob): the gate runs first and the exit head
-  only for rows whose gate reaches T; the exit decision stays max-prob's.
-- **Draft vocabulary** (`draft_vocab=K`): the draft exit projects onto the K most frequent
-  tokens of the tuning data only; verification by the full model keeps self-spec lossless.
-- **Draft policy** (`draft_exit="auto"`): `DraftPolicy` picks the draft exit and length per round
-  from costs measured once per model and the acceptance observed so far.
-
-`run(model, ids, pad, opts, emitter, gen)` is called by `decode.generate`, which owns the
-options, the prompt checks and the per-row bookkeeping shared with the reference engine.
+- **Segments.** A step runs the layers between consecutive exits as *segments*: layers lo..hi-1
+  on a block of tokens, optionally followed by the final norm + LM head, or by the decision of
+  the exit at hi (its gate, or its head and max-prob; for a self-spec draft, the draft head and
+  its greedy token). So a token pays one segment call and **one host read** per exit it
+  reaches, and the full-depth step is one segment. A self-spec round is one draft segment per
+  draft and one verification segment (layers d+1..L and the LM head over every position).
+- **Static caches** (`KVCache`): per layer, key/value buffers of a fixed capacity, written at
+  the slots of the current block (`index`, a device tensor). Every row's valid slots are a
+  prefix in position order; padding slots are masked. Self-spec rows that accepted fewer drafts
+  than the leading row write `behind[b]` slots lower, and a round's rejected slots are written
+  over by the next round: the cache grows only with accepted tokens.
+- **KV recomputation**: a token that leaves at exit k leaves layers above k without its keys and
+  values; it waits (`pending`, with its hidden state at k) and joins the next token that climbs
+  past k, in one batched pass. A token that leaves at an exit after the last layer has every
+  layer's keys and values and never waits.
+- **On a GPU** each segment is recorded once as a CUDA graph per token-count bucket (1, 2, 4 …
+  64; joins are padded after the real tokens; larger blocks run unrecorded), attending over the
+  whole cache under a mask, its geometry (slots, positions, rotary tables, masks) computed
+  inside the graph from two device scalars. `compile=True` fuses each segment with
+  `torch.compile` before recording it. Graph recording time is counted apart
+  (`stats["record_seconds"]`), never in a decode's timing.
+- **On a CPU** nothing is recorded: the same functions run on the block's exact token count and
+  attend over the slots written so far only (`STATIC_ON_CPU = True` runs the GPU's bucketed,
+  whole-cache shapes instead; the tests use it to check them without a GPU).
+- **State per geometry** (`DecodeState`: caches, static inputs, graphs) is kept on the model
+  for reuse across requests, at most `MAX_STATES` geometries (batch size, capacity bucket),
+  least recently used dropped first; `free_decode_state(model)` drops them all (also done when
+  layers are released or tuning starts).
+- **The draft policy** (`draft_exit="auto"`): `DraftPolicy` picks the draft exit and length per
+  round from costs `measure_costs` measures once per model with this engine, and the acceptance
+  observed so far.
 """
 
 from __future__ import annotations
@@ -41,102 +44,721 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
+from collections import OrderedDict
 
 import torch
 
 from .backbone import LayerContext
 
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # token counts segments are recorded for (GPU)
+CAPACITY_STEP = 256  # cache capacity is rounded up to a multiple of this (states and graphs are reused)
+MAX_STATES = 4  # geometries (batch size, capacity) whose caches and graphs are kept on the model
+STATIC_ON_CPU = False  # tests: run the GPU's bucketed whole-cache shapes on a CPU too (unrecorded)
+
+
+def bucket(q: int) -> int | None:
+    """The smallest recorded token count that holds q tokens (None: run unrecorded)."""
+    for b in BUCKETS:
+        if q <= b:
+            return b
+    return None
+
 
 # --- the cache ------------------------------------------------------------------------------
-class StaticCache:
-    """Per-layer key/value buffers of fixed capacity, written in place (gpt-fast's KVCache,
-    with a per-layer fill level because layers above an exit lag behind).
+class KVCache:
+    """Per-layer key/value buffers of fixed capacity (gpt-fast's KVCache). HF attention modules
+    call `update(k, v, layer_idx)`; the keys are written at the slots in `index` (B, Q), or from
+    slot `at` on when every row writes the same slots, and the call attends over the first `kv`
+    slots (None: all of them, the static shape a graph needs). The caller's mask hides every
+    slot a query must not see, so stale slots never matter."""
 
-    `n[i]` is how many slots layer i has written (the same for every row, except that rows in
-    `behind` write `behind[b]` slots lower: the self-spec rows that accepted fewer drafts).
-    HF attention modules call `update(k, v, layer_idx)` and attend over what it returns; the
-    engine's masks hide any slot a row does not own."""
-
-    def __init__(self, num_layers: int, batch: int, capacity: int, device):
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.n = [0] * num_layers
-        self.batch, self.capacity = batch, capacity
-        self.behind: torch.Tensor | None = None  # (B,) slots each row lags, None when no row lags
-        self.arange = torch.arange(capacity, device=device)
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.index: torch.Tensor | None = None
+        self.at: int | None = None
+        self.kv: int | None = None
 
     def update(self, key, value, layer_idx, cache_kwargs=None):
-        i, n, q = layer_idx, self.n[layer_idx], key.shape[2]
-        if n + q > self.capacity:
-            raise RuntimeError(f"static cache overflow at layer {i}: {n} + {q} > {self.capacity}")
-        if self.k[i] is None:
+        i = layer_idx
+        if i not in self.k:
             shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
             self.k[i] = torch.zeros(shape, dtype=key.dtype, device=key.device)
             self.v[i] = torch.zeros(shape, dtype=value.dtype, device=value.device)
-        if self.behind is None:
-            self.k[i][:, :, n:n + q] = key
-            self.v[i][:, :, n:n + q] = value
-        else:  # per-row write offsets: scatter along the slot dimension
-            idx = (n - self.behind)[:, None] + self.arange[:q]  # (B, q)
-            idx = idx[:, None, :, None].expand(key.shape[0], key.shape[1], q, key.shape[3])
+        if self.at is not None:
+            q = key.shape[2]
+            self.k[i][:, :, self.at:self.at + q] = key
+            self.v[i][:, :, self.at:self.at + q] = value
+        else:
+            idx = self.index[:, None, :, None].expand(key.shape)
             self.k[i].scatter_(2, idx, key)
             self.v[i].scatter_(2, idx, value)
-        self.n[i] = n + q
-        return self.k[i][:, :, :n + q], self.v[i][:, :, :n + q]
+        if self.kv is None:
+            return self.k[i], self.v[i]
+        return self.k[i][:, :, :self.kv], self.v[i][:, :, :self.kv]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.n[layer_idx]
+        return 0
 
     def is_compileable(self) -> bool:  # pragma: no cover - HF introspection only
         return False
 
 
-# --- per-step geometry ----------------------------------------------------------------------
-class Step:
-    """Positions, rotary tables and masks of one step, for query blocks that all end at slot
-    `end - 1` and hold at most `qmax` tokens; `get(q)` slices them for a block of q tokens."""
+# --- recorded functions and the state they read ---------------------------------------------
+class Graph:
+    """`fn()` (reading static inputs, returning a dict of tensors) recorded as a CUDA graph on
+    its first call, replayed on later ones; unrecorded (called directly) when `capture` is off
+    or recording fails. `seconds`: the time recording took."""
 
-    def __init__(self, eng: "Engine", end: int, qmax: int, like: torch.Tensor):
-        self.eng, self.end, self.qmax = eng, end, qmax
-        slots = end - qmax + eng.cache.arange[:qmax]  # (qmax,) uniform slots
-        q_slots = slots[None, :].expand(eng.B, qmax)
-        if eng.cache.behind is not None:
-            q_slots = q_slots - eng.cache.behind[:, None]
-        self.positions = q_slots - eng.pad[:, None]  # (B, qmax); < 0 only for padding
-        ctx = eng.bb.context(like, self.positions)
-        self.rope = ctx.rope
-        self.position_ids = self.positions.clamp(min=0)
-        self.masks = {}
-        trivial = qmax == 1 and eng.no_pad and eng.cache.behind is None
-        for w in eng.windows:
-            if trivial and (w is None or end <= w):
-                self.masks[w] = None  # one query that may see every key: no mask at all
+    def __init__(self, fn, capture: bool):
+        self.fn, self.graph, self.out, self.seconds = fn, None, None, 0.0
+        if capture:
+            t0 = time.perf_counter()
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up (same inputs: writes the same cache slots)
+                    fn()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.out = fn()
+                self.graph = graph
+            except Exception as err:  # a module that reads the device (a host sync) cannot be recorded
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                warnings.warn(f"eetune: CUDA graph capture failed ({type(err).__name__}: {err}); "
+                              f"running this segment without a graph")
+                self.graph, self.out = None, None
+            self.seconds = time.perf_counter() - t0
+
+    def __call__(self) -> dict:
+        if self.graph is None:
+            return self.fn()
+        self.graph.replay()
+        return self.out
+
+
+class DecodeState:
+    """What the segments of one geometry (batch size, cache capacity) read and write: caches,
+    static inputs and the recorded graphs. Kept on the model between requests."""
+
+    def __init__(self, model, B: int, capacity: int, device):
+        self.B, self.capacity = B, capacity
+        self.cache = KVCache(capacity)
+        self.exit_caches = {h.layer: KVCache(capacity) for h in model.heads if h.arch == "layer"}
+        self.arange = torch.arange(capacity, device=device)
+        self.pad = torch.zeros(B, dtype=torch.long, device=device)
+        self.behind = torch.zeros(B, dtype=torch.long, device=device)
+        self.start = torch.zeros((), dtype=torch.long, device=device)  # uniform slot of the block's first token
+        self.last = torch.zeros(1, dtype=torch.long, device=device)  # index of the block's last real token
+        self.decided = torch.zeros(B, dtype=torch.bool, device=device)
+        self.force = torch.full((B,), -1, dtype=torch.long, device=device)  # replayed decision, -1: none
+        self.thr = {k: torch.zeros((), dtype=torch.float32, device=device) for k in model.exit_layers}
+        self.inputs: dict = {}
+        self.graphs: dict = {}
+        self.rows: dict = {}  # (exit, K) -> output rows of the K most frequent tokens, refreshed per request
+        self.vocab: torch.Tensor | None = None  # the model's vocab_by_frequency, copied in per request
+
+    def buffer(self, name, shape, dtype, device) -> torch.Tensor:
+        t = self.inputs.get((name, shape))
+        if t is None:
+            t = self.inputs[(name, shape)] = torch.zeros(shape, dtype=dtype, device=device)
+        return t
+
+
+def _modules(model) -> list:
+    """Every module a segment may run: backbone layers, final norm, embeddings, heads, gates."""
+    bb = model.backbone
+    return [*bb.layers, bb.final_norm, bb.lm_head, bb.model.get_input_embeddings(), *model.heads,
+            *(model.gate(k) for k in model.exit_layers)]
+
+
+def _modules_key(model, device, dtype) -> tuple:
+    """Graphs hold the addresses of the tensors they read: other modules (heads replaced, layers
+    released) or parameters stored anew (`.to()`, loading) need new states. The states keep the
+    modules themselves alive, so an id is never reused while it is compared."""
+    mods = _modules(model)
+    ptrs = tuple(p.data_ptr() for m in mods if m is not None for p in m.parameters())
+    return (str(device), dtype, tuple(model.exit_layers), tuple(id(m) for m in mods), ptrs)
+
+
+def decode_state(model, B: int, capacity: int, device, dtype) -> DecodeState:
+    """The state of this geometry, kept on the model (at most MAX_STATES, least recently used
+    dropped first; all dropped when the model's modules or parameters changed)."""
+    key = _modules_key(model, device, dtype)
+    states = getattr(model, "_eetune_decode", None)
+    if states is None or states["key"] != key:
+        free_decode_state(model)
+        states = model._eetune_decode = {"key": key, "modules": _modules(model), "by_geometry": OrderedDict()}
+    by_geo = states["by_geometry"]
+    st = by_geo.get((B, capacity))
+    if st is None:
+        while len(by_geo) >= MAX_STATES:
+            by_geo.popitem(last=False)
+        st = by_geo[(B, capacity)] = DecodeState(model, B, capacity, device)
+    by_geo.move_to_end((B, capacity))
+    return st
+
+
+def free_decode_state(model) -> None:
+    """Drop every kept cache and recorded graph (before training, after releasing layers, or
+    whenever the memory is wanted back)."""
+    if getattr(model, "_eetune_decode", None) is not None:
+        model._eetune_decode = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# --- the engine -----------------------------------------------------------------------------
+class Engine:
+    """State of one batch being decoded (see the module docstring)."""
+
+    def __init__(self, model, opts, B: int, T: int, pad: list[int], device, capacity: int):
+        self.model, self.opts = model, opts
+        self.bb = bb = model.backbone
+        self.L = L = bb.num_layers
+        self.B, self.device = B, device
+        self.dtype = next(bb.model.parameters()).dtype
+        self.capture = device.type == "cuda" and torch.cuda.is_available()
+        self.static = self.capture or STATIC_ON_CPU or opts.compile  # bucketed whole-cache shapes
+        capacity = -(-(capacity + BUCKETS[-1]) // CAPACITY_STEP) * CAPACITY_STEP  # room for padded writes
+        self.gs = gs = decode_state(model, B, capacity, device, self.dtype)
+        self.cache, self.exit_caches = gs.cache, gs.exit_caches
+        self.pad_host = list(pad)
+        gs.pad.copy_(torch.tensor(pad, dtype=torch.long))
+        gs.behind.zero_()
+        gs.force.fill_(-1)
+        for k, t in gs.thr.items():
+            t.fill_(float(opts.exit_thresholds[k]) if opts.exit_thresholds else 2.0)
+        self.win = [bb.layer_window(i) for i in range(L)]
+        self.slot = T  # uniform slot of the next token (rows `behind` use a lower one)
+        self.behind_host = [0] * B  # host copy of gs.behind
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (depth, hidden) of exited tokens, oldest first
+        self.passes = 0
+        self.exit_set = set(model.exit_layers)
+        self.gate_mode = opts.confidence == "gate"
+        self.H = bb.hidden_size
+        self.variant = (opts.confidence, opts.draft_vocab, opts.compile)  # what recorded functions depend on
+        self.replay = None
+        self.record_seconds = 0.0
+        self.like = torch.empty(0, dtype=self.dtype, device=device)  # dtype/device for rotary tables
+        self._refresh_vocab()
+
+    # --- geometry and segments ---------------------------------------------------------------
+    def _windows(self, lo: int, hi: int, exit_block: bool) -> list:
+        ws = {self.win[i] for i in range(lo, hi)}
+        if exit_block:
+            ws.add(self.bb.layer_window(self.L - 1))
+        return sorted(ws, key=lambda w: -1 if w is None else w)
+
+    def _geometry(self, Q: int, like: torch.Tensor, windows, kv: int | None) -> tuple:
+        """Slots, layer context and masks of a block of Q queries starting at `gs.start`, over
+        the first `kv` cache slots (None: the whole cache)."""
+        gs = self.gs
+        qs = gs.start + gs.arange[:Q][None, :] - gs.behind[:, None]  # (B, Q) slots written
+        # Padding queries (after the real ones) take the last real position: rotary scalings that
+        # look at the largest position (dynamic, longrope) must see the real tokens' only.
+        positions = torch.minimum(qs, qs[:, :1] + gs.last) - gs.pad[:, None]
+        ctx = self.bb.context(like, positions)
+        ctx = LayerContext(positions, ctx.rope, positions.clamp(min=0))
+        k = gs.arange if kv is None else gs.arange[:kv]
+        # One query that may see every written key needs no mask (not even a window's, while the
+        # keys fit in it): batch 1 decoding on a CPU.
+        trivial = kv is not None and Q == 1 and not any(self.pad_host) and not any(self.behind_host)
+        allowed, masks = None, {}
+        for w in windows:
+            if trivial and (w is None or kv <= w):
+                masks[w] = None
                 continue
-            k = eng.cache.arange[:end]
-            allowed = (k[None, None, :] <= q_slots[:, :, None]) & (k[None, None, :] >= eng.pad[:, None, None])
-            if w is not None:
-                allowed &= (q_slots[:, :, None] - k[None, None, :]) < w
-            self.masks[w] = torch.zeros(allowed.shape, dtype=eng.dtype, device=allowed.device).masked_fill_(
-                ~allowed, torch.finfo(eng.dtype).min)[:, None]
-        self._memo: dict[int, tuple] = {}
+            if allowed is None:
+                allowed = (k[None, None, :] <= qs[:, :, None]) & (k[None, None, :] >= gs.pad[:, None, None])
+            a = allowed if w is None else allowed & ((qs[:, :, None] - k[None, None, :]) < w)
+            masks[w] = torch.zeros(a.shape, dtype=self.dtype, device=a.device).masked_fill_(
+                ~a, torch.finfo(self.dtype).min)[:, None]
+        return qs, ctx, masks
 
-    def get(self, q: int):
-        hit = self._memo.get(q)
-        if hit is None:
-            rope = None if self.rope is None else {t: (c[:, -q:], s[:, -q:]) for t, (c, s) in self.rope.items()}
-            ctx = LayerContext(self.positions[:, -q:], rope, self.position_ids[:, -q:])
-            masks = {w: (None if m is None else m[:, :, -q:]) for w, m in self.masks.items()}
-            hit = self._memo[q] = (ctx, masks)
-        return hit
+    def _run_layers(self, lo, hi, h, ctx, masks):
+        for i in range(lo, hi):
+            out = self.bb._call(self.bb.layers[i], i, h, ctx, masks[self.win[i]], self.cache)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def _exit_block(self, k: int, h, ctx, masks):
+        """A `layer` exit's block over the whole query block (its own cache takes every position)."""
+        last = self.L - 1
+        out = self.bb._call(self.model.head(k).block, last, h, ctx, masks[self.bb.layer_window(last)],
+                            self.exit_caches[k])
+        return out[0] if isinstance(out, tuple) else out
+
+    def _segment_fn(self, lo: int, hi: int, x: torch.Tensor, Q: int, final: str | None, dec: tuple | None,
+                    kv: int | None = None, at: int | None = None):
+        """The function of one segment: embed (lo == 0) or take hidden states `x`, run layers
+        lo..hi-1, then optionally the final norm + LM head (`final`: "last" or "all") or the
+        decision `dec` = (kind, exit) at layer hi: ("gate", k), ("head", k) for an exit head and
+        its confidence, ("draft", k) for a self-spec draft, ("block", k) for a `layer` exit's
+        block alone. `kv`/`at`: see KVCache (unrecorded calls only)."""
+        gs, bb = self.gs, self.bb
+        exit_k = dec[1] if dec else None
+        block = exit_k is not None and self.model.head(exit_k).arch == "layer"
+
+        def fn():
+            like = x if lo > 0 else self.like
+            qs, ctx, masks = self._geometry(Q, like, self._windows(lo, hi, block), kv)
+            for c in (self.cache, *self.exit_caches.values()):
+                c.index, c.at, c.kv = qs, at, kv
+            h = bb.embed(x, ctx.positions) if lo == 0 else x
+            h = self._run_layers(lo, hi, h, ctx, masks)
+            out = {"h": h, "h_last": h[:, Q - 1] if kv is not None else h.index_select(1, gs.last)[:, 0]}
+            if final == "last":
+                out["logits"] = bb.logits(bb.final_norm(out["h_last"]))
+            elif final == "all":
+                out["logits"] = bb.logits(bb.final_norm(h))
+                out["target"] = out["logits"].argmax(-1)
+            if dec is not None:
+                kind, k = dec
+                z = None
+                if block:
+                    blk = self._exit_block(k, h, ctx, masks)
+                    z = out["z"] = self.model.head(k).norm(
+                        blk[:, Q - 1] if kv is not None else blk.index_select(1, gs.last)[:, 0])
+                if kind != "block":
+                    out.update(self._decision(kind, k, out["h_last"], z))
+            return out
+        return fn
+
+    def segment(self, lo: int, hi: int, x: torch.Tensor, end: int, final=None, dec=None,
+                exact: bool = False, prefill: bool = False) -> dict:
+        """Run layers lo..hi-1 on the block `x` (ids if lo == 0, else hidden states) whose last
+        token has uniform slot end - 1. With static shapes, replays (recording on first use) the
+        segment for x's bucket (`exact`: exactly x's token count, no padding; `prefill`: never
+        recorded); otherwise runs it directly over the slots written so far."""
+        gs = self.gs
+        q = x.shape[1]
+        gs.start.fill_(end - q)
+        gs.last.fill_(q - 1)
+        self.passes += self.B * q * (hi - lo)
+        Q = None if prefill else (q if exact else bucket(q))
+        if not self.static or Q is None:  # unrecorded, unpadded, over the slots written so far
+            at = end - q if not any(self.behind_host) else None
+            return self._segment_fn(lo, hi, x, q, final, dec, kv=end, at=at)()
+        key = ("seg", lo, hi, Q, final, dec, self.variant)
+        shape = (self.B, Q) if lo == 0 else (self.B, Q, self.H)
+        buf = gs.buffer("ids" if lo == 0 else "h", shape, x.dtype, x.device)
+        buf[:, :q].copy_(x)
+        g = gs.graphs.get(key)
+        if g is None:
+            fn = self._segment_fn(lo, hi, buf, Q, final, dec)
+            if self.opts.compile:  # inductor fuses the elementwise kernels; the graph records the result
+                import torch._dynamo
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+                fn = torch.compile(fn, dynamic=False)
+            g = gs.graphs[key] = Graph(fn, self.capture)
+            self.record_seconds += g.seconds
+        return g()
+
+    def set_behind(self, behind: list[int]) -> None:
+        if behind != self.behind_host:
+            self.gs.behind.copy_(torch.tensor(behind))
+
+    # --- decisions ---------------------------------------------------------------------------
+    def _decision(self, kind: str, k: int, h_last, z) -> dict:
+        """Exit k's decision for the newest token, inside the segment: which undecided rows take
+        the exit (`take`), and flags = [any row takes, every row has decided] for the host."""
+        from .decode import confidence
+        gs, head = self.gs, self.model.head(k)
+        if kind == "draft":
+            return self._draft(k, h_last, z)
+        if kind == "gate":
+            conf = self.model.gate(k)(h_last)
+            out = {}
+        else:
+            if z is None:
+                z = head.transform(h_last)
+            logits = self.bb.logits(z, head.out_weight())
+            conf = confidence(logits, self.opts.confidence)
+            out = {"logits": logits}
+        take = ~gs.decided & (conf >= gs.thr[k])
+        take = torch.where(gs.force >= 0, ~gs.decided & (gs.force == k), take)
+        out.update(conf=conf, take=take, flags=torch.stack([take.any(), (gs.decided | take).all()]))
+        return out
+
+    def _draft(self, d: int, h_last, z) -> dict:
+        """A self-spec draft at exit d: proposing rows, the greedy draft and the logits."""
+        from .decode import confidence
+        gs, opts, head = self.gs, self.opts, self.model.head(d)
+        if z is None:
+            z = head.transform(h_last)
+        w, b = (head.out_weight(), "head") if not opts.draft_vocab else self._static_rows(d, opts.draft_vocab)
+        logits = self.bb.logits(z, w, b)
+        conf = self.model.gate(d)(h_last) if self.gate_mode else confidence(logits, opts.confidence,
+                                                                             self.bb.vocab_size)
+        propose = ~gs.decided & (conf >= gs.thr[d])  # gs.decided: rows that stopped proposing
+        nxt = logits.argmax(-1)
+        if opts.draft_vocab:
+            nxt = self.gs.vocab[:opts.draft_vocab][nxt]
+        return {"logits": logits, "propose": propose, "next": nxt, "flags": propose.any()[None]}
+
+    def _rows_now(self, k: int, K: int) -> tuple:
+        ids = self.model.vocab_by_frequency[:K]
+        b = getattr(self.bb.lm_head, "bias", None)
+        return self.model.head(k).out_weight()[ids], None if b is None else b[ids]
+
+    def _static_rows(self, k: int, K: int) -> tuple:
+        """Exit k's output rows of the K most frequent tokens, in tensors whose address stays (graphs
+        read them); `_refresh_vocab` rewrites them in place at every request."""
+        if (k, K) not in self.gs.rows:
+            self.gs.rows[(k, K)] = tuple(None if t is None else t.clone() for t in self._rows_now(k, K))
+        return self.gs.rows[(k, K)]
+
+    def _refresh_vocab(self) -> None:
+        """The token ranking or the heads may have changed since the state was made."""
+        gs, ranking = self.gs, self.model.vocab_by_frequency
+        if ranking is None:
+            return
+        if gs.vocab is None or gs.vocab.shape != ranking.shape:
+            gs.vocab = ranking.to(self.device).clone()
+            gs.graphs = {k: g for k, g in gs.graphs.items() if not (isinstance(k[-1], tuple) and k[-1][1])}
+        else:
+            gs.vocab.copy_(ranking)
+        for (k, K), (w, b) in gs.rows.items():
+            w_now, b_now = self._rows_now(k, K)
+            w.copy_(w_now)
+            if b is not None:
+                b.copy_(b_now)
+
+    def _head_logits(self, k: int, z_given: bool, h_last) -> torch.Tensor:
+        """Exit k's logits for the newest token (after a gate fired): its transform (unless `z`
+        is given: a `layer` exit's normed block output) and projection, recorded on a GPU."""
+        gs, head = self.gs, self.model.head(k)
+        if not self.static:
+            return self.bb.logits(h_last if z_given else head.transform(h_last), head.out_weight())
+        buf = gs.buffer(("head-in", k, z_given), (self.B, self.H), h_last.dtype, h_last.device)
+        buf.copy_(h_last)
+        key = ("head", k, z_given, self.variant)
+        g = gs.graphs.get(key)
+        if g is None:
+            def fn():
+                z = buf if z_given else head.transform(buf)
+                return {"logits": self.bb.logits(z, head.out_weight())}
+            g = gs.graphs[key] = Graph(fn, self.capture)
+            self.record_seconds += g.seconds
+        return g()["logits"]
+
+    def _take(self, st: dict, take: torch.Tensor, logits: torch.Tensor, k: int, conf: torch.Tensor) -> None:
+        st["logits"] = torch.where(take[:, None], logits.to(st["logits"].dtype), st["logits"])
+        st["layer"] = torch.where(take, k, st["layer"])
+        st["conf"] = torch.where(take, conf.float(), st["conf"])
+
+    def decide(self, k: int, out: dict, st: dict) -> bool:
+        """Read exit k's decision (one host read); rows that take it get its logits. Returns
+        True when every row has decided."""
+        any_take, all_done = out["flags"].tolist()
+        if any_take:
+            take = out["take"]
+            if self.gate_mode:
+                z = out.get("z")
+                logits = self._head_logits(k, z is not None, z if z is not None else out["h_last"])
+            else:
+                logits = out["logits"]
+            self._take(st, take, logits, k, out["conf"])
+            self.gs.decided |= take
+        return bool(all_done)
+
+    def _dec(self, k: int):
+        """The decision a segment ending at exit k makes."""
+        if k not in self.exit_set:
+            return None
+        return ("gate" if self.gate_mode else "head", k)
+
+    def _force(self, index: int) -> None:
+        """Benchmarks: the recorded exit of this token (early-exit replays only)."""
+        if self.replay is not None and self.opts.mode == "early-exit":
+            trace = self.replay
+            self.gs.force.fill_(trace[index] if index < len(trace) else self.L)
+
+    def new_step_state(self, settled: torch.Tensor) -> dict:
+        B, V = self.B, self.bb.vocab_size
+        self.gs.decided.copy_(settled)
+        return {"decided": self.gs.decided,
+                "logits": torch.zeros(B, V, dtype=self.dtype, device=self.device),
+                "layer": torch.full((B,), self.L, dtype=torch.long, device=self.device),
+                "conf": torch.full((B,), float("nan"), device=self.device)}
+
+    # --- prefill and the three step kinds ----------------------------------------------------
+    def _points(self) -> list[tuple[int, int]]:
+        pts = sorted({0, self.L} | {k for k in self.exit_set if k < self.L})
+        return list(zip(pts[:-1], pts[1:]))
+
+    def _top(self, h, end: int, decide: bool, st: dict | None) -> bool:
+        """An exit after the last layer: a `layer` exit's block (its cache takes the block), and
+        with `decide` its decision on the final hidden states (unrecorded). Returns all-decided."""
+        k = self.L
+        block = self.model.head(k).arch == "layer"
+        if not block and not decide:
+            return False
+        gs = self.gs
+        gs.start.fill_(end - h.shape[1])
+        gs.last.fill_(h.shape[1] - 1)
+        out = self._segment_fn(k, k, h, h.shape[1], None, ("block", k) if block else None, kv=end)()
+        if not decide:
+            return False
+        out.update(self._decision("gate" if self.gate_mode else "head", k, out["h_last"], out.get("z")))
+        return self.decide(k, out, st)
+
+    def prefill(self, ids, decide_exits: bool, settled, draft_fill=()) -> dict:
+        """The prompts through every layer. With `decide_exits`, the first new token's exit
+        decision is made on the way (the climb never stops: the prompt must fill every layer).
+        `draft_fill`: `layer` exits whose own cache must take the prompt (self-spec drafters)."""
+        T = ids.shape[1]
+        st = self.new_step_state(settled)
+        self._force(0)
+        x, all_done = ids, False
+        for lo, hi in self._points():
+            dec = None
+            if hi in self.exit_set and hi < self.L:
+                if decide_exits and not all_done:
+                    dec = self._dec(hi)
+                elif hi in draft_fill or (decide_exits and self.model.head(hi).arch == "layer"):
+                    dec = ("block", hi)
+            out = self.segment(lo, hi, x, T, dec=dec, prefill=True)
+            x = out["h"]
+            if dec is not None and dec[0] != "block":
+                all_done = self.decide(hi, out, st)
+        if self.L in self.exit_set:
+            self._top(x, T, decide_exits and not all_done, st)
+        final = self.bb.logits(self.bb.final_norm(x[:, -1]))
+        st["logits"] = torch.where(st["decided"][:, None] & ~settled[:, None], st["logits"], final)
+        if not decide_exits:
+            st["logits"] = final
+        return st
+
+    def full_step(self, tok: torch.Tensor) -> torch.Tensor:
+        self.slot += 1
+        return self.segment(0, self.L, tok[:, None], self.slot, final="last")["logits"]
+
+    def early_exit_step(self, tok: torch.Tensor, index: int, settled: torch.Tensor) -> dict:
+        """One token climbs until every unsettled row has decided; pending exited tokens join it
+        on the way (KV recomputation)."""
+        self.slot += 1
+        end = self.slot
+        st = self.new_step_state(settled)
+        self._force(index)
+        waiting, self.pending = self.pending, []
+        x = tok[:, None]
+        points = self._points()
+        out = {}
+        for n, (lo, hi) in enumerate(points):
+            j = len(waiting)
+            while j > 0 and waiting[j - 1][0] == lo:
+                j -= 1
+            if j < len(waiting):  # KV recomputation: exited tokens climb on with this one
+                x = torch.cat([p[1] for p in waiting[j:]] + [x], dim=1)
+                waiting = waiting[:j]
+            top = hi == self.L and n == len(points) - 1
+            final = "last" if top and self.L not in self.exit_set else None
+            out = self.segment(lo, hi, x, end, final=final, dec=None if top else self._dec(hi))
+            x = out["h"][:, :x.shape[1]]
+            if not top and self.decide(hi, out, st):
+                self.pending = waiting + [(hi, x.clone())]  # the whole block stops here
+                return st
+        if self.L in self.exit_set:
+            if self._top(x, end, True, st):
+                return st  # every layer holds these tokens' keys and values: nothing waits
+            final = self.bb.logits(self.bb.final_norm(x[:, -1]))
+        else:
+            final = out["logits"]
+        st["logits"] = torch.where(st["decided"][:, None], st["logits"], final.to(st["logits"].dtype))
+        return st
+
+    def self_spec_round(self, tok, settled, d: int, n_draft: int, gen, round_index: int = 0, live=None):
+        """Draft up to `n_draft` tokens with exit d (one draft segment each: layers 1..d with the
+        draft head, one host read: does any row still propose?), verify them with layers d+1..L
+        in one segment; returns (emitted tokens per row, accepted drafts per row, drafts
+        proposed in total). `live`: the host's copy of which rows are unfinished."""
+        from .decode import sampling_probs
+        opts, B, L, gs = self.opts, self.B, self.L, self.gs
+        head = self.model.head(d)
+        forced = None
+        if self.replay is not None:  # benchmarks: (drafted, accepted) of a recorded round
+            forced = self.replay[round_index] if round_index < len(self.replay) else (0, 0)
+        draft_ids = gs.vocab[:opts.draft_vocab] if opts.draft_vocab else None
+        slot0 = self.slot
+        vbuf = gs.buffer("verify", (B, opts.draft_len + 1, self.H), self.dtype, self.device)
+        gs.decided.copy_(settled)  # rows that do not propose
+        drafts, q_probs = [], []
+        n_prop = torch.zeros(B, dtype=torch.long, device=self.device)
+        cur = tok
+        m = 0
+        for t in range(n_draft + 1):
+            last = t == n_draft
+            dec = ("block", d) if last and head.arch == "layer" else (None if last else ("draft", d))
+            out = self.segment(0, d, cur[:, None], slot0 + t + 1, dec=dec)
+            vbuf[:, t].copy_(out["h_last"])
+            if last:
+                break
+            if forced is not None:
+                out["flags"].item()  # the host read real decoding makes, then the recorded decision
+                propose = ~settled & (t < forced[0])
+                any_p = t < forced[0]
+            else:
+                propose = out["propose"].clone()
+                any_p = bool(out["flags"].item())
+            if not any_p:
+                break
+            gs.decided |= ~propose
+            if opts.temperature == 0:
+                nxt = out["next"].clone()
+            else:
+                q = sampling_probs(out["logits"], opts)
+                if draft_ids is not None:  # back to vocabulary order (0 outside the draft vocabulary)
+                    q = torch.zeros(B, self.bb.vocab_size, dtype=q.dtype, device=q.device).scatter_(
+                        1, draft_ids.expand(B, -1), q)
+                nxt = torch.multinomial(q, 1, generator=gen).squeeze(-1)
+                q_probs.append(q)
+            n_prop = n_prop + propose.long()
+            drafts.append(nxt)
+            cur = nxt
+            m += 1
+        out = self.segment(d, L, vbuf[:, :m + 1], slot0 + m + 1, final="all", exact=True)
+        emitted, acc_l, n_prop_l = self.accept(out["logits"], out["target"] if opts.temperature == 0 else None,
+                                                drafts, n_prop, q_probs, forced, gen)
+        self.keep_slots(slot0, acc_l, settled, live)
+        return emitted, acc_l, sum(n_prop_l)
+
+    def accept(self, final, target, drafts: list, n_prop, q_probs: list, forced, gen):
+        """A verified round's outcome per row: (emitted tokens, accepted drafts, drafts proposed).
+        Greedy (`target`: the full model's argmax at every verified position): the longest prefix
+        of drafts equal to it, then its next token, with one host read; sampling: the
+        speculative-sampling rule (`decode.speculative_accept`)."""
+        from .decode import sampling_probs, speculative_accept
+        opts, B, m = self.opts, self.B, len(drafts)
+        if target is not None:
+            if m:
+                D = torch.stack(drafts, 1)
+                ok = (D == target[:, :m]) & (torch.arange(m, device=self.device)[None] < n_prop[:, None])
+                if forced is not None:
+                    ok = torch.arange(m, device=self.device)[None].expand(B, m) < min(forced[1], m)
+                    target = torch.cat([D, target[:, m:]], 1)  # replay: the accepted drafts stand
+                acc = ok.long().cumprod(-1).sum(-1)
+            else:
+                acc = torch.zeros(B, dtype=torch.long, device=self.device)
+            flat = torch.cat([acc, target.reshape(-1), n_prop]).tolist()  # the round's one host read
+            acc_l, tg, n_prop_l = flat[:B], flat[B:B + B * (m + 1)], flat[B + B * (m + 1):]
+            return [tg[b * (m + 1): b * (m + 1) + acc_l[b] + 1] for b in range(B)], acc_l, n_prop_l
+        n_prop_l = n_prop.tolist()
+        D = [x.tolist() for x in drafts]
+        emitted, acc_l = [], []
+        for b in range(B):
+            mb = n_prop_l[b]
+            row = speculative_accept(sampling_probs(final[b], opts), [q[b] for q in q_probs[:mb]],
+                                     [D[i][b] for i in range(mb)], gen)
+            emitted.append(row)
+            acc_l.append(len(row) - 1)
+        return emitted, acc_l, n_prop_l
+
+    def keep_slots(self, slot0: int, acc_l: list[int], settled, live) -> None:
+        """Cache bookkeeping after a round: each row keeps its slots up to its last accepted draft
+        (rejected slots are reused); finished rows keep no new slots (their outputs are unused).
+        Rows that kept fewer than the leading row lag `behind[b]` slots."""
+        behind = self.behind_host
+        if live is None:
+            live = (~settled).tolist()
+        valid = [slot0 - behind[b] + (acc_l[b] + 1 if live[b] else 0) for b in range(self.B)]
+        self.slot = max(valid)
+        new_behind = [self.slot - v for v in valid]
+        self.set_behind(new_behind)
+        self.behind_host = new_behind
+
+
+def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) -> dict:
+    """Decode the left-padded prompts `ids` (`pad[b]` padding tokens in row b), feeding `emitter`
+    (decode.py's per-row bookkeeping). Returns engine statistics."""
+    from .decode import choose
+    B, T = ids.shape
+    L = model.backbone.num_layers
+    auto = opts.draft_exit == "auto"
+    draft_exit = None if auto else (opts.draft_exit or max(model.exit_layers))
+    # A batch row may accept up to draft_len tokens past its own need (the round drafts for the
+    # neediest row) and lead the uniform slot count by that much while others catch up.
+    capacity = T + opts.max_new_tokens + 2 * opts.draft_len + 4
+    eng = Engine(model, opts, B, T, pad, device, capacity)
+    eng.replay = opts.replay
+    stats = {"drafted": 0, "accepted": 0, "rounds": 0, "policy": None, "round_log": [], "max_pending": 0}
+    record = opts.record_logits
+    done = emitter.done
+
+    if opts.mode == "early-exit":
+        st = eng.prefill(ids, True, done)
+    else:
+        fill = set()
+        if opts.mode == "self-spec":
+            cands = policy_candidates(model) if auto else [draft_exit]
+            fill = {k for k in cands if model.head(k).arch == "layer"}
+        st = eng.prefill(ids, False, done, draft_fill=fill)
+    eng.passes = 0  # count the decoding phase only
+    tok = choose(st["logits"], opts, gen)
+    if record:
+        emitter.step_logits.append((0, st["layer"].clone(), st["logits"].clone()))
+    emitter.emit_step(tok, st["layer"], st["conf"])
+
+    if opts.mode == "self-spec":
+        policy = None
+        if auto:
+            policy = DraftPolicy(model, measure_costs(model, opts), opts.draft_len, opts.draft_vocab, opts.verbose)
+            stats["policy"] = policy
+        rnd = 0
+        while not emitter.all_done():
+            left = emitter.max_remaining()
+            if policy is not None:
+                d, n = policy.choose(left - 1)
+            else:
+                d, n = draft_exit, min(opts.draft_len, left - 1)
+            live = emitter.live()
+            t_round = time.perf_counter()
+            emitted, acc, proposed = eng.self_spec_round(tok, done.clone(), d, n, gen, rnd, live)
+            rnd += 1
+            stats["rounds"] += 1
+            stats["drafted"] += proposed
+            accepted = sum(a for b, a in enumerate(acc) if live[b])
+            stats["accepted"] += accepted
+            stats["round_log"].append((proposed, accepted))
+            if policy is not None:  # the round's host read has synchronised: the clock is honest
+                policy.observe(d, accepted, proposed, n, time.perf_counter() - t_round)
+            tok = emitter.emit_round(emitted, d, L)
+        if policy is not None and opts.verbose:
+            print(policy.describe(), file=sys.stderr)
+    else:
+        index = 1
+        while not emitter.all_done():
+            if opts.mode == "full":
+                logits = eng.full_step(tok)
+                layer = torch.full((B,), L, device=device)
+                conf = torch.full((B,), float("nan"), device=device)
+            else:
+                st = eng.early_exit_step(tok, index, done.clone())
+                logits, layer, conf = st["logits"], st["layer"], st["conf"]
+                stats["max_pending"] = max(stats["max_pending"], len(eng.pending))
+            tok = choose(logits, opts, gen)
+            if record:
+                emitter.step_logits.append((index, layer.clone(), logits.clone()))
+            emitter.emit_step(tok, layer, conf)
+            index += 1
+    stats["layer_token_passes"] = eng.passes
+    stats["record_seconds"] = eng.record_seconds
+    return stats
 
 
 # --- the draft policy -----------------------------------------------------------------------
 def measure_costs(model, opts) -> dict:
     """Seconds for one token through one decoder layer and through the final norm + LM head, as
-    they cost while decoding: the layer cost is a whole trunk pass (every layer's weights
-    streamed from memory, as in a real step) divided by the number of layers, the LM head cost a
-    whole step minus the trunk. Also a 5-token block (verification), each exit's transform, and
-    its projection. Measured once per model (cached on it) on a 64-token context, best of 5."""
+    they cost while decoding with this engine: the layer cost is a whole trunk pass (every
+    layer's weights streamed from memory, as in a real step) divided by the number of layers,
+    the LM head cost a whole step minus the trunk. Also a 5-token block (verification), each
+    exit's transform, and its projection. Measured once per model (cached on it) on a 64-token
+    context, best of 5 (on a GPU the segments are recorded first, outside the timing)."""
     cached = getattr(model, "_eetune_costs", None)
     if cached is not None:
         return cached
@@ -148,6 +770,8 @@ def measure_costs(model, opts) -> dict:
     eng.prefill(ids, False, torch.zeros(1, dtype=torch.bool, device=dev))
 
     def timeit(fn, reps: int = 5) -> float:
+        fn()  # warm-up (records the segment on a GPU)
+        _sync(dev)
         best = math.inf
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -157,17 +781,8 @@ def measure_costs(model, opts) -> dict:
         return best
 
     def trunk(q: int, head: bool):
-        step = Step(eng, T + q, q, eng.like)
-        x = bb.embed(ids[:, :q], step.positions)
-
-        def fn():
-            h = x
-            for i in range(L):
-                eng.cache.n[i] = T
-                h = eng.layer(i, h, step)
-            if head:
-                eng.final_logits(h)
-        return fn
+        x = ids[:, :q]
+        return lambda: eng.segment(0, L, x, T + q, final="all" if head else None, exact=True)
 
     t1, t1h = timeit(trunk(1, False)), timeit(trunk(1, True))
     t5, t5h = timeit(trunk(5, False)), timeit(trunk(5, True))
@@ -298,409 +913,3 @@ class DraftPolicy:
                          f"layers), acceptance {self.rate(d):.2f} ({self.stats[d][0]}/{self.stats[d][1]}), best n "
                          f"{best}: expected speedup {speed:.2f}x")
         return "\n".join(lines)
-
-
-# --- the engine -----------------------------------------------------------------------------
-class Engine:
-    """State of one batch being decoded by the lean engine."""
-
-    def __init__(self, model, opts, B: int, T: int, pad: list[int], device, capacity: int):
-        self.model, self.opts = model, opts
-        self.bb = bb = model.backbone
-        self.L = L = bb.num_layers
-        self.B, self.device = B, device
-        self.dtype = next(bb.model.parameters()).dtype
-        self.cache = StaticCache(L, B, capacity, device)
-        self.exit_caches = {h.layer: StaticCache(L, B, capacity, device) for h in model.heads if h.arch == "layer"}
-        self.pad = torch.tensor(pad, dtype=torch.long, device=device)
-        self.no_pad = not any(pad)
-        self.win = [bb.layer_window(i) for i in range(L)]
-        self.windows = sorted(set(self.win) | ({bb.layer_window(L - 1)} if self.exit_caches else set()),
-                              key=lambda w: -1 if w is None else w)
-        self.slot = T  # uniform slot of the next token (rows `behind` use a lower one)
-        self.behind_host = [0] * B  # host copy of cache.behind
-        self.pending: list[tuple[int, torch.Tensor]] = []  # (depth, hidden) of exited tokens, oldest first
-        self.passes = 0
-        self.exit_set = set(model.exit_layers)
-        self.gate_mode = opts.confidence == "gate"
-        self._rows: dict = {}  # (exit, K) -> (weight, bias) rows of the K most frequent tokens
-        self.replay = None
-        self.like = torch.empty(0, dtype=self.dtype, device=device)  # dtype/device for rotary tables
-
-    # layers and heads ------------------------------------------------------------------------
-    def layer(self, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
-        ctx, masks = step.get(h.shape[1])
-        self.passes += h.shape[0] * h.shape[1]
-        out = self.bb._call(self.bb.layers[i], i, h, ctx, masks[self.win[i]], self.cache)
-        return out[0] if isinstance(out, tuple) else out
-
-    def head_hidden(self, k: int, h: torch.Tensor, step: Step) -> torch.Tensor:
-        """Exit k's hidden state before its projection, at the last position of `h`. A `layer`
-        exit runs its block over every position of `h` (its own cache takes them all)."""
-        head = self.model.head(k)
-        if head.arch == "layer":
-            ctx, masks = step.get(h.shape[1])
-            last = self.L - 1
-            out = self.bb._call(head.block, last, h, ctx, masks[self.bb.layer_window(last)], self.exit_caches[k])
-            out = out[0] if isinstance(out, tuple) else out
-            return head.norm(out[:, -1])
-        return head.transform(h[:, -1])
-
-    def project(self, k: int, z: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
-        """Exit k's logits; `weight`/`bias`: rows of a restricted vocabulary instead."""
-        if weight is None:
-            return self.bb.logits(z, self.model.head(k).out_weight())
-        return self.bb.logits(z, weight, bias)
-
-    def vocab_rows(self, k: int, K: int) -> tuple:
-        """Exit k's output-projection rows (and bias) of the K most frequent tuning tokens,
-        sliced once per request: the screen's and the draft's restricted vocabulary."""
-        if (k, K) not in self._rows:
-            ids = self.model.vocab_by_frequency[:K]
-            b = getattr(self.bb.lm_head, "bias", None)
-            self._rows[(k, K)] = (self.model.head(k).out_weight()[ids], None if b is None else b[ids])
-        return self._rows[(k, K)]
-
-    def final_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.bb.logits(self.bb.final_norm(h))
-
-    # the exit decision -----------------------------------------------------------------------
-    def decide(self, k: int, h: torch.Tensor, step: Step, st: dict) -> bool:
-        """Evaluate exit k for the newest token of `h`; rows not yet decided that are confident
-        take its logits. Returns True when every row has decided (one host read)."""
-        from .decode import confidence
-        opts, decided = self.opts, st["decided"]
-        forced = None if self.replay is None else self.replay_at(st["index"])
-        head = self.model.head(k)
-        if self.gate_mode:
-            if head.arch == "layer":
-                z = self.head_hidden(k, h, step)
-            g = self.model.gate(k)(h[:, -1])
-            fire = ~decided & (g >= opts.exit_thresholds[k])
-            if forced is not None:
-                fire = ~decided & (forced == k)
-            any_fire, all_done = torch.stack([fire.any(), (decided | fire).all()]).tolist()
-            if any_fire:
-                if head.arch != "layer":
-                    z = self.head_hidden(k, h, step)
-                logits = self.project(k, z)
-                self._take(st, fire, logits, k, g)
-            st["decided"] = decided | fire
-            return bool(all_done)
-        cand = None
-        if opts.gate_filter is not None and head.arch != "layer":
-            # Prefilter: only rows whose gate reaches gate_filter run the exit head at all.
-            cand = ~decided & (self.model.gate(k)(h[:, -1]) >= opts.gate_filter)
-            if forced is not None:
-                cand = ~decided & (forced == k)
-            any_cand, all_done = torch.stack([cand.any(), decided.all()]).tolist()
-            if not any_cand:
-                return bool(all_done)
-        z = self.head_hidden(k, h, step)
-        passing = cand
-        if opts.screen_vocab:
-            # Screen: max-prob over the K most frequent tokens first. When the final layer's pick
-            # is among them this over-estimates the full max-prob, so a row that fails the screen
-            # would have failed the full test; only rows that pass pay the full projection.
-            small = self.project(k, z, *self.vocab_rows(k, opts.screen_vocab))
-            passing = ~decided & (small.float().softmax(-1).amax(-1) >= opts.exit_thresholds[k])
-            if cand is not None:
-                passing = passing & cand
-            if forced is not None:
-                passing = ~decided & (forced == k)
-            any_pass, all_done = torch.stack([passing.any(), decided.all()]).tolist()
-            if not any_pass:
-                return bool(all_done)
-        logits = self.project(k, z)
-        conf = confidence(logits, opts.confidence)
-        take = ~decided & (conf >= opts.exit_thresholds[k])
-        if passing is not None:
-            take = take & passing
-        if forced is not None:
-            take = ~decided & (forced == k)
-        self._take(st, take, logits, k, conf)
-        st["decided"] = decided | take
-        return bool(st["decided"].all())
-
-    def _take(self, st: dict, take: torch.Tensor, logits: torch.Tensor, k: int, conf: torch.Tensor) -> None:
-        st["logits"] = torch.where(take[:, None], logits.to(st["logits"].dtype), st["logits"])
-        st["layer"] = torch.where(take, k, st["layer"])
-        st["conf"] = torch.where(take, conf.float(), st["conf"])
-
-    def replay_at(self, index: int) -> int:
-        trace = self.replay
-        return trace[index] if index < len(trace) else self.L
-
-    def new_step_state(self, index: int, settled: torch.Tensor) -> dict:
-        B, V = self.B, self.bb.vocab_size
-        return {"decided": settled.clone(), "index": index,
-                "logits": torch.zeros(B, V, dtype=self.dtype, device=self.device),
-                "layer": torch.full((B,), self.L, dtype=torch.long, device=self.device),
-                "conf": torch.full((B,), float("nan"), device=self.device)}
-
-    # prefill and the three step kinds --------------------------------------------------------
-    def prefill(self, ids: torch.Tensor, decide_exits: bool, settled: torch.Tensor, draft_fill=()):
-        """The prompts through every layer. With `decide_exits`, the first new token's exit
-        decision is made on the way (the climb never stops: the prompt must fill every layer).
-        `draft_fill`: `layer` exits whose own cache must take the prompt (self-spec drafters)."""
-        T = ids.shape[1]
-        step = Step(self, T, T, self.like)
-        h = self.bb.embed(ids, step.positions)
-        st = self.new_step_state(0, settled)
-        all_done = False
-        for i in range(self.L + 1):
-            if i in self.exit_set:
-                if decide_exits and not all_done:
-                    all_done = self.decide(i, h, step, st)
-                elif i in draft_fill or (decide_exits and self.model.head(i).arch == "layer"):
-                    self.head_hidden(i, h, step)  # a `layer` exit's own cache takes the prompt
-            if i == self.L:
-                break
-            h = self.layer(i, h, step)
-        final = self.final_logits(h[:, -1])
-        st["logits"] = torch.where(st["decided"][:, None] & ~settled[:, None], st["logits"], final)
-        if not decide_exits:
-            st["logits"] = final
-        return st
-
-    def full_step(self, tok: torch.Tensor) -> torch.Tensor:
-        step = Step(self, self.slot + 1, 1, self.like)
-        h = self.bb.embed(tok[:, None], step.positions)
-        for i in range(self.L):
-            h = self.layer(i, h, step)
-        self.slot += 1
-        return self.final_logits(h[:, -1])
-
-    def early_exit_step(self, tok: torch.Tensor, index: int, settled: torch.Tensor) -> dict:
-        """One token climbs until every unsettled row has decided; see decode.early_exit_step."""
-        n_pending = sum(p[1].shape[1] for p in self.pending)
-        step = Step(self, self.slot + 1, n_pending + 1, self.like)
-        h = self.bb.embed(tok[:, None], step.positions[:, -1:])
-        self.slot += 1
-        st = self.new_step_state(index, settled)
-        waiting, self.pending = self.pending, []
-        for i in range(self.L + 1):
-            if i in self.exit_set and self.decide(i, h, step, st):
-                self.pending = waiting + [(i, h)]
-                return st
-            if i == self.L:
-                break
-            j = len(waiting)
-            while j > 0 and waiting[j - 1][0] == i:
-                j -= 1
-            if j < len(waiting):  # KV recomputation: exited tokens climb on with this one
-                h = torch.cat([p[1] for p in waiting[j:]] + [h], dim=1)
-                waiting = waiting[:j]
-            h = self.layer(i, h, step)
-        final = self.final_logits(h[:, -1])
-        st["logits"] = torch.where(st["decided"][:, None], st["logits"], final.to(st["logits"].dtype))
-        return st
-
-    def self_spec_round(self, tok: torch.Tensor, settled: torch.Tensor, d: int, n_draft: int, gen,
-                        draft_weight=None, draft_bias=None, draft_ids=None, round_index: int = 0,
-                        live: list[bool] | None = None):
-        """Draft up to `n_draft` tokens with exit d, verify them with layers d+1..L; returns
-        (emitted tokens per row, accepted drafts per row, drafts proposed in total). `live`: the
-        host's copy of which rows are unfinished (`~settled`)."""
-        from .decode import confidence, sampling_probs
-        opts, B, L = self.opts, self.B, self.L
-        head = self.model.head(d)
-        gate = self.model.gate(d) if self.gate_mode else None
-        forced = None
-        if self.replay is not None:  # benchmarks: (drafted, accepted) of a recorded round
-            forced = self.replay[round_index] if round_index < len(self.replay) else (0, 0)
-        slot0 = self.slot
-        hs, drafts, q_probs = [], [], []
-        proposing = ~settled
-        n_prop = torch.zeros(B, dtype=torch.long, device=self.device)
-        cur = tok
-        for t in range(n_draft + 1):
-            step = Step(self, slot0 + t + 1, 1, self.like)
-            h = self.bb.embed(cur[:, None], step.positions)
-            for i in range(d):
-                h = self.layer(i, h, step)
-            hs.append(h)
-            if t == n_draft:
-                if head.arch == "layer":  # its own cache must hold every position that may be accepted
-                    self.head_hidden(d, h, step)
-                break
-            z = self.head_hidden(d, h, step) if head.arch == "layer" else None
-            if gate is not None:
-                g = gate(h[:, -1])
-                proposing = proposing & (g >= opts.exit_thresholds[d])
-                if forced is not None:  # the recorded decision replaces the gate's, as with max-prob
-                    proposing = ~settled & (t < forced[0])
-                if not bool(proposing.any()):
-                    break
-                if z is None:
-                    z = self.head_hidden(d, h, step)
-                logits = self.project(d, z, draft_weight, draft_bias)
-            else:
-                if z is None:
-                    z = self.head_hidden(d, h, step)
-                logits = self.project(d, z, draft_weight, draft_bias)
-                conf = confidence(logits, opts.confidence, self.bb.vocab_size)  # logits may cover the draft vocab
-                proposing = proposing & (conf >= opts.exit_thresholds[d])
-                if forced is not None:
-                    proposing = ~settled & (t < forced[0])
-                if not bool(proposing.any()):
-                    break
-            if opts.temperature == 0:
-                nxt = logits.argmax(-1)
-                if draft_ids is not None:
-                    nxt = draft_ids[nxt]
-            else:
-                q = sampling_probs(logits, opts)
-                if draft_ids is not None:  # back to vocabulary order (0 outside the draft vocabulary)
-                    q = torch.zeros(B, self.bb.vocab_size, dtype=q.dtype, device=q.device).scatter_(
-                        1, draft_ids.expand(B, -1), q)
-                nxt = torch.multinomial(q, 1, generator=gen).squeeze(-1)
-                q_probs.append(q)
-            n_prop = n_prop + proposing.long()
-            drafts.append(nxt)
-            cur = nxt
-        m = len(drafts)
-        # Verify: all m + 1 positions through the layers above d, in one pass.
-        h = torch.cat(hs, dim=1)
-        step = Step(self, slot0 + m + 1, m + 1, self.like)
-        for i in range(d, L):
-            h = self.layer(i, h, step)
-        final = self.final_logits(h)  # (B, m + 1, V)
-        emitted, acc_l, n_prop_l = self.accept(final, final.argmax(-1) if opts.temperature == 0 else None, drafts,
-                                                n_prop, q_probs, forced, gen)
-        self.keep_slots(slot0, acc_l, settled, live)
-        return emitted, acc_l, sum(n_prop_l)
-
-
-    def accept(self, final, target, drafts: list, n_prop, q_probs: list, forced, gen):
-        """A verified round's outcome per row: (emitted tokens, accepted drafts, drafts proposed).
-        Greedy (`target`: the full model's argmax at every verified position): the longest prefix
-        of drafts equal to it, then its next token, with one host read; sampling: the
-        speculative-sampling rule, as in the reference engine."""
-        from .decode import sampling_probs, speculative_accept
-        opts, B, m = self.opts, self.B, len(drafts)
-        if target is not None:
-            if m:
-                D = torch.stack(drafts, 1)
-                ok = (D == target[:, :m]) & (torch.arange(m, device=self.device)[None] < n_prop[:, None])
-                if forced is not None:
-                    ok = torch.arange(m, device=self.device)[None].expand(B, m) < min(forced[1], m)
-                    target = torch.cat([D, target[:, m:]], 1)  # replay: the accepted drafts stand
-                acc = ok.long().cumprod(-1).sum(-1)
-            else:
-                acc = torch.zeros(B, dtype=torch.long, device=self.device)
-            flat = torch.cat([acc, target.reshape(-1), n_prop]).tolist()  # the round's one host read
-            acc_l, tg, n_prop_l = flat[:B], flat[B:B + B * (m + 1)], flat[B + B * (m + 1):]
-            return [tg[b * (m + 1): b * (m + 1) + acc_l[b] + 1] for b in range(B)], acc_l, n_prop_l
-        n_prop_l = n_prop.tolist()
-        D = [x.tolist() for x in drafts]
-        emitted, acc_l = [], []
-        for b in range(B):
-            mb = n_prop_l[b]
-            row = speculative_accept(sampling_probs(final[b], opts), [q[b] for q in q_probs[:mb]],
-                                     [D[i][b] for i in range(mb)], gen)
-            emitted.append(row)
-            acc_l.append(len(row) - 1)
-        return emitted, acc_l, n_prop_l
-
-    def keep_slots(self, slot0: int, acc_l: list[int], settled, live) -> None:
-        """Cache bookkeeping after a round: each row keeps its slots up to its last accepted draft
-        (rejected slots are reused); finished rows keep no new slots (their outputs are unused).
-        Rows that kept fewer than the leading row lag `behind[b]` slots."""
-        behind = self.behind_host
-        if live is None:
-            live = (~settled).tolist()
-        valid = [slot0 - behind[b] + (acc_l[b] + 1 if live[b] else 0) for b in range(self.B)]
-        self.slot = max(valid)
-        new_behind = [self.slot - v for v in valid]
-        self.set_behind(new_behind)
-        self.behind_host = new_behind
-
-    def set_behind(self, behind: list[int]) -> None:
-        bt = torch.tensor(behind, device=self.device) if any(behind) else None
-        for c in [self.cache, *self.exit_caches.values()]:
-            c.n = [self.slot if x > 0 else x for x in c.n]
-            c.behind = bt
-
-def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, engine_class=None) -> dict:
-    """Decode the left-padded prompts `ids` with the lean engine (or `engine_class`, a subclass
-    such as graphs.GraphEngine), feeding `emitter` (decode.py's per-row bookkeeping). Returns
-    engine statistics."""
-    from .decode import choose
-    B, T = ids.shape
-    bb = model.backbone
-    L = bb.num_layers
-    auto = opts.draft_exit == "auto"
-    draft_exit = None if auto else (opts.draft_exit or max(model.exit_layers))
-    # A batch row may accept up to draft_len tokens past its own need (the round drafts for the
-    # neediest row) and lead the uniform slot count by that much while others catch up.
-    capacity = T + opts.max_new_tokens + 2 * opts.draft_len + 4
-    eng = (engine_class or Engine)(model, opts, B, T, pad, device, capacity)
-    eng.replay = opts.replay
-    stats = {"drafted": 0, "accepted": 0, "rounds": 0, "policy": None, "round_log": []}
-    record = opts.record_logits
-    done = emitter.done
-
-    if opts.mode == "early-exit":
-        st = eng.prefill(ids, True, done)
-    else:
-        fill = set()
-        if opts.mode == "self-spec":
-            cands = policy_candidates(model) if auto else [draft_exit]
-            fill = {k for k in cands if model.head(k).arch == "layer"}
-        st = eng.prefill(ids, False, done, draft_fill=fill)
-    eng.passes = 0  # count the decoding phase only
-    tok = choose(st["logits"], opts, gen)
-    if record:
-        emitter.step_logits.append((0, st["layer"].clone(), st["logits"].clone()))
-    emitter.emit_step(tok, st["layer"], st["conf"])
-
-    if opts.mode == "self-spec":
-        draft_weight = draft_bias = draft_ids = None
-        if opts.draft_vocab:
-            draft_ids = model.vocab_by_frequency[:opts.draft_vocab]
-        policy = None
-        if auto:
-            policy = DraftPolicy(model, measure_costs(model, opts), opts.draft_len, opts.draft_vocab, opts.verbose)
-            stats["policy"] = policy
-        rnd = 0
-        while not emitter.all_done():
-            left = emitter.max_remaining()
-            if policy is not None:
-                d, n = policy.choose(left - 1)
-            else:
-                d, n = draft_exit, min(opts.draft_len, left - 1)
-            if draft_ids is not None:
-                draft_weight, draft_bias = eng.vocab_rows(d, opts.draft_vocab)
-            live = emitter.live()
-            t_round = time.perf_counter()
-            emitted, acc, proposed = eng.self_spec_round(tok, done.clone(), d, n, gen, draft_weight, draft_bias,
-                                                         draft_ids, rnd, live)
-            rnd += 1
-            stats["rounds"] += 1
-            stats["drafted"] += proposed
-            accepted = sum(a for b, a in enumerate(acc) if live[b])
-            stats["accepted"] += accepted
-            stats["round_log"].append((proposed, accepted))
-            if policy is not None:  # the round's host read has synchronised: the clock is honest
-                policy.observe(d, accepted, proposed, n, time.perf_counter() - t_round)
-            tok = emitter.emit_round(emitted, d, L)
-        if policy is not None and opts.verbose:
-            print(policy.describe(), file=sys.stderr)
-    else:
-        index = 1
-        while not emitter.all_done():
-            if opts.mode == "full":
-                logits = eng.full_step(tok)
-                layer = torch.full((B,), L, device=device)
-                conf = torch.full((B,), float("nan"), device=device)
-            else:
-                st = eng.early_exit_step(tok, index, done.clone())
-                logits, layer, conf = st["logits"], st["layer"], st["conf"]
-            tok = choose(logits, opts, gen)
-            if record:
-                emitter.step_logits.append((index, layer.clone(), logits.clone()))
-            emitter.emit_step(tok, layer, conf)
-            index += 1
-    stats["layer_token_passes"] = eng.passes
-    return stats

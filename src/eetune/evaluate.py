@@ -189,21 +189,52 @@ def format_profile(profile: dict, per_table: int = 4) -> str:
     return "\n".join(lines)
 
 
-def plot_profile(profile: dict, path: str | Path, title: str | None = None) -> bool:
-    """Draw the exit profile as a PNG at `path`: x the share of tokens exiting, y the agreement
-    among them, one curve per exit, every threshold marked (some labelled). Returns False,
-    drawing nothing, when matplotlib is not installed (`pip install 'eetune[bench]'`)."""
+LABEL_RINGS = 8  # offsets tried per label: right/left of the point, above/below, this many steps out
+
+
+def place_labels(ax, labels, fontsize: float = 7) -> list:
+    """Annotate points of `ax` so that no two labels overlap, nor a label a labelled point: each
+    (text, (x, y), colour) of `labels` goes to the first offset, in points, whose text box meets
+    none of those boxes: above right, above left, below right, below left of its point, then one
+    line further out each time (after `LABEL_RINGS` lines it stays at the last). Call it once the axes' limits and
+    layout are final (the boxes are measured in display space). Returns the annotations."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    slots = [(dx, dy) for r in range(LABEL_RINGS) for dy in (3 + 11 * r, -11 - 11 * r) for dx in (4, -4)]
+    pad = 3 * ax.figure.dpi / 72  # nor are the labelled points themselves (3 points around each)
+    anchors = [ax.transData.transform(xy) for _, xy, _ in labels]
+    boxes = [Bbox.from_extents(x - pad, y - pad, x + pad, y + pad) for x, y in anchors]
+    out = []
+    for text, xy, colour in labels:
+        for dx, dy in slots:
+            ann = ax.annotate(text, xy, textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                              color=colour, ha="left" if dx > 0 else "right", annotation_clip=False)
+            box = ann.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in boxes) or (dx, dy) == slots[-1]:
+                break
+            ann.remove()
+        boxes.append(box)
+        out.append(ann)
+    return out
+
+
+def profile_figure(profile: dict, title: str | None = None):
+    """The exit profile as a matplotlib Figure (Agg canvas): x the share of tokens exiting, y the
+    agreement among them, one curve per exit, every threshold marked, some labelled (labels of
+    coinciding points stacked, not overlapping: `place_labels`). None without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        return False
+        return None
     ts = profile["thresholds"]
     label_at = {ts[0], ts[-1]} | {t for t in ts if t in (0.5, 0.9)}
     costs = (profile.get("costs") or {}).get("exits") or {}
     fig = Figure(figsize=(7, 5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    labels = []
     for k, e in profile["exits"].items():
         pts = [(s, a, t) for s, a, t in zip(e["share"], e["agreement"], ts) if a is not None]
         cost = (costs.get(k) or {}).get("layers")
@@ -212,10 +243,7 @@ def plot_profile(profile: dict, path: str | Path, title: str | None = None) -> b
             ax.plot([], [], marker="o", label=label + ": no token exits")
             continue
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=label)
-        for s, a, t in pts:
-            if t in label_at:
-                ax.annotate(f"{t:g}", (s, a), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                            color=line.get_color())
+        labels += [(f"{t:g}", (s, a), line.get_color()) for s, a, t in pts if t in label_at]
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("share of tokens exiting (max-prob >= t)")
@@ -226,6 +254,16 @@ def plot_profile(profile: dict, path: str | Path, title: str | None = None) -> b
     fig.text(0.01, 0.005, f"points: max-prob thresholds t = {', '.join(f'{t:g}' for t in ts)} (right to left)",
              fontsize=7, color="0.35")
     fig.tight_layout()
+    place_labels(ax, labels)
+    return fig
+
+
+def plot_profile(profile: dict, path: str | Path, title: str | None = None) -> bool:
+    """Draw the exit profile (`profile_figure`) as a PNG at `path`. Returns False, drawing
+    nothing, when matplotlib is not installed (`pip install 'eetune[bench]'`)."""
+    fig = profile_figure(profile, title)
+    if fig is None:
+        return False
     fig.savefig(str(path), format="png")
     return True
 

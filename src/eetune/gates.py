@@ -65,24 +65,41 @@ def _autocast(model):
     return torch.autocast(next(model.backbone.model.parameters()).device.type, dtype=dtype)
 
 
-def _exit_batches(model, blocks: torch.Tensor, batch_size: int, desc: str, progress: bool):
+def _progress(total: int, desc: str, unit: str, progress: bool, lines: bool):
+    """A tqdm bar (`progress`), or where stderr is not a terminal and `lines`, a status line
+    every ~30 s with an ETA (eetune.tune.progress_display)."""
+    if not lines:
+        return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+    from .tune import progress_display
+    return progress_display(total, desc, unit, bar=progress, lines=True)
+
+
+def _exit_batches(model, blocks: torch.Tensor, batch_size: int, desc: str, progress: bool, lines: bool = False):
     """Teacher-forced full-depth passes over `blocks`, one batch at a time. Yields, per batch,
     {exit layer: (input hidden state (n, H), exit logits (n, V))} and the final layer's top-1
     (n,), for every position but the last of each block (n = batch * (T - 1))."""
     dev = next(model.backbone.model.parameters()).device
-    for a in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch", disable=not progress,
-                  dynamic_ncols=True):
-        ids = blocks[a:a + batch_size].to(dev)
-        with torch.no_grad(), _autocast(model):
-            out = model(ids, final=True, return_hidden=True)
-        final_top1 = out.final_logits[:, :-1].argmax(-1).reshape(-1)
-        per_exit = {}
-        for k in model.exit_layers:
-            h = out.exit_hidden[k][:, :-1]
-            lg = out.exit_logits[k][:, :-1]
-            per_exit[k] = (h.reshape(-1, h.shape[-1]), lg.reshape(-1, lg.shape[-1]))
-        del out
-        yield per_exit, final_top1
+    starts = range(0, blocks.shape[0], batch_size)
+    bar = _progress(len(starts), desc, "batch", progress, lines)
+    t0, tokens = time.monotonic(), 0
+    try:
+        for a in starts:
+            ids = blocks[a:a + batch_size].to(dev)
+            with torch.no_grad(), _autocast(model):
+                out = model(ids, final=True, return_hidden=True)
+            final_top1 = out.final_logits[:, :-1].argmax(-1).reshape(-1)
+            per_exit = {}
+            for k in model.exit_layers:
+                h = out.exit_hidden[k][:, :-1]
+                lg = out.exit_logits[k][:, :-1]
+                per_exit[k] = (h.reshape(-1, h.shape[-1]), lg.reshape(-1, lg.shape[-1]))
+            del out
+            yield per_exit, final_top1
+            tokens += ids.numel()
+            bar.set_postfix({"tok/s": f"{tokens / max(time.monotonic() - t0, 1e-9):,.0f}"}, refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int = 300, l2: float = 1e-2) -> tuple:
@@ -114,38 +131,46 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int = 300, l2: float =
 
 
 def train_gates(model, blocks: torch.Tensor, val_blocks: torch.Tensor, batch_size: int = 8, steps: int = 300,
-                l2: float = 1e-2, thresholds=THRESHOLDS, progress: bool = True) -> dict:
+                l2: float = 1e-2, thresholds=THRESHOLDS, progress: bool = True, lines: bool = False) -> dict:
     """Fit a gate per exit of `model` and attach them (`model.set_gates`). Backbone and heads are
     frozen: one full-depth pass over `blocks` (N, T) collects, for every exit k and every
     position but the last of a block, the features of the exit's input hidden state and the
     label "exit k's top-1 == the final layer's top-1"; each gate is then a logistic regression
     on those (`fit_logistic`). Returns a summary: tokens, seconds, per-exit training cross-
-    entropy and label rate, and `gate_report` on `val_blocks`."""
+    entropy and label rate, and `gate_report` on `val_blocks`. The heads run in eval mode (no
+    dropout), the model's previous mode put back after. `progress`: tqdm bars; `lines`: where
+    stderr is not a terminal, a status line every ~30 s with an ETA instead (`eetune tune`)."""
+    from .model import eval_mode
+
     t0 = time.time()
-    model.eval()
-    feats = {k: [] for k in model.exit_layers}
-    labels = {k: [] for k in model.exit_layers}
-    for per_exit, final_top1 in _exit_batches(model, blocks, batch_size, "gate features", progress):
-        for k, (h, lg) in per_exit.items():
-            feats[k].append(ExitGate.features(h).cpu())
-            labels[k].append((lg.argmax(-1) == final_top1).cpu())
-    collect_s = time.time() - t0
-    dev = next(model.backbone.model.parameters()).device
-    gates, fits = {}, {}
-    for k in model.exit_layers:
-        x, y = torch.cat(feats[k]), torch.cat(labels[k])
-        feats[k] = labels[k] = None  # free as we go
-        w, b, ce, iters = fit_logistic(x, y, steps=steps, l2=l2)
-        gate = ExitGate(x.shape[1], device=dev)
-        with torch.no_grad():
-            gate.weight.copy_(w)
-            gate.bias.copy_(b)
-        gate.requires_grad_(False)
-        gates[k] = gate
-        fits[str(k)] = {"label_rate": y.float().mean().item(), "train_ce": ce, "lbfgs_iterations": iters}
-    model.set_gates(gates)
-    fit_s = time.time() - t0 - collect_s
-    report = gate_report(model, val_blocks, thresholds, batch_size=batch_size, progress=progress)
+    with eval_mode(model):
+        feats = {k: [] for k in model.exit_layers}
+        labels = {k: [] for k in model.exit_layers}
+        for per_exit, final_top1 in _exit_batches(model, blocks, batch_size, "gate features", progress, lines):
+            for k, (h, lg) in per_exit.items():
+                feats[k].append(ExitGate.features(h).cpu())
+                labels[k].append((lg.argmax(-1) == final_top1).cpu())
+        collect_s = time.time() - t0
+        dev = next(model.backbone.model.parameters()).device
+        gates, fits = {}, {}
+        bar = _progress(len(model.exit_layers), "gate fit", "exit", progress, lines)
+        for k in model.exit_layers:
+            x, y = torch.cat(feats[k]), torch.cat(labels[k])
+            feats[k] = labels[k] = None  # free as we go
+            w, b, ce, iters = fit_logistic(x, y, steps=steps, l2=l2)
+            gate = ExitGate(x.shape[1], device=dev)
+            with torch.no_grad():
+                gate.weight.copy_(w)
+                gate.bias.copy_(b)
+            gate.requires_grad_(False)
+            gate.eval()
+            gates[k] = gate
+            fits[str(k)] = {"label_rate": y.float().mean().item(), "train_ce": ce, "lbfgs_iterations": iters}
+            bar.update(1)
+        bar.close()
+        model.set_gates(gates)
+        fit_s = time.time() - t0 - collect_s
+        report = gate_report(model, val_blocks, thresholds, batch_size=batch_size, progress=progress, lines=lines)
     return {"tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)), "blocks": int(blocks.shape[0]),
             "seq_len": int(blocks.shape[1]), "fit": fits, "steps": steps, "l2": l2,
             "collect_s": round(collect_s, 3), "fit_s": round(fit_s, 3), "seconds": round(time.time() - t0, 3),
@@ -154,19 +179,27 @@ def train_gates(model, blocks: torch.Tensor, val_blocks: torch.Tensor, batch_siz
 
 @torch.no_grad()
 def gate_report(model, blocks: torch.Tensor, thresholds=THRESHOLDS, batch_size: int = 8,
-                progress: bool = False) -> dict:
+                progress: bool = False, lines: bool = False) -> dict:
     """How well each exit's gate picks the tokens on which the exit agrees with the final
     layer, against the max-softmax confidence of the exit itself, on held-out `blocks` (the
     last position of each block is left out). Per exit and threshold t: `coverage`, the share
     of tokens whose gate probability (max-prob) is >= t, and `precision`, the top-1 agreement
     with the final layer among them (None where no token is covered). Lists follow
-    `thresholds`; `agreement` is the exit's overall agreement rate, `tokens` the token count."""
+    `thresholds`; `agreement` is the exit's overall agreement rate, `tokens` the token count.
+    The heads run in eval mode, the model's previous mode put back after."""
+    from .model import eval_mode
+
+    with eval_mode(model):
+        return _gate_report(model, blocks, thresholds, batch_size, progress, lines)
+
+
+def _gate_report(model, blocks: torch.Tensor, thresholds, batch_size: int, progress: bool, lines: bool) -> dict:
     thresholds = [float(t) for t in thresholds]
     t = torch.tensor(thresholds)
     counts = {k: {"agree": 0, "gate_n": torch.zeros(len(t)), "gate_ok": torch.zeros(len(t)),
                   "prob_n": torch.zeros(len(t)), "prob_ok": torch.zeros(len(t))} for k in model.exit_layers}
     tokens = 0
-    for per_exit, final_top1 in _exit_batches(model, blocks, batch_size, "gate report", progress):
+    for per_exit, final_top1 in _exit_batches(model, blocks, batch_size, "gate report", progress, lines):
         tokens += final_top1.numel()
         for k, (h, lg) in per_exit.items():
             c = counts[k]

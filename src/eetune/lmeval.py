@@ -73,7 +73,7 @@ MODEL_ARGS = {
     "mode": "generate_until decoding: full | early-exit | self-spec (default full)",
     "threshold": "early-exit / self-spec confidence threshold (default: early-exit takes the one `eetune calibrate` "
                  "stored in the exits directory, else 0.9)",
-    "confidence": "max-prob | margin | entropy | gate (default max-prob)",
+    "confidence": "max-prob | gate (default max-prob)",
     "draft_len": "self-spec: most tokens drafted per round (default 4)",
     "draft_exit": "self-spec: the drafting exit layer, or auto (default: the deepest exit)",
     "dtype": "fp32 | bf16 | fp16 (default fp32)",

@@ -9,11 +9,16 @@
     model = EarlyExitModel.from_pretrained("exits/")   # loads and checks the backbone
 
 Without `final=True` the trunk stops at the deepest exit: no layer past it runs. Only head
-parameters are trainable; the backbone is frozen and kept in eval mode.
+parameters are trainable; the backbone is frozen and kept in eval mode. A model starts in eval
+mode (as Hugging Face's `from_pretrained` returns one): heads with dropout (a `layer` exit, or a
+GPT-2 `mlp` exit, copies modules that have some) use it only after `model.train()`, which
+`eetune tune` sets for its training steps; validation (`eetune.tune`), gate fitting and
+`generate` run in eval mode (`eval_mode`) and put the previous mode back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +64,7 @@ class EarlyExitModel(nn.Module):
         # The backbone is held, not registered: parameters() and state_dict() are the heads only.
         backbone.model.requires_grad_(False)
         backbone.model.eval()
+        self.eval()  # inference until told otherwise (tuning calls train() for its steps)
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
@@ -132,8 +138,8 @@ class EarlyExitModel(nn.Module):
         keeps its length (placeholders), so layer numbering and per-layer attention types stay
         as they were; `forward(final=True)` is refused afterwards. `start=0` frees every layer
         (hidden states served from a cache). Returns how many were freed."""
-        from .graphs import free_graph_state
-        free_graph_state(self)  # recorded decoding graphs read these layers
+        from .engine import free_decode_state
+        free_decode_state(self)  # recorded decoding graphs read these layers
         deepest = max(self.config.exit_layers) if start is None else start
         layers = self.backbone.layers
         freed = 0
@@ -273,19 +279,50 @@ class EarlyExitModel(nn.Module):
         opts = DecodeOptions(**options)
         if isinstance(prompts, str):
             prompts = [prompts]
-        if prompts and isinstance(prompts[0], str):
-            if tokenizer is None:
-                raise EETuneError("text prompts need a tokenizer: pass tokenizer= (eetune.load_tokenizer(backbone))")
-            return generate_text(self, tokenizer, list(prompts), opts, chat=chat, stop=tuple(stop), on_text=on_text)
-        return generate(self, [list(p) for p in prompts], opts)
+        with eval_mode(self):  # no dropout in the heads while decoding; the caller's mode put back after
+            if prompts and isinstance(prompts[0], str):
+                if tokenizer is None:
+                    raise EETuneError("text prompts need a tokenizer: pass tokenizer= "
+                                      "(eetune.load_tokenizer(backbone))")
+                return generate_text(self, tokenizer, list(prompts), opts, chat=chat, stop=tuple(stop),
+                                     on_text=on_text)
+            return generate(self, [list(p) for p in prompts], opts)
 
     def as_custom_generate(self, **options):
         """A callable for Hugging Face's `generate(..., custom_generate=callable)`: the backbone's
-        own `generate` then decodes through this engine. `max_new_tokens`, `do_sample`,
-        `temperature`, `top_k`, `top_p` and `eos_token_id` come from the generation config;
-        `options` (mode, threshold, ...) from here. Returns prompt + new ids, right-padded."""
-        from .decode import custom_generate_fn
+        own `generate` then decodes through this engine. `max_new_tokens` (or `max_length`),
+        `do_sample`, `temperature`, `top_k`, `top_p` and `eos_token_id` come from the generation
+        config; `options` (DecodeOptions fields: mode, threshold, ...) from here and take precedence.
+        Settings the engine cannot apply (repetition_penalty, no_repeat_ngram_size, stop_strings,
+        ...) raise an EETuneError when generate() runs. Returns prompt + new ids, right-padded."""
+        import dataclasses
+
+        from .decode import DecodeOptions, custom_generate_fn
+        known = {f.name for f in dataclasses.fields(DecodeOptions)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise EETuneError(f"unknown as_custom_generate option(s) {', '.join(unknown)}: give DecodeOptions fields "
+                              f"(e.g. mode, threshold, draft_len); generation settings go to generate() itself")
         return custom_generate_fn(self, options)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module):
+    """Every submodule of `modules` in eval mode inside the block (no dropout), and afterwards
+    each one back in the mode it had before, submodule by submodule (a model whose parts were in
+    different modes gets exactly those back). An `EarlyExitModel`'s backbone stays in eval mode
+    throughout (`EarlyExitModel.train`)."""
+    saved: dict[nn.Module, bool] = {}
+    for m in modules:
+        for sub in m.modules():
+            saved.setdefault(sub, sub.training)
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for sub, mode in saved.items():
+            sub.training = mode
 
 
 GATE_PREFIX = "gate."  # gate.<layer>.weight / .bias in exit_heads.safetensors

@@ -21,7 +21,16 @@ Everything a run writes besides the final exits directory lives in its training 
 `checkpoints/step-NNNNNNN/` with heads, optimizer state and RNG state as safetensors plus a JSON
 state file, published by renaming a finished temporary directory and then atomically replacing
 `checkpoints/latest.json`. `--resume` continues bit-exactly: the data order and learning rate
-are functions of the step number, and the optimizer and RNG states are restored.
+are functions of the step number, and the optimizer and RNG states are restored. The settings
+that shape the trajectory must match the checkpoint's; --steps/--tokens may change, the
+learning-rate schedule then following the new length from the checkpoint's step on (a note
+says so; the summary records it under `schedule_changes`).
+
+Modes: every training step runs the heads in train mode (dropout on where heads have it: a
+`layer` exit copies a block, a GPT-2 `mlp` exit its MLP), validation and gate fitting in eval
+mode with the previous mode put back, so a validation never changes the training after it; the
+backbone stays in eval mode. Progress: a bar on a terminal; where stderr is not a terminal, a
+status line every 30 s (`StatusLines`: step/total, loss, tokens/s, ETA), the gates' too.
 
 Validation (the end, and every `--eval-every` steps) reports each exit's CE and its top-1
 agreement with the final layer on the held-out blocks, both logged. `--select agreement` (the
@@ -103,14 +112,18 @@ class TuneConfig:
     #                            or by mean CE (candidates: every --eval-every validation and the last step), or
     #                            the last step's
     save_every: int = 0  # checkpoint every N steps (0: never, not even at the end)
-    resume: bool = False  # continue from the latest checkpoint of --train-dir
+    resume: bool = False  # continue from the latest checkpoint of --train-dir: the settings that shape the training
+    #                       must be its own, but --steps/--tokens may change (the learning-rate schedule then
+    #                       follows the new length; a line says so)
     train_dir: str | None = None  # logs and checkpoints (default: OUT.train)
     cache_hidden: str | None = None  # directory of a memory-mapped cache of the trunk's hidden states at the exits
     #                                  (later epochs and other head configurations on the same exits skip the
     #                                  backbone)
     cache_dtype: str = "bf16"  # storage dtype of the cached hidden states
     fsdp: bool = False  # under torchrun: FSDP2 over the backbone layers and the heads (default: DDP)
-    progress: bool = True  # progress bar (process 0, on a terminal)
+    progress: bool = True  # progress bar (process 0, on a terminal); where stderr is not a terminal, a status line
+    #                        (step/total, loss, tokens/s, ETA) every 30 s instead, which this does not stop:
+    #                        EETUNE_PROGRESS_INTERVAL=off does (=SECONDS sets the interval)
     gates: bool = False  # after tuning the heads, fit a gate per exit to them (labels: exit top-1 == final
     #                      top-1; held-out report in exit_config.json); one process, not under torchrun
     gates_only: bool = False  # train no heads: fit gates to the heads of DIR as they are, heads copied unchanged
@@ -136,6 +149,115 @@ class TuneConfig:
                   "weight_decay", "betas", "clip", "dtype", "seed", "loss_weights", "loss_weights_start",
                   "loss_weights_warmup", "dynamic_weights", "distill", "val_blocks", "max_blocks", "cache_dtype",
                   "gen_temperature", "gen_top_p", "gen_max_new_tokens", "gen_batch_size", "select", "loss_chunk")
+
+
+# --- progress: a bar on a terminal, status lines elsewhere -----------------------------------
+PROGRESS_INTERVAL_S = 30.0  # seconds between status lines (stderr not a terminal)
+PROGRESS_ENV = "EETUNE_PROGRESS_INTERVAL"  # overrides it: seconds (0: after every step), or "off"
+
+
+def progress_interval() -> float | None:
+    """Seconds between status lines: $EETUNE_PROGRESS_INTERVAL, else `PROGRESS_INTERVAL_S`; None
+    when the variable says off (or none, no)."""
+    raw = os.environ.get(PROGRESS_ENV, "").strip()
+    if not raw:
+        return PROGRESS_INTERVAL_S
+    if raw.lower() in ("off", "none", "no"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or not math.isfinite(value):
+        raise EETuneError(f"{PROGRESS_ENV}={raw!r}: give seconds between progress lines (>= 0), or off")
+    return value
+
+
+def _is_terminal(stream) -> bool:
+    """Whether a bar redrawn in place shows on `stream`: a terminal, or a Jupyter cell."""
+    try:
+        if stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+    return type(stream).__module__.split(".")[0] == "ipykernel"
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class StatusLines:
+    """What replaces a progress bar where stderr is not a terminal (a log file, a pipe, a batch
+    job), where a bar redrawn in place either shows nothing or fills the log: one line at most
+    every `interval` seconds, e.g.
+
+        tune: step 120/400 (30%), loss 1:3.412 3:2.951, 8,123 tok/s, elapsed 1m02s, ETA 2m25s
+
+    (done/total, the fields of `set_postfix`, the time so far and the estimated time left at
+    the rate of this process's steps), and a last line from `close` when any was printed. The
+    calls are tqdm's: `update`, `set_postfix`, `close`."""
+
+    def __init__(self, total: int, desc: str, unit: str, interval: float, initial: int = 0, file=None,
+                 clock=time.monotonic):
+        self.total, self.desc, self.unit, self.interval, self.clock = total, desc, unit, interval, clock
+        self.n = self.start = initial
+        self.t0 = self.last = clock()
+        self.fields: dict = {}
+        self.printed_at: int | None = None
+        self.file = file
+
+    def set_postfix(self, fields: dict, refresh: bool = False) -> None:
+        self.fields = dict(fields)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._print(now)
+
+    def close(self) -> None:
+        if self.printed_at is not None and self.printed_at != self.n:
+            self._print(self.clock(), done=True)
+
+    def line(self, now: float, done: bool = False) -> str:
+        elapsed = now - self.t0
+        parts = [f"{self.desc}: {self.unit} {self.n:,}/{self.total:,}"
+                 + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")]
+        for key, value in self.fields.items():
+            parts.append(f"{value} {key}" if key.endswith("/s") else f"{key} {value}")
+        parts.append(f"elapsed {_duration(elapsed)}")
+        ran = self.n - self.start
+        if done:
+            parts.append("done" if self.n >= self.total else "stopped")
+        elif ran > 0 and self.total:
+            parts.append(f"ETA {_duration(elapsed / ran * max(0, self.total - self.n))}")
+        else:
+            parts.append("ETA unknown")
+        return ", ".join(parts)
+
+    def _print(self, now: float, done: bool = False) -> None:
+        print(self.line(now, done), file=self.file or sys.stderr, flush=True)
+        self.printed_at = self.n
+
+
+def progress_display(total: int, desc: str, unit: str, bar: bool, lines: bool = True, initial: int = 0):
+    """How a long loop shows its progress: a tqdm bar when `bar` and stderr is a terminal;
+    `StatusLines` when stderr is not a terminal and `lines` (whether or not `bar`: the CLI turns
+    the bar off away from a terminal, and a run that prints nothing for minutes looks hung);
+    else a disabled bar. Processes other than rank 0 pass neither."""
+    if bar and _is_terminal(sys.stderr):
+        return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True)
+    interval = progress_interval() if lines and not _is_terminal(sys.stderr) else None
+    if interval is not None:
+        return StatusLines(total, desc, unit, interval, initial=initial)
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc, disable=True)
 
 
 # --- small pieces the loop uses ------------------------------------------------------------
@@ -511,6 +633,37 @@ def _check_config(cfg: TuneConfig, exit_layers) -> None:
                               "then run `eetune tune OUT --gates-only` without torchrun")
 
 
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")  # where HF configs keep the context
+
+
+def model_context(config) -> tuple[int, str] | None:
+    """(the longest sequence the model was made for, the config field saying so), or None when
+    its config names none."""
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, getattr(config, "attribute_map", {}).get(name, name)  # GPT-2: n_positions
+    return None
+
+
+def check_seq_len(seq_len: int, exit_config: ExitConfig, backbone=None) -> None:
+    """Refuse a --seq-len longer than the model's context before anything loads (such blocks run
+    past its position embeddings, or out of memory, long after the start). The context comes
+    from the backbone when one is passed, else from the config of the exits' base model (no
+    weights read)."""
+    if backbone is not None:
+        config, name = backbone.config, getattr(backbone, "source", "") or exit_config.base_model
+    elif exit_config.base_model:
+        from .backbone import model_config
+        config, name = model_config(exit_config.base_model, revision=exit_config.revision), exit_config.base_model
+    else:
+        return  # no model named: loading it is refused later
+    context = model_context(config)
+    if context is not None and seq_len > context[0]:
+        raise EETuneError(f"--seq-len {seq_len} is longer than the context of {name or 'the model'} ({context[0]} "
+                          f"tokens, its {context[1]}): give --seq-len {context[0]} or less")
+
+
 def rank_vocabulary(blocks: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Every token id of the vocabulary, most frequent in `blocks` first (ties by id): what
     `EarlyExitModel.vocab_by_frequency` holds (self-spec's restricted draft vocabulary)."""
@@ -536,7 +689,7 @@ def _fit_gates(model, train: torch.Tensor, val: torch.Tensor, data_info: dict, c
     from .gates import train_gates
 
     blocks = gate_training_blocks(train, cfg)
-    summary = train_gates(model, blocks, val, batch_size=cfg.batch_size, progress=cfg.progress)
+    summary = train_gates(model, blocks, val, batch_size=cfg.batch_size, progress=cfg.progress, lines=True)
     return {"data": data_info, "gate_tokens_asked": cfg.gate_tokens, "seed": cfg.seed,
             "exits_from": _recorded_path(exits_dir), **summary}
 
@@ -553,6 +706,7 @@ def tune_gates(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone
     exits_dir, out = Path(exits_dir), Path(out)
     exit_config = ExitConfig.load(exits_dir)
     _check_config(cfg, exit_config.exit_layers)
+    check_seq_len(cfg.seq_len, exit_config, backbone)
     check_output_dir(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=device)
@@ -581,7 +735,7 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
     if cfg.gates_only:
         return {"gates": tune_gates(exits_dir, out, cfg, backbone=backbone)}
     exits_dir, out = Path(exits_dir), Path(out)
-    cfg, exit_config, train_dir = _check_run(exits_dir, out, cfg)  # before loading or writing anything
+    cfg, exit_config, train_dir = _check_run(exits_dir, out, cfg, backbone)  # before loading or writing anything
     world, rank, device, started_pg = _start_processes()
     locks, stop = [], None
     try:
@@ -597,8 +751,8 @@ def tune(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone=None)
         _open_log(run)
         _seed(run)
         stop = _stop_on_interrupt(world)
-        bar = tqdm(total=run.total_steps, initial=run.step, unit="step", desc="tune",
-                   disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
+        bar = progress_display(run.total_steps, "tune", "step", bar=cfg.progress and rank == 0, lines=rank == 0,
+                               initial=run.step)
         while run.step < run.total_steps:
             row = train_step(run)
             if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total_steps and run.val.shape[0]:
@@ -660,6 +814,7 @@ class TuneRun:
     val_agree: dict = dataclasses.field(default_factory=dict)
     perms: dict = dataclasses.field(default_factory=dict)  # data order per epoch (block_indices)
     rng: dict | None = None  # a resumed run's generator states, put back after seeding
+    schedule_changes: list = dataclasses.field(default_factory=list)  # resumes with another --steps/--tokens
     tb: object = None  # TensorBoard writer (rank 0, when installed)
 
     @property
@@ -681,7 +836,7 @@ class TuneRun:
 
 
 # --- the steps of `tune`, named ------------------------------------------------------------
-def _check_run(exits_dir: Path, out: Path, cfg: TuneConfig) -> tuple[TuneConfig, ExitConfig, Path]:
+def _check_run(exits_dir: Path, out: Path, cfg: TuneConfig, backbone=None) -> tuple[TuneConfig, ExitConfig, Path]:
     """Everything that can be checked before loading or writing anything: (the settings with
     their defaults resolved, the exits' configuration, the training directory)."""
     from .model import check_output_dir
@@ -689,6 +844,7 @@ def _check_run(exits_dir: Path, out: Path, cfg: TuneConfig) -> tuple[TuneConfig,
     cfg = resolve_defaults(cfg)
     exit_config = ExitConfig.load(exits_dir)  # refuses a directory that is not an exits directory
     _check_config(cfg, exit_config.exit_layers)
+    check_seq_len(cfg.seq_len, exit_config, backbone)
     check_output_dir(out)
     return cfg, exit_config, Path(cfg.train_dir) if cfg.train_dir else out.with_name(out.name + ".train")
 
@@ -724,8 +880,8 @@ def _setup(model, exits_dir: Path, out: Path, train_dir: Path, exit_config: Exit
                                              progress=cfg.progress and rank == 0)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
-    from .graphs import free_graph_state
-    free_graph_state(model)  # generated data (`generated:N`) may have left decoding graphs and caches
+    from .engine import free_decode_state
+    free_decode_state(model)  # generated data (`generated:N`) may have left decoding graphs and caches
     n_train, bb = train.shape[0], model.backbone
     G = cfg.batch_size * cfg.grad_accum * world
     total_steps = cfg.steps or (math.ceil(cfg.tokens / (G * cfg.seq_len)) if cfg.tokens else math.ceil(n_train / G))
@@ -768,9 +924,32 @@ def _resume(run: TuneRun, checkpoint: Path) -> None:
     run.step, run.tokens_seen, run.prior_time = state["step"], state["tokens"], state["wall_time_s"]
     run.best = state.get("best")
     run.rng = rng
+    run.schedule_changes = list(state.get("schedule_changes", []))
     if run.step >= run.total_steps:
         raise EETuneError(f"the checkpoint in {run.train_dir} is at step {run.step}, the run asks for "
                           f"{run.total_steps}: give more --steps/--tokens to continue tuning")
+    before = state.get("total_steps")
+    if before is not None and before != run.total_steps:
+        # A changed length is what continuing a run usually means; the schedule is a function of
+        # it, so say what happens to the learning rate rather than change it silently.
+        run.schedule_changes.append({"step": run.step, "total_steps_before": before, "total_steps": run.total_steps})
+        if run.rank == 0:
+            print(resume_schedule_note(run.step, before, run.total_steps, run.cfg), file=sys.stderr, flush=True)
+
+
+def resume_schedule_note(step: int, before: int, after: int, cfg: TuneConfig) -> str:
+    """The line `--resume` prints when --steps/--tokens give the run another length than the
+    checkpointed one had: the learning-rate schedule is one of the new length from here on."""
+    note = (f"note: --resume with {after} steps in all where the checkpointed run had {before}: continuing from "
+            f"step {step}, ")
+    old_lr, new_lr = lr_at(min(step, before - 1), before, cfg), lr_at(step, after, cfg)
+    if cfg.decay == "constant":
+        return note + (f"the learning rate does not depend on the length (--decay constant): the run goes on as "
+                       f"one of {after} steps would")
+    return note + (f"the learning-rate schedule is now that of a {after}-step run ({cfg.decay} decay to "
+                   f"{cfg.lr * cfg.min_lr_ratio:.3g} at step {after}): {new_lr:.3g} at step {step + 1}, where the "
+                   f"{before}-step schedule {'had ended at' if step >= before else 'gave'} {old_lr:.3g}; steps 1-"
+                   f"{step} keep the rates of the old schedule, so the heads differ from a fresh {after}-step run's")
 
 
 def _seed(run: TuneRun) -> None:
@@ -830,6 +1009,9 @@ def train_step(run: TuneRun) -> dict:
     stop the run with a one-line error naming the step and the last good checkpoint."""
     cfg, layers, step = run.cfg, run.layers, run.step
     t_step = time.time()
+    # Every step in train mode (the heads' dropout, if they have any, on), whatever ran before it:
+    # a fresh, a resumed and a validated run alike. The backbone stays in eval mode (frozen).
+    run.heads_train.train()
     lr = lr_at(step, run.total_steps, cfg)
     for group in run.opt.param_groups:
         group["lr"] = lr
@@ -890,8 +1072,10 @@ def validate(run: TuneRun) -> tuple[dict[int, float], dict[int, float]]:
     cfg, layers, val = run.cfg, run.layers, run.val
     n_train = run.train.shape[0]
     sums, agree = [0.0] * len(layers), [0] * len(layers)
-    run.model.eval()
-    with torch.no_grad():
+    from .model import eval_mode
+    # Eval mode (no dropout) for the heads, each module's previous mode put back after: a validation
+    # never changes how the following training steps run (nor, so, a resumed run's heads).
+    with torch.no_grad(), eval_mode(run.heads_train, run.model):
         for j, a in enumerate(range(0, val.shape[0], cfg.batch_size)):
             ids = val[a:a + cfg.batch_size].to(run.device)
             hiddens, ctx, _ = trunk(run, ids, list(range(n_train + a, n_train + a + ids.shape[0])))
@@ -900,7 +1084,6 @@ def validate(run: TuneRun) -> tuple[dict[int, float], dict[int, float]]:
             for i, (ce_sum, agreeing) in enumerate(results):
                 sums[i] += ce_sum
                 agree[i] += agreeing
-    run.model.train()
     n_pred = val.shape[0] * (cfg.seq_len - 1)
     return ({k: s / n_pred for k, s in zip(layers, sums)},
             {k: a / n_pred for k, a in zip(layers, agree)})
@@ -933,8 +1116,8 @@ def _log(run: TuneRun, row: dict, bar) -> None:
             for key, v in row.items():
                 if key != "step":
                     run.tb.add_scalar(key, v, run.step)
-        bar.set_postfix({**{f"L{k}": f"{v:.3f}" for k, v in run.train_loss.items()},
-                         "tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
+        bar.set_postfix({"loss": " ".join(f"{k}:{v:.3f}" for k, v in run.train_loss.items()),
+                         "tok/s": f"{row['tokens_per_s']:,.0f}"}, refresh=False)
     bar.update(1)
 
 
@@ -944,7 +1127,7 @@ def _checkpoint(run: TuneRun) -> Path | None:
         run.cache.flush()
     state = {"step": run.step, "tokens": run.tokens_seen, "wall_time_s": run.wall_time(),
              "settings": run.run_settings, "total_steps": run.total_steps, "train_loss": run.train_loss,
-             "best": run.best}
+             "best": run.best, "schedule_changes": run.schedule_changes}
     path = save_checkpoint(run.train_dir, run.step, run.named, run.opt, state, run.rank, run.best_heads)
     run.last_good = path or run.last_good
     if run.world > 1:
@@ -976,6 +1159,8 @@ def _finish(run: TuneRun) -> dict:
                "cache_hidden": bool(cfg.cache_hidden), "trunk_layers_held": run.trunk_layers_held,
                "trunk_layers_loaded": run.trunk_layers_loaded,
                "exits_from": _recorded_path(run.exits_dir)}
+    if run.schedule_changes:  # resumed with another --steps/--tokens: the schedule changed at those steps
+        summary["schedule_changes"] = run.schedule_changes
     if run.exit_config.training:
         summary["previous"] = run.exit_config.training
     state = {name: _full(p) for name, p in run.named}  # every rank joins the gathers
@@ -1136,8 +1321,11 @@ def _restore(checkpoint: Path, run_settings: dict, named: list, opt, use_cuda: b
     state = json.loads((checkpoint / "state.json").read_text())
     changed = sorted(k for k in run_settings if state["settings"].get(k) != run_settings[k])
     if changed:
-        raise EETuneError(f"--resume with settings that differ from the checkpointed run ({', '.join(changed)}):"
-                          f" use the same ones, or start a new run")
+        what = "; ".join(f"{k}: {state['settings'].get(k)!r} in the checkpoint, {run_settings[k]!r} now"
+                         for k in changed)
+        raise EETuneError(f"--resume with settings that differ from the checkpointed run ({what}): give the "
+                          f"checkpoint's, or start a new run (another --train-dir); --steps/--tokens are what a "
+                          f"resumed run may change")
     heads_state = load_file(str(checkpoint / "heads.safetensors"))
     optim_state = load_file(str(checkpoint / "optimizer.safetensors"))
     with torch.no_grad():
