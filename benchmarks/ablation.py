@@ -5,7 +5,7 @@
 
 Exits after layers 10 and 20 of SmolLM2-135M (30 layers), own (copied) output embeddings,
 AdamW, the same BoolQ training blocks and held-out validation blocks for every run, through
-`eetune.tune.tune`. The runs share one `--cache-hidden` directory, so only the first one runs the
+`eetune.train.tune.tune`. The runs share one `--cache-hidden` directory, so only the first one runs the
 backbone; the others read the trunk's hidden states from disk. Compared:
 - copy vs random initialisation (`norm` exits);
 - shallow (layer 10) vs deep (layer 20) exits (every run);
@@ -58,7 +58,7 @@ def main() -> None:
 
     import eetune
     from eetune.cli import main as cli
-    from eetune.tune import TuneConfig, tune
+    from eetune.train.tune import TuneConfig, tune
 
     settings = {"model": "smollm2-135m", "exits": list(EXITS), "output_embedding": "copy", "steps": args.steps,
                 "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup,

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 
 from eetune import EarlyExitModel, load_tokenizer  # noqa: E402
 from eetune.decode import DecodeOptions, generate  # noqa: E402
-from eetune.evaluate import rouge_l, token_agreement  # noqa: E402
+from eetune.measure.evaluate import rouge_l, token_agreement  # noqa: E402
 
 INSTRUCTION = "Summarize the following news article in one sentence.\n\n"
 
@@ -45,7 +45,7 @@ def _repo_relative(path) -> str:
 
 
 def xsum_prompts(tok, n: int, doc_tokens: int, chat: bool) -> tuple[list[list[int]], list[str]]:
-    from eetune.defaults import default_data_file
+    from eetune.model.defaults import default_data_file
     rows = [json.loads(line) for line in open(default_data_file("xsum_test.jsonl"), encoding="utf-8")]
     prompts, refs = [], []
     for r in rows[:n]:
@@ -148,7 +148,7 @@ def main(argv=None):
     # warm-up (allocator, first-call overheads) outside the timings
     generate(model, [prompts[0]], DecodeOptions(mode="full", max_new_tokens=8, eos_token_ids=eos))
     if args.auto:  # the draft policy's costs are measured once per loaded model: not inside a timed run
-        from eetune.engine import measure_costs
+        from eetune.decode.policy import measure_costs
         measure_costs(model, DecodeOptions())
 
     settings = [("hf-generate", "hf-generate", {}), ("full", "full", {})]

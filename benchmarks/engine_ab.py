@@ -10,7 +10,8 @@ exits (default: the H100-tuned MLP exits with gates, benchmarks/exits/smollm2-ml
 warms up every setting, then decodes the same XSum prompts (batch 1, greedy, fp32, chat
 template) with every setting interleaved prompt by prompt, and reports generated tokens ÷
 decode seconds per setting. Per setting the result is the ratio of the two versions' summed
-tokens/s over rounds (new ÷ old), with the per-round ratios; outputs are checked identical.
+tokens/s over rounds (new ÷ old), the per-round ratios and their median (robust to a round that
+other work on the machine disturbed); outputs are checked identical.
 Prints one JSON line and writes it to benchmarks/results/engine_ab-<tag>.json.
 """
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,18 +40,24 @@ SETTINGS = {  # name -> DecodeOptions fields common to both versions
 }
 
 WORKER = r'''
-import json, sys, time, torch
-sys.path.insert(0, sys.argv[1] + "/benchmarks")
+import json, sys, torch
 torch.manual_seed(0)
 from eetune import EarlyExitModel, load_tokenizer
 from eetune.decode import DecodeOptions, generate
-from decode_speed import xsum_prompts
-args = json.loads(sys.argv[2])
+args = json.loads(sys.argv[1])
 model = EarlyExitModel.from_pretrained(args["exits"])
 model.eval()
 tok = load_tokenizer(model.backbone)
-prompts, _ = xsum_prompts(tok, args["prompts"], args["doc_tokens"], chat=True)
-out = {}
+prompts = []
+for line in open(args["xsum"], encoding="utf-8"):
+    doc = json.loads(line)["document"]
+    ids = tok(doc, add_special_tokens=False)["input_ids"][:args["doc_tokens"]]
+    text = "Summarize the following news article in one sentence.\n\n" + tok.decode(ids)
+    x = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                                return_dict=False)
+    prompts.append(list(x["input_ids"]) if hasattr(x, "keys") else list(x))
+    if len(prompts) == args["prompts"]:
+        break
 for name, kw in args["settings"].items():  # warm-up: every setting once, untimed
     generate(model, [prompts[0]], DecodeOptions(max_new_tokens=8, **kw))
 tokens = {n: 0 for n in args["settings"]}
@@ -67,9 +75,11 @@ print(json.dumps({"tokens": tokens, "seconds": seconds, "ids": ids}))
 
 def worker(tree: Path, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+    from eetune.model.defaults import default_data_file
     payload = json.dumps({"exits": str(Path(args.exits).resolve()), "prompts": args.prompts,
+                          "xsum": str(default_data_file("xsum_test.jsonl")),
                           "doc_tokens": args.doc_tokens, "new_tokens": args.new_tokens, "settings": SETTINGS})
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(REPO), payload], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", WORKER, payload], env=env, capture_output=True,
                           text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"worker for {tree} failed:\n{proc.stderr[-3000:]}")
@@ -115,6 +125,7 @@ def main(argv=None):
         result[name] = {"new_over_old": round(sum(tps(n, name) for n in runs["new"])
                                               / sum(tps(o, name) for o in runs["old"]), 4),
                         "per_round": [round(x, 4) for x in per_round],
+                        "median_round": round(statistics.median(per_round), 4),
                         "old_tokens_per_s": round(sum(tps(o, name) for o in runs["old"]) / args.rounds, 2),
                         "identical_outputs": same}
     import torch

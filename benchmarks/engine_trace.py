@@ -48,10 +48,10 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
 from eetune import EarlyExitModel  # noqa: E402
-from eetune.backbone import adapter_for  # noqa: E402
+from eetune.model.backbone import adapter_for  # noqa: E402
 from eetune.decode import DecodeOptions, generate  # noqa: E402
-from eetune.engine import measure_costs  # noqa: E402
-from eetune.gates import ExitGate  # noqa: E402
+from eetune.decode.policy import measure_costs  # noqa: E402
+from eetune.model.gates import ExitGate  # noqa: E402
 
 SHAPES = {  # Llama-architecture shapes: layers, hidden, MLP, heads, KV heads, vocabulary, exits
     "smollm2-135m": dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8's GPU checks in one short device call (lent H100/H200; no network, torch and
-# transformers 5.17 already there): the graph engine's CUDA exactness tests, engine traces
-# (HF eager, HF static cache + compile, our lean and graph engines; forced early exits and
+# transformers 5.17 already there): the engine's CUDA exactness tests, engine traces
+# (HF eager, HF static cache + compile, our engine with and without compiled segments; forced early exits and
 # replayed self-spec rounds, beside the memory-bandwidth floor) and the tuning step against full
 # fine-tuning. Prints the tables; writes JSON/JSONL and a log to $OUT (copy them to
 # benchmarks/results/ afterwards). HF's compile is skipped for later shapes once BUDGET seconds

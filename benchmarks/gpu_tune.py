@@ -14,7 +14,7 @@ tokens written to a temporary text file. One process, one machine, the same batc
   parameters, bf16 autocast, `model(input_ids, labels=input_ids)` (the whole logits, as Hugging
   Face computes them), backward, clip 1.0, AdamW (0.9, 0.95). If it runs out of memory, the
   result says so and the same batch is retried with gradient checkpointing (noted in the JSON).
-- `ee`: eetune's own tuning step, `eetune.tune.train_step`, on a run set up by the library's
+- `ee`: eetune's own tuning step, `eetune.train.tune.train_step`, on a run set up by the library's
   named steps (`_check_run`, `_load_for_tuning`, `_setup`, `_seed`, as tests/test_tune.py's
   test_named_steps_compose_to_tune drives them) from the random model saved as bf16 safetensors
   and exits converted as `eetune convert` does: `--dtype bf16` (frozen backbone weights in bf16,
@@ -178,7 +178,7 @@ def measure_steps(step, device: torch.device, steps: int, start_mb: float) -> di
 
 
 def is_oom(e: BaseException) -> bool:
-    from eetune.tune import _out_of_memory
+    from eetune.train.tune import _out_of_memory
     return _out_of_memory(e)
 
 
@@ -236,7 +236,7 @@ def run_full(config, args, device: torch.device) -> tuple[dict | None, list[str]
 
 def run_ee(exits_dir: Path, data: Path, work: Path, args, device: torch.device) -> dict:
     """eetune's tuning step: the run set up by the library's named steps, `train_step` timed."""
-    from eetune import tune as T
+    from eetune.train import tune as T
 
     start = memory_mb(device)
     n_blocks = args.batch_size * (WARMUP + args.steps)
@@ -302,7 +302,7 @@ def summarise(args, device, tag, exits, config, full, ee, notes, wall_s) -> dict
     if device.type == "cpu":
         notes.append("CPU: peak memory is peak RSS above the RSS before the configuration's model was built; "
                      "memory the allocator kept from earlier phases can be reused, so it is rough (smoke run)")
-    notes.append("ee step = eetune.tune.train_step: host-to-device copy of the batch, frozen bf16 trunk to the "
+    notes.append("ee step = eetune.train.tune.train_step: host-to-device copy of the batch, frozen bf16 trunk to the "
                  "deepest exit under no_grad, heads + chunked exit losses (fused gradients), backward into the "
                  "heads, clip, AdamW; excluded: set-up (load, data, optimizer creation), validation, logging, "
                  "checkpoints, writing the tuned exits")

@@ -51,7 +51,7 @@ def child(args) -> None:
 
     import eetune  # noqa: F401
     from eetune import load_backbone
-    from eetune.backbone import model_config
+    from eetune.model.backbone import model_config
 
     import_model_code(model_config(args.model))
     baseline = proc_status_mb("VmRSS")

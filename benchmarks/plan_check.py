@@ -8,7 +8,7 @@ module), safetensors and eetune, warm up autograd and AdamW, read VmRSS (the bas
 the peak (`/proc/self/clear_refs` = 5). The load peak is read when loading is done (tune: just
 before its parallel wrapping; decode: after `EarlyExitModel.from_pretrained`) and the peak reset
 again; the steady-state peak is read at the end (tune: steps, validation, writing the heads;
-decode: prefill and generation). Both are compared with `eetune.plan.plan`'s `load_peak_bytes`
+decode: prefill and generation). Both are compared with `eetune.measure.plan.plan`'s `load_peak_bytes`
 and `peak_bytes`, computed from the model's config.json only. A tune run's steady state is also
 split into the plan's phases (the peak is reset at each boundary: trunk, loss, backward,
 optimizer step, validation, writing the heads; each phase's largest peak over the steps) and
@@ -20,7 +20,7 @@ tens of MiB, and a 256-token chunk's fp32 buffer, 39 MiB, is above the 32 MiB be
 always maps large allocations, as SmolLM2's 48 MiB is: below it, freed buffers stay in glibc's
 heap and the RSS measures the allocator) with a norm exit after layer 2, tuned with `--distill 0`
 and 1, each with the default chunked exit losses and with `--loss-chunk 0` (whole logits), and
-decoded; the embedded default model (SmolLM2-135M, prepared through eetune.defaults) with norm
+decoded; the embedded default model (SmolLM2-135M, prepared through eetune.model.defaults) with norm
 exits after layers 10 and 20 tuned with `--distill 0` and the default chunked losses, with own
 output embeddings at batch 2 x 256 (as benchmarks/tune_cost.py) and with the shared LM head at
 batch 4 x 512, and decoded with early exit. Prints one JSON line and writes it with machine,
@@ -75,11 +75,12 @@ def child(spec: dict) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401 - part of the baseline
     import safetensors.torch  # noqa: F401 - part of the baseline
 
-    import eetune.data  # noqa: F401
-    import eetune.decode  # noqa: F401
-    import eetune.engine  # noqa: F401
-    import eetune.tune as tune_mod
-    from eetune.model import EarlyExitModel
+    import eetune.train.data  # noqa: F401
+    import eetune.decode.api  # noqa: F401
+    import eetune.decode.engine  # noqa: F401
+    import eetune.train.tune as tune_mod
+    from eetune.decode import generate
+    from eetune.model.early_exit import EarlyExitModel
 
     torch.set_num_threads(spec["threads"])
     lin = torch.nn.Linear(8, 8)
@@ -113,7 +114,7 @@ def child(spec: dict) -> None:
         g = torch.Generator().manual_seed(0)
         V = model.backbone.vocab_size
         prompts = torch.randint(3, V, (spec["batch_size"], spec["prompt_len"]), generator=g).tolist()
-        model.generate(prompts, mode="early-exit", threshold=0.9, max_new_tokens=spec["max_new_tokens"])
+        generate(model, prompts, mode="early-exit", threshold=0.9, max_new_tokens=spec["max_new_tokens"])
     if spec["mode"] == "tune":
         phases["mark"](None)
         marks["steady_peak"] = max(phases["peaks"].values())
@@ -126,12 +127,12 @@ def child(spec: dict) -> None:
 
 
 def split_phases(tune_mod, base: int) -> dict:
-    """Reset the peak at the boundaries of a tune step's phases (as eetune.plan names them) and
+    """Reset the peak at the boundaries of a tune step's phases (as eetune.measure.plan names them) and
     keep each phase's largest peak above `base`: patches tune's trunk, validate and
     write_exits_dir, Tensor.backward and the optimizer's step."""
     import torch
 
-    import eetune.model as model_mod
+    import eetune.model.early_exit as model_mod
 
     state = {"on": False, "current": "setup", "peaks": {}}
 
@@ -237,7 +238,7 @@ def cases(models: list[str], work: Path, args) -> list[dict]:
                     "arch": "norm", "output_embedding": "copy", "exits": str(exits), "batch_size": 1,
                     "prompt_len": 128, "max_new_tokens": 32})
     if "default" in models:
-        from eetune import defaults
+        from eetune.model import defaults
         defaults.default_model_dir()  # prepared (downloaded and converted once) outside the measurement
         exits, shared = work / "default-exits", work / "default-exits-shared"
         for emb, path in (("copy", exits), ("shared", shared)):
@@ -258,7 +259,7 @@ def cases(models: list[str], work: Path, args) -> list[dict]:
 
 
 def predict(spec: dict):
-    from eetune.plan import plan
+    from eetune.measure.plan import plan
     if spec["mode"] == "tune":
         return plan(spec["model"], spec["exit_spec"], arch=spec["arch"], output_embedding=spec["output_embedding"],
                     distill=spec["distill"], batch_size=spec["batch_size"], seq_len=spec["seq_len"],

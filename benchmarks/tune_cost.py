@@ -6,7 +6,7 @@
 On the default model (SmolLM2-135M, 30 layers), one run, one machine, the same batch of BoolQ
 training blocks and the same optimizer (AdamW, betas 0.9/0.95, clip 1.0, fp32):
 - `full`: a full-parameter fine-tuning step (all 135M weights trainable, LM loss at the top);
-- EE-Tuning through `eetune.tune.tune` itself, exits after layers 10 and 20 (1/3 and 2/3 of
+- EE-Tuning through `eetune.train.tune.tune` itself, exits after layers 10 and 20 (1/3 and 2/3 of
   depth): `norm` with copied and with shared output embeddings, `mlp` and `layer` (copied output
   embeddings, the paper's default), and an epoch served from `--cache-hidden` (every hidden state
   already on disk, so no backbone layer is held or run) for `norm` copy and shared.
@@ -50,7 +50,7 @@ def run_full(args) -> dict:
     import torch.nn.functional as F
 
     from eetune import load_backbone, load_tokenizer
-    from eetune.data import train_val_blocks
+    from eetune.train.data import train_val_blocks
 
     bb = load_backbone("smollm2-135m")
     train, _, _ = train_val_blocks("default", load_tokenizer(bb), args.seq_len, 1, args.batch_size * args.steps)
@@ -74,11 +74,11 @@ def run_full(args) -> dict:
 
 
 def run_ee(args, name: str, work: Path) -> dict:
-    """EE-Tuning steps through eetune.tune.tune; step times from its CSV log."""
+    """EE-Tuning steps through eetune.train.tune.tune; step times from its CSV log."""
     import csv
 
     from eetune.cli import main
-    from eetune.tune import TuneConfig, tune
+    from eetune.train.tune import TuneConfig, tune
 
     arch, emb, cached = CONFIGS[name]
     exits = work / f"exits-{arch}-{emb}"
@@ -106,7 +106,7 @@ def child(args) -> None:
     import transformers  # noqa: F401 - part of the baseline
 
     import eetune  # noqa: F401
-    from eetune.backbone import model_config
+    from eetune.model.backbone import model_config
     sys.path.insert(0, str(Path(__file__).parent))
     from load_memory import import_model_code, proc_status_mb
 

@@ -6,7 +6,7 @@ import torch
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config,
                           LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
 
-from eetune.backbone import adapter_for
+from eetune.model.backbone import adapter_for
 
 V, H, L = 97, 32, 4
 COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,

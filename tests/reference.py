@@ -1,4 +1,4 @@
-"""The readable reference decoder: the tests' oracle for `eetune.engine`.
+"""The readable reference decoder: the tests' oracle for `eetune.decode.engine`.
 
 Plain functions over an `EarlyExitModel` and a per-layer `LayerCache` (layers may hold different
 numbers of slots), one step at a time, a mask built per layer call, per-row Python where
@@ -14,14 +14,14 @@ engine must give the same tokens and logits (within float tolerance) in every mo
   them in one pass, the longest agreeing prefix is kept plus the model's own next token (greedy),
   or the speculative-sampling rule decides (sampling).
 
-`reference_generate(model, prompts, opts)` is `eetune.decode.generate` with this loop.
+`reference_generate(model, prompts, opts)` is `eetune.decode.api.generate` with this loop.
 """
 
 from __future__ import annotations
 
 import torch
 
-from eetune.backbone import LayerCache
+from eetune.model.backbone import LayerCache
 from eetune.decode import DecodeOptions, choose, confidence, generate, sampling_probs, speculative_accept
 
 
@@ -232,9 +232,9 @@ def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
 
 
 # --- the entry point ------------------------------------------------------------------------
-def reference_run(model, ids, pad, opts, emitter, gen, device) -> dict:
+def reference_run(model, ids, pad, opts, emitter, gen, device, policy=None) -> dict:
     """The reference decoding loop (this module's functions, one step at a time), with
-    `eetune.engine.run`'s signature and statistics."""
+    `eetune.decode.engine.run`'s signature and statistics."""
     bb = model.backbone
     T = ids.shape[1]
     pos = (torch.arange(T, device=device)[None, :] - torch.tensor(pad, device=device)[:, None]).clamp(min=-1)

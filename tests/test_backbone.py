@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from eetune.backbone import LayerCache, adapter_for, fingerprint
+from eetune.model.backbone import LayerCache, adapter_for, fingerprint
 from eetune.errors import EETuneError
-from eetune.model import EarlyExitModel, positions_from_mask
+from eetune.model.early_exit import EarlyExitModel, positions_from_mask
 
 from conftest import L, V, tiny_backbone, tiny_model
 

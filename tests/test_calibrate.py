@@ -16,15 +16,15 @@ from test_engine import pair as both
 from reference import reference_generate
 from tune_helpers import one_thread  # noqa: F401 - tiny models run fastest on one thread
 
-from eetune.backbone import load_tokenizer
-from eetune.calibrate import (GRID, NEVER, calibrate, calibrated_thresholds, calibration_blocks, cost_model,
+from eetune.model.backbone import load_tokenizer
+from eetune.measure.calibrate import (GRID, NEVER, calibrate, calibrated_thresholds, calibration_blocks, cost_model,
                               heads_digest, outcomes, search_global, search_per_exit, simulate, token_table)
 from eetune.cli import main
-from eetune.config import CONFIG_NAME, ExitConfig
+from eetune.model.config import CONFIG_NAME, ExitConfig
 from eetune.decode import DEFAULT_THRESHOLD, DecodeOptions, generate
 from eetune.errors import EETuneError
-from eetune.evaluate import json_safe
-from eetune.model import EarlyExitModel
+from eetune.measure.evaluate import json_safe
+from eetune.model.early_exit import EarlyExitModel
 
 # A made-up measured cost model (what evaluate.exit_costs returns), so that the search is deterministic.
 COSTS = {"num_layers": L, "lm_head_layers": 0.4, "layer_s": 1e-3, "device": "cpu", "dtype": "float32",
@@ -205,7 +205,7 @@ def test_generate_uses_the_calibration_unless_a_threshold_is_given(world, capsys
     # the same decode with the calibrated thresholds given explicitly (the API's per-exit option)
     model = EarlyExitModel.from_pretrained(out)
     tok = load_tokenizer(model.backbone)
-    g = model.generate(["w5 w17 w33 w2 w9"], tokenizer=tok, mode="early-exit", exit_thresholds=stored,
+    g = generate(model, ["w5 w17 w33 w2 w9"], tokenizer=tok, mode="early-exit", exit_thresholds=stored,
                        max_new_tokens=16)
     assert g.threshold_source == "given" and g.thresholds == stored
     assert [t.exit_layer for t in g.rows[0].tokens] == layers and g.rows[0].ids == default["rows"][0]["ids"]
@@ -245,7 +245,7 @@ def test_a_calibration_of_other_heads_is_not_used(world, capsys):
 
 
 def test_calibrated_decode_agrees_as_predicted(world, capsys):
-    """The prediction, replayed with the lean engine at the calibrated (default) threshold:
+    """The prediction, replayed with the engine at the calibrated (default) threshold:
     (1) every prefix of the calibration blocks decoded for one token: the engine's exit and
     token equal the simulated ones, so its agreement with `--mode full` is the stored
     calibration agreement; (2) a free-running decode: the teacher-forced table of the text it
@@ -389,8 +389,8 @@ def test_grid_is_fine_and_ends_in_never():
 
 
 def test_measured_costs_are_medians_and_leave_the_cache(monkeypatch):
-    from eetune import evaluate
-    from eetune.calibrate import measured_costs
+    from eetune.measure import evaluate
+    from eetune.measure.calibrate import measured_costs
     lm = iter([0.0, 12.5, 2.0])  # a busy machine: one measurement far off either way
     seen = []
 

@@ -224,8 +224,8 @@ def test_convert_refuses_a_head_with_nothing_to_train(tiny_model_dir, tmp_path, 
 
 def test_tune_refuses_exits_with_nothing_to_train(tiny_model_dir, tmp_path, capsys):
     """Exits directories written before the convert-time check still get a one-line error."""
-    from eetune.config import ExitConfig
-    from eetune.model import write_exits_dir
+    from eetune.model.config import ExitConfig
+    from eetune.model.early_exit import write_exits_dir
     src = tmp_path / "old-exits"
     write_exits_dir(src, ExitConfig(exit_layers=(1,), num_layers=4, arch="embedding", output_embedding="shared",
                                     base_model=str(tiny_model_dir)), {})
@@ -244,8 +244,8 @@ def test_plain_completion_is_the_default_and_chat_is_asked_for():
     from types import SimpleNamespace
 
     from eetune.cli import empty_note, use_chat
-    from eetune.decode import generate_text
-    from eetune.model import EarlyExitModel
+    from eetune.decode import generate, generate_text
+    from eetune.model.early_exit import EarlyExitModel
     with_template = SimpleNamespace(chat_template="{{ messages }}")
     without = SimpleNamespace(chat_template=None)
     assert use_chat(False, with_template) is False and use_chat(False, without) is False
@@ -253,7 +253,7 @@ def test_plain_completion_is_the_default_and_chat_is_asked_for():
     assert build_parser().parse_args(["generate", "d", "--prompt", "x"]).chat is False
     assert build_parser().parse_args(["generate", "d", "--prompt", "x", "--chat"]).chat is True
     assert inspect.signature(generate_text).parameters["chat"].default is False
-    assert inspect.signature(EarlyExitModel.generate).parameters["chat"].default is False
+    assert inspect.signature(generate).parameters["chat"].default is False
     eos = SimpleNamespace(finished_by="eos")
     note = empty_note(0, 1, eos, chat=False)
     assert note.startswith("eetune: note: the prompt produced no text") and "add --chat" in note
@@ -265,25 +265,25 @@ def test_generate_is_plain_completion_unless_chat(tiny_exits, capsys, monkeypatc
     """With a tokenizer that has a chat template: no --chat gives the plain tokenisation (the same
     ids as the Python API's default); --chat wraps the prompt in the template."""
     from conftest import word_tokenizer
-    from eetune import decode
-    from eetune.model import EarlyExitModel
+    import eetune.decode.api as decode
+    from eetune.model.early_exit import EarlyExitModel
     tok_dir = json.loads((tiny_exits / "exit_config.json").read_text())["base_model"]
     tok = word_tokenizer()
     tok.chat_template = "{% for m in messages %}w90 {{ m['content'] }} w91 {% endfor %}"
     tok.save_pretrained(tok_dir)
     seen = []
-    real = decode.generate
+    real = decode.generate_ids
 
     def spy(model, ids, opts, **kw):
         seen.append([list(x) for x in ids])
         return real(model, ids, opts, **kw)
 
-    monkeypatch.setattr(decode, "generate", spy)
+    monkeypatch.setattr(decode, "generate_ids", spy)
     plain = _generate_json(capsys, tiny_exits, "--prompt", "w1 w2", "--mode", "full", "--max-new-tokens", "3")
     _generate_json(capsys, tiny_exits, "--prompt", "w1 w2", "--mode", "full", "--max-new-tokens", "3", "--chat")
     assert seen[0] == [[1, 2]] and seen[1] == [[90, 1, 2, 91]]
     model = EarlyExitModel.from_pretrained(tiny_exits)
-    api = model.generate("w1 w2", tokenizer=tok, mode="full", max_new_tokens=3)
+    api = decode.generate(model, "w1 w2", tokenizer=tok, mode="full", max_new_tokens=3)
     assert seen[2] == [[1, 2]] and api.rows[0].ids == plain["rows"][0]["ids"]
 
 
@@ -346,11 +346,11 @@ def test_an_unwritable_output_path_is_refused_before_any_work(tiny_exits, tiny_m
     def boom(*a, **k):
         raise AssertionError("work started before the output path was checked")
 
-    for module, name in [("eetune.backbone", "load_backbone"), ("eetune.backbone", "model_config"),
-                         ("eetune.data", "load_texts"), ("eetune.tune", "tune"), ("eetune.scan", "run_scan")]:
+    for module, name in [("eetune.model.backbone", "load_backbone"), ("eetune.model.backbone", "model_config"),
+                         ("eetune.train.data", "load_texts"), ("eetune.train.tune", "tune"), ("eetune.measure.scan", "run_scan")]:
         monkeypatch.setattr(importlib.import_module(module), name, boom)
-    monkeypatch.setattr(importlib.import_module("eetune.model").EarlyExitModel, "from_pretrained", boom)
-    monkeypatch.setitem(sys.modules, "eetune.lmeval", types.SimpleNamespace(run_harness=boom))
+    monkeypatch.setattr(importlib.import_module("eetune.model.early_exit").EarlyExitModel, "from_pretrained", boom)
+    monkeypatch.setitem(sys.modules, "eetune.measure.lmeval", types.SimpleNamespace(run_harness=boom))
     bad = _unwritable(tmp_path, where, "eetune-out.json" if "--json" in argv else "eetune-out")
     fill = {"{model}": str(tiny_model_dir), "{exits}": str(tiny_exits), "{bad}": str(bad), "{ok}": str(tmp_path / "ok")}
     argv = [fill.get(a, a.replace("{exits}", str(tiny_exits))) for a in argv]

@@ -1,4 +1,4 @@
-"""`EarlyExitModel.as_custom_generate`: eetune's engine behind Hugging Face's
+"""`eetune.decode.custom_generate`: eetune's engine behind Hugging Face's
 `model.generate(..., custom_generate=fn)`. The length and EOS settings HF turns into stopping
 criteria, and the sampling warpers, are honoured; logits processors and stopping criteria the
 engine cannot apply are refused with a one-line EETuneError instead of being silently dropped."""
@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from eetune.decode import custom_generate
 from eetune.errors import EETuneError
-from eetune.model import EarlyExitModel
+from eetune.model.early_exit import EarlyExitModel
 
 from conftest import peaky_backbone
 
@@ -32,7 +33,7 @@ def hf(bb, **kw):
 
 
 def custom(bb, model, opts=None, **kw):
-    return hf(bb, custom_generate=model.as_custom_generate(**(opts or {"mode": "full"})), **kw)
+    return hf(bb, custom_generate=custom_generate(model, **(opts or {"mode": "full"})), **kw)
 
 
 def test_greedy_full_mode_equals_plain_hf_generate(pair):
@@ -77,7 +78,7 @@ def test_max_new_tokens_beats_max_length(pair):
     assert out.shape == (2, WIDTH + 4)
 
 
-def test_as_custom_generate_options_take_precedence(pair):
+def test_custom_generate_options_take_precedence(pair):
     bb, model = pair
     out = custom(bb, model, {"mode": "full", "max_new_tokens": 2}, max_new_tokens=9)
     assert out.shape == (2, WIDTH + 2)
@@ -165,17 +166,17 @@ def test_sampling_follows_torch_manual_seed(pair):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_unknown_as_custom_generate_option_is_refused(pair):
+def test_unknown_custom_generate_option_is_refused(pair):
     _, model = pair
-    with pytest.raises(EETuneError, match="unknown as_custom_generate option.*repetition_penalty"):
-        model.as_custom_generate(mode="full", repetition_penalty=5.0)
+    with pytest.raises(EETuneError, match="unknown custom_generate option.*repetition_penalty"):
+        custom_generate(model, mode="full", repetition_penalty=5.0)
 
 
 def test_another_models_generate_is_refused(pair):
     _, model = pair
     other = peaky_backbone("llama", seed=1)
     with pytest.raises(EETuneError, match="built for another model"):
-        hf(other, max_new_tokens=3, custom_generate=model.as_custom_generate(mode="full"))
+        hf(other, max_new_tokens=3, custom_generate=custom_generate(model, mode="full"))
 
 
 def test_min_length_the_prompt_already_reaches_is_no_refusal(pair):

@@ -1,4 +1,4 @@
-"""Data sources (eetune.data): text, JSONL text and instruction formats through the chat template,
+"""Data sources (eetune.train.data): text, JSONL text and instruction formats through the chat template,
 HF `datasets` local files, the token cache, and the held-out validation split."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from eetune import data
+from eetune.train import data
 from eetune.errors import EETuneError
 
 from tune_helpers import make_docs, make_tokenizer

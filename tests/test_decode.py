@@ -6,7 +6,7 @@ import torch
 
 from eetune.decode import DecodeOptions, confidence, generate, generate_text, speculative_accept
 from eetune.errors import EETuneError
-from eetune.model import EarlyExitModel
+from eetune.model.early_exit import EarlyExitModel
 
 from conftest import FAMILIES, L, V, peaky_backbone, word_tokenizer
 

@@ -1,4 +1,4 @@
-"""`eetune eval` (eetune.downstream): metrics against hand-computed values, the statistics, and the
+"""`eetune eval` (eetune.measure.downstream): metrics against hand-computed values, the statistics, and the
 whole verb on a tiny peaked model: outputs, self-spec = full item for item, bad input."""
 
 import csv
@@ -10,12 +10,12 @@ import pytest
 from conftest import peaky_backbone, save_peaky_model_dir, word_tokenizer
 from eetune.cli import main
 from eetune.decode import Generation, RowResult
-from eetune.downstream import (TASKS, EvalConfig, Rouge, _decode, bootstrap_ci, cut_reply, extract_choice,
+from eetune.measure.downstream import (TASKS, EvalConfig, Rouge, _decode, bootstrap_ci, cut_reply, extract_choice,
                                extract_yes_no, load_items, normalize_answer, paired_bootstrap_ci, parse_tasks,
                                parse_thresholds, pick_sample_item, report_html, run_task_speed, score_item,
                                settings_for, task_figure, token_f1, visible_token)
 from eetune.errors import EETuneError
-from eetune.model import EarlyExitModel
+from eetune.model.early_exit import EarlyExitModel
 
 
 # --- metrics: documented rules, hand-computed values ---------------------------------------------
@@ -64,7 +64,7 @@ def test_cut_reply_at_the_first_of_several_stops():
 
 def test_every_setting_scores_the_same_text_by_the_same_rule(monkeypatch):
     """The replies as `eval` scores them: hand-built raw replies through `_decode`, for every setting."""
-    import eetune.decode as decode
+    import eetune.decode.api as decode
     raw = {1: "\nThe cat sat on the mat.\nThe article then goes on", 2: "\n\n", 3: "The cat sat.\nMore"}
     monkeypatch.setattr(decode, "end_token_ids", lambda model, tok: (0,))
     monkeypatch.setattr(decode, "generate", lambda model, prompts, opts, on_tokens=None: Generation(
@@ -113,7 +113,7 @@ def test_parsing_refuses_in_one_line():
 
 # --- speed ----------------------------------------------------------------------------------------
 def test_speed_is_warmed_up_then_measured_over_enough_decode_tokens(monkeypatch):
-    import eetune.decode as decode
+    import eetune.decode.api as decode
     model = EarlyExitModel.convert(peaky_backbone("llama"), (1, 3), arch="norm")
     tok = word_tokenizer()
     calls = []
@@ -211,7 +211,7 @@ def exits(tmp_path_factory):
 
 def test_eval_writes_results_plots_and_report(exits, tmp_path, capsys, monkeypatch):
     d, text = exits
-    monkeypatch.setattr("eetune.downstream.DEFAULT_SPEED_MIN_TOKENS", 12)  # seconds, not minutes
+    monkeypatch.setattr("eetune.measure.downstream.DEFAULT_SPEED_MIN_TOKENS", 12)  # seconds, not minutes
     out = tmp_path / "eval"
     code = main(["eval", str(d), "--tasks", "ppl,boolq,xsum", "--out", str(out), "--limit", "10",
                  "--speed-items", "2", "--batch-size", "4", "--max-context", "32", "--thresholds", "1.5,0.5,0.1",

@@ -1,4 +1,4 @@
-"""The engine (eetune.engine) against the reference decoder (tests/reference.py): same tokens,
+"""The engine (eetune.decode.engine) against the reference decoder (tests/reference.py): same tokens,
 same exit layers, logits within float tolerance, every mode and family, batch 1 and left-padded
 batches, gates, `layer` and `norm` exits, the draft vocabulary, the draft policy, replayed
 decisions; and the regression tests of the decoding defects found so far.
@@ -12,11 +12,11 @@ the GPU with recorded graphs."""
 import pytest
 import torch
 
-from eetune import engine
+from eetune.decode import engine
 from eetune.decode import DecodeOptions, confidence, generate
 from eetune.errors import EETuneError
-from eetune.gates import ExitGate
-from eetune.model import EarlyExitModel
+from eetune.model.gates import ExitGate
+from eetune.model.early_exit import EarlyExitModel
 
 from conftest import FAMILIES, H, L, V, peaky_backbone
 from reference import reference_generate
@@ -246,7 +246,7 @@ def test_padding_queries_do_not_move_a_dynamic_rotary_scaling(shape):
     the real tokens' rotations."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     from conftest import COMMON
-    from eetune.backbone import adapter_for
+    from eetune.model.backbone import adapter_for
     cfg = LlamaConfig(**dict(COMMON, max_position_embeddings=40), rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     torch.manual_seed(0)
     bb = adapter_for(AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False))
@@ -277,7 +277,7 @@ def test_state_is_kept_per_geometry_with_a_bound(monkeypatch):
     model = model_on("llama")
     kw = dict(mode="early-exit", threshold=0.5, max_new_tokens=10)
     assert_same(*pair(model, PROMPTS, **kw))
-    states = model._eetune_decode["by_geometry"]
+    states = model.decode_state["by_geometry"]
     first = states[(3, 256)]
     recorded = dict(first.graphs)
     assert recorded and all(k[0] in ("seg", "head") for k in recorded)
@@ -297,20 +297,20 @@ def test_state_follows_the_weights_and_is_freed():
     model = model_on("llama")
     kw = dict(mode="early-exit", threshold=0.5, max_new_tokens=10)
     assert_same(*pair(model, PROMPTS, **kw))
-    state = model._eetune_decode
+    state = model.decode_state
     proj = model.heads[0].mlp[-1].down_proj
     proj.weight = torch.nn.Parameter(proj.weight.detach() * 3.0, requires_grad=False)
     assert_same(*pair(model, PROMPTS, **kw))
-    assert model._eetune_decode is not state
+    assert model.decode_state is not state
     model.heads[0] = type(model.heads[0])(model.backbone, 1, "norm", "copy", "shared")
-    state = model._eetune_decode
+    state = model.decode_state
     assert_same(*pair(model, PROMPTS, **kw))
-    assert model._eetune_decode is not state
-    engine.free_decode_state(model)
-    assert model._eetune_decode is None
+    assert model.decode_state is not state
+    model.free_decode_state()
+    assert model.decode_state is None
     assert_same(*pair(model, PROMPTS, **kw))
     model.release_unused_layers()
-    assert model._eetune_decode is None
+    assert model.decode_state is None
 
 
 def test_recorded_functions_never_read_the_device(monkeypatch):
@@ -502,6 +502,6 @@ def test_engine_bf16_on_cuda(family):
 def test_segments_are_recorded_on_cuda():
     model = model_on("llama", device="cuda")
     g = generate(model, PROMPTS, DecodeOptions(mode="early-exit", threshold=0.5, max_new_tokens=8))
-    graphs = [x for st in model._eetune_decode["by_geometry"].values() for x in st.graphs.values()]
+    graphs = [x for st in model.decode_state["by_geometry"].values() for x in st.graphs.values()]
     assert graphs and all(x.graph is not None for x in graphs)
     assert g.engine == "cuda-graphs" and g.record_seconds > 0

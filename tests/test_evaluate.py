@@ -12,11 +12,11 @@ import torch
 from conftest import V, peaky_backbone, save_peaky_model_dir, tiny_backbone
 
 from eetune.cli import main
-from eetune.config import CONFIG_NAME, ExitConfig
+from eetune.model.config import CONFIG_NAME, ExitConfig
 from eetune.errors import EETuneError
-from eetune.evaluate import (PROFILE_THRESHOLDS, exit_costs, exit_metrics, format_profile, json_safe, plot_profile,
+from eetune.measure.evaluate import (PROFILE_THRESHOLDS, exit_costs, exit_metrics, format_profile, json_safe, plot_profile,
                              profile_figure, rouge_l, store_profile, token_agreement)
-from eetune.model import EarlyExitModel, write_exits_dir
+from eetune.model.early_exit import EarlyExitModel, write_exits_dir
 
 
 def test_rouge_l_known_values():
@@ -141,11 +141,11 @@ def test_exit_costs_in_layers():
 
 def test_exit_costs_arithmetic_by_hand(monkeypatch):
     """Seconds from `measure_costs` (stubbed with round numbers) into layer-equivalents."""
-    import eetune.engine as engine
+    import eetune.decode.policy as policy
     timed = {"layer": 0.002, "final": 0.003, "num_layers": 4,
              "heads": {1: {"transform": 0.001, "projection": 0.003},
                        3: {"transform": 0.0005, "projection": float("nan")}}}
-    monkeypatch.setattr(engine, "measure_costs", lambda model, opts: timed)
+    monkeypatch.setattr(policy, "measure_costs", lambda model, opts: timed)
     c = exit_costs(_shared_model())
     assert c["layer_s"] == 0.002 and c["num_layers"] == 4
     assert c["lm_head_layers"] == pytest.approx(1.5)  # 3 ms / 2 ms

@@ -12,7 +12,7 @@ import torch
 
 from eetune import fsio
 from eetune.errors import EETuneError
-from eetune.tune import TuneConfig, tune
+from eetune.train.tune import TuneConfig, tune
 
 from tune_helpers import ENV, make_world, one_thread  # noqa: F401 (autouse fixture)
 from tune_helpers import head_tensors as heads
@@ -169,7 +169,7 @@ def test_corrupt_exits_directory_is_one_line_with_code_2(world, tmp_path, capsys
 def test_corrupt_token_cache_is_rebuilt(world, tmp_path, monkeypatch, capsys):
     from transformers import AutoTokenizer
 
-    from eetune import data
+    from eetune.train import data
 
     monkeypatch.setenv("EETUNE_CACHE", str(tmp_path / "cache"))
     tok = AutoTokenizer.from_pretrained(world["model"])
@@ -215,7 +215,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(world,
 
     from safetensors.torch import load_file
 
-    from eetune.tune import latest_checkpoint
+    from eetune.train.tune import latest_checkpoint
 
     rng = random.Random(seed)
     steps = 600
@@ -252,7 +252,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(world,
 
 # --- resources ------------------------------------------------------------------------------------
 def test_out_of_memory_suggests_grad_accum(world, tmp_path, monkeypatch):
-    import eetune.losses as losses_mod
+    import eetune.train.losses as losses_mod
 
     calls = {"n": 0}
     real = losses_mod.chunked_exit_loss  # the default path (--loss-chunk 256)
@@ -274,8 +274,8 @@ def test_out_of_memory_suggests_grad_accum(world, tmp_path, monkeypatch):
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(world, tmp_path, monkeypatch):
     import errno
 
-    import eetune.tune as tune_mod
-    from eetune.tune import latest_checkpoint
+    import eetune.train.tune as tune_mod
+    from eetune.train.tune import latest_checkpoint
 
     real = tune_mod.save_file
     calls = {"n": 0}
@@ -355,7 +355,7 @@ def test_pickled_model_weights_are_refused_unless_allowed(tmp_path, capsys):
 def test_disk_full_writing_an_exits_directory_keeps_the_old_one(world, tmp_path, monkeypatch, capsys):
     import errno
 
-    import eetune.model as model_mod
+    import eetune.model.early_exit as model_mod
     from eetune.cli import main
 
     out = tmp_path / "exits"

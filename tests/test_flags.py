@@ -9,7 +9,7 @@ import pytest
 from eetune.cli import build_parser, main
 from eetune.decode import DecodeOptions
 from eetune.flags import field_comments, from_args
-from eetune.tune import TuneConfig
+from eetune.train.tune import TuneConfig
 
 DECODE_INTERNAL = {"replay", "eos_token_ids", "record_logits"}  # not user settings: no flags
 

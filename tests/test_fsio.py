@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eetune import fsio
-from eetune.model import EarlyExitModel, write_exits_dir
+from eetune.model.early_exit import EarlyExitModel, write_exits_dir
 
 from conftest import tiny_backbone
 
@@ -76,7 +76,7 @@ def test_exits_dir_write_cleans_a_crashed_write_and_replaces_atomically(tmp_path
 
 
 def test_checkpoint_write_cleans_a_killed_runs_half_written_checkpoint(tmp_path):
-    from eetune.tune import latest_checkpoint, save_checkpoint
+    from eetune.train.tune import latest_checkpoint, save_checkpoint
 
     root = tmp_path / "train" / "checkpoints"
     root.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Gates (eetune.gates): the logistic fit, gates that learn on a tiny model built so that they
+"""Gates (eetune.train.gates): the logistic fit, gates that learn on a tiny model built so that they
 can, the held-out report against a manual count, save/load of gates and the ranked vocabulary,
 and `eetune tune --gates / --gates-only`, `info`, `evaluate` on tiny random models."""
 
@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import peaky_backbone
-from eetune.backbone import load_backbone, load_tokenizer
+from eetune.model.backbone import load_backbone, load_tokenizer
 from eetune.cli import main
-from eetune.data import train_val_blocks
-from eetune.gates import ExitGate, fit_logistic, gate_report, train_gates
-from eetune.model import EarlyExitModel
+from eetune.train.data import train_val_blocks
+from eetune.model.gates import ExitGate
+from eetune.train.gates import fit_logistic, gate_report, train_gates
+from eetune.model.early_exit import EarlyExitModel
 
 from tune_helpers import make_world, one_thread  # noqa: F401 (autouse fixture)
 from tune_helpers import head_tensors as heads_only

@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness model type `eetune` (eetune.lmeval) on tiny tasks defined from local
+"""The lm-evaluation-harness model type `eetune` (eetune.measure.lmeval) on tiny tasks defined from local
 files (no hub, no network): multiple choice and rolling loglikelihoods equal a direct
 computation from the Hugging Face model's own forward pass (and lm-eval's own HFLM), through the
 final layer or an exit; generate_until equals our `generate`, stop strings included; the
@@ -19,8 +19,9 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'ee
 import torch  # noqa: E402
 from tune_helpers import ENV, make_world, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
 
+from eetune.decode import generate  # noqa: E402
 from eetune.errors import EETuneError  # noqa: E402
-from eetune.lmeval import EETuneLM, harness_argv  # noqa: E402
+from eetune.measure.lmeval import EETuneLM, harness_argv  # noqa: E402
 
 QUESTIONS = [  # (context, choices, label); multi-token choices test the sums
     ("w1 w2 w3 w4", ["w5", "w7 w8", "w9 w10 w11"], 0),
@@ -63,7 +64,7 @@ def world(tmp_path_factory):
         "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")))
     # generate_until stops at a word the model really produces for the first prompt (its 3rd new token)
-    full = w["lm"].model.generate(PROMPTS, w["tok"], mode="full", max_new_tokens=MAX_GEN)
+    full = generate(w["lm"].model, PROMPTS, tokenizer=w["tok"], mode="full", max_new_tokens=MAX_GEN)
     w["stop"] = full.rows[0].text.split()[2]
     gen = write_jsonl(root / "gen.jsonl", [{"prompt": p, "answer": "w1"} for p in PROMPTS])
     (tasks / "gen.yaml").write_text(task_yaml("eetune_gen", gen, cache, (
@@ -155,8 +156,8 @@ def test_generate_until_equals_generate(world):
     out = evaluate(world, world["lm"], ["eetune_gen"])
     assert "exact_match,none" in out["results"]["eetune_gen"]
     got = {s["doc_id"]: s["resps"][0][0] for s in out["samples"]["eetune_gen"]}
-    want = model.generate(PROMPTS, tok, mode="full", max_new_tokens=MAX_GEN, stop=[world["stop"]])
-    unstopped = model.generate(PROMPTS, tok, mode="full", max_new_tokens=MAX_GEN)
+    want = generate(model, PROMPTS, tokenizer=tok, mode="full", max_new_tokens=MAX_GEN, stop=[world["stop"]])
+    unstopped = generate(model, PROMPTS, tokenizer=tok, mode="full", max_new_tokens=MAX_GEN)
     assert [got[i] for i in range(len(PROMPTS))] == [r.text for r in want.rows]
     assert world["stop"] not in got[0] and len(got[0]) < len(unstopped.rows[0].text)  # `until` honoured
     info = out["config"]["eetune"]
@@ -166,7 +167,7 @@ def test_generate_until_equals_generate(world):
     early = EETuneLM(exits=str(world["norm"]), mode="early-exit", threshold=0.05, device="cpu", batch_size=2)
     reqs = _gen_requests(world)
     assert spec.generate_until(reqs) == [r.text for r in want.rows]
-    ee = early.model.generate(PROMPTS, tok, mode="early-exit", threshold=0.05, max_new_tokens=MAX_GEN,
+    ee = generate(early.model, PROMPTS, tokenizer=tok, mode="early-exit", threshold=0.05, max_new_tokens=MAX_GEN,
                               stop=[world["stop"]])
     assert early.generate_until(reqs) == [r.text for r in ee.rows]
     assert early.get_model_info()["eetune"]["mean_layers_per_token"] < 4  # exits were taken
@@ -220,7 +221,7 @@ def test_cli_end_to_end(world, tmp_path):
     data = json.loads(results[0].read_text())
     assert data["config"]["model"] == "eetune" and data["config"]["eetune"]["mode"] == "self-spec"
     assert set(data["results"]) == {"eetune_mc", "eetune_gen"}
-    helped = subprocess.run([sys.executable, "-m", "eetune.lmeval", "--help"], capture_output=True, text=True,
+    helped = subprocess.run([sys.executable, "-m", "eetune.measure.lmeval", "--help"], capture_output=True, text=True,
                             env=env, timeout=120)
     assert helped.returncode == 0 and "lm-eval" in helped.stdout
 
@@ -241,14 +242,14 @@ def _without_logging_errors(text: str) -> str:
 
 
 def test_cli_bad_model_args_one_line(world, monkeypatch, capsys):
-    """A bad model_arg through `eetune lm-eval` / `python -m eetune.lmeval`: one line, exit code 2.
+    """A bad model_arg through `eetune lm-eval` / `python -m eetune.measure.lmeval`: one line, exit code 2.
     (lm-eval's CLI indexes its ~15k built-in task configs first: here it sees our tasks only.)"""
     import functools
 
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
-    from eetune import lmeval
+    from eetune.measure import lmeval
     from eetune.cli import main
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))

@@ -1,10 +1,10 @@
-"""The chunked exit loss (eetune.losses) against the whole-logits reference: loss, CE and
+"""The chunked exit loss (eetune.train.losses) against the whole-logits reference: loss, CE and
 gradients on random inputs, for CE, dynamic weighting, distillation, soft-capping and bf16."""
 
 import pytest
 import torch
 
-from eetune.losses import chunked_eval, chunked_exit_loss, exit_loss_reference
+from eetune.train.losses import chunked_eval, chunked_exit_loss, exit_loss_reference
 
 
 def _inputs(seed, n=37, H=16, V=101, shared=False):

@@ -6,9 +6,10 @@ import warnings
 import pytest
 import torch
 
-from eetune.config import ExitConfig, parse_exit_layers
+from eetune.decode import generate
+from eetune.model.config import ExitConfig, parse_exit_layers
 from eetune.errors import EETuneError
-from eetune.model import EarlyExitModel
+from eetune.model.early_exit import EarlyExitModel
 
 from conftest import L, V, tiny_backbone
 
@@ -149,16 +150,16 @@ def test_models_start_in_eval_mode_and_generate_runs_the_heads_in_eval_mode(tmp_
     assert not any(m.training for m in loaded.modules())
     drops, seen = _record_head_dropout(model)
     assert drops and all(m.p == 0.1 for m in drops)
-    reference = model.generate([[1, 2, 3]], mode="early-exit", threshold=0.0, max_new_tokens=4).rows[0].ids
+    reference = generate(model, [[1, 2, 3]], mode="early-exit", threshold=0.0, max_new_tokens=4).rows[0].ids
     assert seen and not any(seen)
     model.train()
     seen.clear()
-    out = model.generate([[1, 2, 3]], mode="early-exit", threshold=0.0, max_new_tokens=4)
+    out = generate(model, [[1, 2, 3]], mode="early-exit", threshold=0.0, max_new_tokens=4)
     assert seen and not any(seen), "the heads decoded in train mode (dropout on)"
     assert out.rows[0].ids == reference
     assert all(m.training for m in model.modules()) and not bb.model.training  # the caller's mode, put back
     # a model whose parts were in different modes gets exactly those back
     model.heads[0].eval()
-    model.generate([[1, 2, 3]], mode="early-exit", threshold=0.0, max_new_tokens=2)
+    generate(model, [[1, 2, 3]], mode="early-exit", threshold=0.0, max_new_tokens=2)
     assert [m.training for m in model.heads[0].modules()] == [False] * len(list(model.heads[0].modules()))
     assert all(m.training for m in model.heads[1].modules())

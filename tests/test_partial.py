@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FAMILIES, L, tiny_model
-from eetune.backbone import ReleasedLayer, fingerprint, load_backbone
+from eetune.model.backbone import ReleasedLayer, fingerprint, load_backbone
 from eetune.errors import EETuneError
-from eetune.model import EarlyExitModel
+from eetune.model.early_exit import EarlyExitModel
 
 from tune_helpers import make_world, one_thread  # noqa: F401 (autouse fixture)
 from tune_helpers import head_tensors as heads
@@ -153,7 +153,7 @@ def test_exits_load_partially_and_legacy_fingerprints_still_check(model_dirs, tm
 
 
 def test_tune_with_the_lm_loss_loads_partially_and_matches_a_full_backbone(tmp_path):
-    from eetune.tune import TuneConfig, tune
+    from eetune.train.tune import TuneConfig, tune
 
     world = make_world(tmp_path)
     cfg = TuneConfig(data=str(world["docs"]), seq_len=32, batch_size=4, lr=1e-2, distill=0.0, progress=False,

@@ -11,12 +11,12 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eetune.config import ExitConfig, parse_exit_layers
-from eetune.data import DataPart, parse_data_spec
+from eetune.model.config import ExitConfig, parse_exit_layers
+from eetune.train.data import DataPart, parse_data_spec
 from eetune.errors import EETuneError
-from eetune.evaluate import _check_thresholds
+from eetune.measure.evaluate import _check_thresholds
 from eetune.cli import build_parser
-from eetune.tune import TuneConfig
+from eetune.train.tune import TuneConfig
 from eetune.flags import from_args
 
 EXAMPLES = 200

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from eetune import EarlyExitModel, load_backbone, load_tokenizer
-from eetune.data import load_texts, pack_blocks
-from eetune.evaluate import exit_metrics
+from eetune.train.data import load_texts, pack_blocks
+from eetune.measure.evaluate import exit_metrics
 
 pytestmark = pytest.mark.realmodel
 

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the two sampling rules in eetune.decode: `sampling_probs`
+"""Hand-computed checks of the two sampling rules in eetune.decode.api: `sampling_probs`
 (temperature, then top-k, then top-p on the renormalised result) and `speculative_accept`
 (keep draft i with probability min(1, p_i(x)/q_i(x)); at the first rejection draw from
 max(0, p_i - q_i) renormalised; if every draft is kept, draw one more from p_m)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FAMILIES, L, V, save_peaky_model_dir, tiny_backbone
 
-from eetune import scan as S
+from eetune.measure import scan as S
 from eetune.cli import main
 
 

@@ -1,4 +1,4 @@
-"""Self-generated tuning data (eetune.selfdata) and weighted data mixtures (eetune.data):
+"""Self-generated tuning data (eetune.train.selfdata) and weighted data mixtures (eetune.train.data):
 spec parsing and its errors, mixing proportions, generation against a direct decode, the
 resumable cache, and `eetune tune` on a mixture."""
 
@@ -8,11 +8,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from eetune import data, selfdata
+from eetune.train import data
+from eetune.train import selfdata
 from eetune.decode import DecodeOptions, generate
 from eetune.errors import EETuneError
-from eetune.model import EarlyExitModel
-from eetune.selfdata import GenSettings
+from eetune.model.early_exit import EarlyExitModel
+from eetune.train.selfdata import GenSettings
 
 from conftest import tiny_backbone
 from tune_helpers import make_docs, make_tokenizer, make_world, one_thread, run_cli  # noqa: F401
@@ -130,7 +131,7 @@ def test_generated_cache_is_used_and_interruption_resumes_exactly(setup, tmp_pat
     # A second cache: interrupted after two chunks, then resumed.
     monkeypatch.setenv("EETUNE_CACHE", str(tmp_path / "cache2"))
     calls = {"n": 0}
-    import eetune.decode as dec
+    import eetune.decode.api as dec
     original = dec.generate
 
     def flaky(*a, **k):

@@ -1,4 +1,4 @@
-"""Tuning (eetune.tune): frozen backbone, exact resume after SIGKILL, DDP / FSDP2 under torchrun,
+"""Tuning (eetune.train.tune): frozen backbone, exact resume after SIGKILL, DDP / FSDP2 under torchrun,
 the hidden-state cache, losses and schedules, bad input. Tiny random models; the real default
 model is behind the `realmodel` marker."""
 
@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eetune.backbone import load_backbone
+from eetune.model.backbone import load_backbone
 from eetune.cli import main
 from eetune.errors import EETuneError
-from eetune.model import EarlyExitModel, ReleasedLayer
-from eetune.tune import TuneConfig, block_indices, exit_loss, loss_weights_at, lr_at, tune
+from eetune.model.early_exit import EarlyExitModel, ReleasedLayer
+from eetune.train.tune import TuneConfig, block_indices, exit_loss, loss_weights_at, lr_at, tune
 
 from tune_helpers import ENV, make_world, run_cli, one_thread  # noqa: F401 (autouse fixture)
 from tune_helpers import head_tensors as heads
@@ -167,11 +167,11 @@ def test_cache_hidden_serves_later_runs_without_backbone(world, tmp_path):
     assert other["trunk_layers_held"] == 0
     # cached states are the trunk's, rounded to bf16
     bb = load_backbone(str(world["model"]))
-    from eetune.data import train_val_blocks
-    from eetune.backbone import load_tokenizer
+    from eetune.train.data import train_val_blocks
+    from eetune.model.backbone import load_tokenizer
     train, _, _ = train_val_blocks(str(world["docs"]), load_tokenizer(bb), 32, 8)
     h = EarlyExitModel.convert(bb, (1, 3), arch="norm")(train[:2], return_hidden=True).exit_hidden[3]
-    from eetune.tune import HiddenCache
+    from eetune.train.tune import HiddenCache
     c = HiddenCache(cache, (1, 3), meta["shape"][0], 32, bb.hidden_size, "bf16", meta["key"], 0, 1)
     assert torch.equal(c.read([0, 1], (3,))[0], h.to(torch.bfloat16).float())
 
@@ -323,7 +323,7 @@ def test_hidden_cache_is_keyed_by_compute_dtype(world, tmp_path, capsys):
 
 
 def test_training_summary_and_log(world, tmp_path, monkeypatch):
-    import eetune.tune as tune_mod
+    import eetune.train.tune as tune_mod
     rewrites = []
     real = tune_mod._write_log
     monkeypatch.setattr(tune_mod, "_write_log", lambda *a: rewrites.append(1) or real(*a))
@@ -351,7 +351,7 @@ def test_training_summary_and_log(world, tmp_path, monkeypatch):
 # --- the real default model -----------------------------------------------------------------
 @pytest.mark.realmodel
 def test_tuning_lowers_every_exit_val_ce_on_default_model(tmp_path):
-    from eetune.data import train_val_blocks  # noqa: F401 - the default data must be present
+    from eetune.train.data import train_val_blocks  # noqa: F401 - the default data must be present
     torch.set_num_threads(os.cpu_count() or 1)
     src = tmp_path / "untuned"
     assert main(["convert", "--model", "smollm2-135m", "--exits", "10,20", "--arch", "mlp",
@@ -417,7 +417,7 @@ def test_default_recipe_distills_unless_hidden_states_are_cached(world, tmp_path
     """The default of `tune` is the best measured recipe (benchmarks/recipes.py): distillation
     from the final layer (alpha 1), which needs the full trunk; a --cache-hidden run (which never
     computes the final layer) falls back to the LM loss."""
-    from eetune.tune import resolve_defaults
+    from eetune.train.tune import resolve_defaults
     assert resolve_defaults(TuneConfig()).distill == 1.0
     assert resolve_defaults(TuneConfig(cache_hidden="x")).distill == 0.0
     assert resolve_defaults(TuneConfig(distill=0.25)).distill == 0.25
@@ -459,7 +459,7 @@ def test_two_nodes_through_c10d_rendezvous_match_one_process(world, tmp_path, mo
 def test_named_steps_compose_to_tune(world, tmp_path):
     """`tune` is the recipe of its named steps: driving them by hand (set-up, three train steps,
     a validation, finish) gives bit-identical heads and the same logged losses."""
-    from eetune import tune as T
+    from eetune.train import tune as T
 
     c = cfg(world, steps=3, val_blocks=2, select="last")
     ref = tune(world["mlp"], tmp_path / "ref", c)
@@ -480,7 +480,7 @@ def test_named_steps_compose_to_tune(world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# --- the chunked exit loss in the loop (eetune.losses) ----------------------------------------
+# --- the chunked exit loss in the loop (eetune.train.losses) ----------------------------------------
 @pytest.mark.parametrize("kw", [dict(distill=0.0), dict(distill=1.0), dict(distill=0.5, dynamic_weights=True),
                                 dict(distill=1.0, dtype="bf16")])
 def test_chunked_losses_tune_like_whole_logits(world, tmp_path, kw):
@@ -541,7 +541,7 @@ def test_training_steps_run_the_heads_in_train_mode_and_validation_in_eval_mode(
     `validate` switching everything to train mode after it), so dropout came on only after the
     first validation. Every step now runs the heads in train mode, validation in eval mode with
     the previous mode put back; the backbone stays in eval mode throughout."""
-    from eetune import tune as T
+    from eetune.train import tune as T
 
     out = tmp_path / "out"
     c, exit_config, train_dir = T._check_run(gpt2_world["layer"], out, gpt2_cfg(gpt2_world, steps=3))
@@ -575,7 +575,7 @@ def test_gpt2_dropout_heads_resume_like_an_uninterrupted_run(gpt2_world, tmp_pat
     one, since a validation switched the heads' dropout on and a resumed process started with it
     off. Now validations do not change the training (the same heads with and without them), and
     a run stopped after step 3 and resumed equals the uninterrupted one bit for bit."""
-    import eetune.tune as tune_mod
+    import eetune.train.tune as tune_mod
     from eetune.errors import Interrupted
 
     layer = gpt2_world["layer"]
@@ -630,7 +630,7 @@ def test_resume_with_more_steps_says_how_the_schedule_changes(world, tmp_path, c
 def test_seq_len_beyond_the_model_context_is_refused_up_front(world, gpt2_world, tmp_path, capsys, monkeypatch):
     """Regression: --seq-len past the model's context (max_position_embeddings / n_positions) was
     accepted and ran out of memory after 46 s. Now one line, before any weights load."""
-    import eetune.tune as tune_mod
+    import eetune.train.tune as tune_mod
 
     def no_loading(*a, **kw):
         raise AssertionError("the model was loaded")
@@ -674,13 +674,13 @@ def test_status_lines_with_an_eta_when_stderr_is_not_a_terminal(world, tmp_path,
     assert any(line.startswith("gate fit: exit 2/2") for line in err) and any(
         line.startswith("gate report: batch") for line in err)
     # on a terminal: the progress bar, no status lines
-    monkeypatch.setattr("eetune.tune._is_terminal", lambda stream: True)
+    monkeypatch.setattr("eetune.progress._is_terminal", lambda stream: True)
     tune(world["norm"], tmp_path / "tty", cfg(world, steps=2, progress=True))
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("tune: step")]
 
 
 def test_status_lines_every_interval_with_the_eta_of_the_steps_so_far(monkeypatch, capsys):
-    from eetune import tune as T
+    from eetune import progress as T
 
     now = [100.0]
     lines = T.StatusLines(10, "tune", "step", interval=30.0, initial=2, clock=lambda: now[0])  # resumed at step 2

@@ -1,12 +1,11 @@
 """eetune: turn a pretrained Hugging Face causal LM into an early-exit LM (EE-Tuning) and
-decode faster with it. See README.md; the pipeline is convert -> tune -> decode -> evaluate."""
+decode faster with it. The pipeline is convert -> tune -> decode -> measure, one wing each:
+`eetune.model`, `eetune.train`, `eetune.decode`, `eetune.measure`; `eetune.cli` on top."""
 
-__version__ = "0.1.0"
+from eetune.decode import DecodeOptions, custom_generate, generate
+from eetune.errors import EETuneError
+from eetune.model import EarlyExitModel, ExitConfig, ExitOutput, LayerCache, load_backbone, load_tokenizer
+from eetune.version import __version__
 
-from .backbone import LayerCache, load_backbone, load_tokenizer  # noqa: E402
-from .config import ExitConfig  # noqa: E402
-from .errors import EETuneError  # noqa: E402
-from .model import EarlyExitModel, ExitOutput  # noqa: E402
-
-__all__ = ["EarlyExitModel", "ExitOutput", "ExitConfig", "EETuneError", "LayerCache", "load_backbone",
-           "load_tokenizer", "__version__"]
+__all__ = ["DecodeOptions", "EarlyExitModel", "ExitOutput", "ExitConfig", "EETuneError", "LayerCache", "custom_generate",
+           "generate", "load_backbone", "load_tokenizer", "__version__"]

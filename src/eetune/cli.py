@@ -15,10 +15,10 @@ import dataclasses
 import json
 import sys
 
-from .decode import DecodeOptions
-from .errors import EETuneError
-from .flags import add_fields, from_args
-from .tune import TuneConfig
+from eetune.decode.api import DecodeOptions
+from eetune.errors import EETuneError
+from eetune.flags import add_fields, from_args
+from eetune.train.tune import TuneConfig
 
 
 # --- convert -------------------------------------------------------------------------------
@@ -49,9 +49,9 @@ def add_convert(sub):
 def cmd_convert(args):
     from pathlib import Path
 
-    from .backbone import load_backbone, model_config
-    from .config import ExitConfig, parse_exit_layers
-    from .model import EarlyExitModel, check_output_dir
+    from eetune.model.backbone import load_backbone, model_config
+    from eetune.model.config import ExitConfig, parse_exit_layers
+    from eetune.model.early_exit import EarlyExitModel, check_output_dir
 
     check_output_dir(Path(args.out))  # refuse before the (slow) model load
     check_writable(args.out, "write --out", kind="dir")
@@ -88,7 +88,7 @@ def add_info(sub):
 
 
 def cmd_info(args):
-    from .model import EarlyExitModel
+    from eetune.model.early_exit import EarlyExitModel
 
     model = EarlyExitModel.from_pretrained(args.dir)
     cfg, counts = model.config.to_dict(), model.parameter_counts()
@@ -141,7 +141,7 @@ def cmd_info(args):
     else:
         print(f"  {'gates':<22} none (train them with `eetune tune DIR --out OUT --gates-only`)")
     if gate_exits and report:
-        from .evaluate import format_gate_report
+        from eetune.measure.evaluate import format_gate_report
         print(format_gate_report(report, indent="  "))
 
 
@@ -182,13 +182,13 @@ def cmd_evaluate(args):
     import os
     from pathlib import Path
 
-    from .backbone import load_tokenizer
-    from .config import CONFIG_NAME
-    from .data import load_texts, pack_blocks
-    from .evaluate import (blocks_digest, exit_costs, exit_metrics, format_gate_report, format_metrics,
+    from eetune.model.backbone import load_tokenizer
+    from eetune.model.config import CONFIG_NAME
+    from eetune.train.data import load_texts, pack_blocks
+    from eetune.measure.evaluate import (blocks_digest, exit_costs, exit_metrics, format_gate_report, format_metrics,
                            format_profile, json_safe, plot_profile, store_profile)
-    from .gates import gate_report
-    from .model import EarlyExitModel
+    from eetune.train.gates import gate_report
+    from eetune.model.early_exit import EarlyExitModel
 
     if args.seq_len < 2 or args.max_blocks < 1 or args.batch_size < 1:
         raise EETuneError("--seq-len must be >= 2, --max-blocks and --batch-size >= 1")
@@ -269,7 +269,7 @@ def add_tune(sub):
 def cmd_tune(args):
     import os
 
-    from .tune import tune
+    from eetune.train.tune import tune
 
     cfg = from_args(TuneConfig, args, progress=args.progress and sys.stderr.isatty())
     # Every path tune writes, refused before the data and the model are loaded.
@@ -293,7 +293,7 @@ def cmd_tune(args):
               f"{which}; validation {val}")
     g = s.get("gates")
     if g:
-        from .evaluate import format_gate_report
+        from eetune.measure.evaluate import format_gate_report
         print(f"{'wrote ' + args.out + ': ' if args.gates_only else ''}gates for exits after layers "
               f"{[int(k) for k in g['report']['exits']]} fit on {g['tokens']:,} tokens in {g['seconds']:.0f} s "
               f"({g['collect_s']:.0f} s collecting features, {g['fit_s']:.1f} s fitting)")
@@ -336,7 +336,7 @@ def add_generate(sub):
 
 def use_chat(flag: bool | None, tokenizer) -> bool:
     """Whether prompts go through the chat template: only with --chat. The default is plain
-    completion, the same as the Python API (`EarlyExitModel.generate`, `decode.generate_text`:
+    completion, the same as the Python API (`eetune.generate`, `eetune.decode.generate_text`:
     chat=False), whatever the tokenizer; a model without a template refuses --chat."""
     return bool(flag)
 
@@ -382,9 +382,9 @@ def cmd_generate(args):
     import math
     from pathlib import Path
 
-    from .backbone import load_tokenizer
-    from .decode import DecodeOptions
-    from .model import EarlyExitModel
+    from eetune.model.backbone import load_tokenizer
+    from eetune.decode.api import DecodeOptions, generate
+    from eetune.model.early_exit import EarlyExitModel
 
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -428,7 +428,7 @@ def cmd_generate(args):
         legend = "  ".join(f"\x1b[{c}mexit {k}\x1b[0m" for k, c in palette.items())
         print(f"legend: {legend}  final layer {L}", file=sys.stderr)
     chat = use_chat(args.chat, tok)
-    result = model.generate(prompts, tokenizer=tok, chat=chat, stop=tuple(args.stop), on_text=on_text, **{
+    result = generate(model, prompts, tokenizer=tok, chat=chat, stop=tuple(args.stop), on_text=on_text, **{
         k: v for k, v in opts.__dict__.items() if k not in ("record_logits", "replay")})
     for b, r in enumerate(result.rows):
         if not r.text:
@@ -454,7 +454,7 @@ def cmd_generate(args):
     extra = (f", {s['accepted']}/{s['drafted']} drafts accepted" if args.mode == "self-spec" else
              f", mean exit layer {s['mean_layers_per_token']:.1f} of {L}")
     if args.mode != "full":
-        from .calibrate import describe_thresholds
+        from eetune.measure.calibrate import describe_thresholds
         extra += f", threshold {describe_thresholds(result.thresholds)} ({result.threshold_source})"
     print(f"[{args.mode}: {s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s{extra}]", file=sys.stderr)
 
@@ -513,8 +513,8 @@ def cmd_scan(args):
     import time
     from pathlib import Path
 
-    from .backbone import load_backbone, load_tokenizer
-    from .scan import ScanConfig, format_report, run_scan, suggestion, write_json, write_plot
+    from eetune.model.backbone import load_backbone, load_tokenizer
+    from eetune.measure.scan import ScanConfig, format_report, run_scan, suggestion, write_json, write_plot
 
     try:
         thresholds = tuple(float(t) for t in args.thresholds.split(",") if t.strip())
@@ -601,7 +601,7 @@ def add_plan(sub):
 
 
 def cmd_plan(args):
-    from .plan import format_plan, plan
+    from eetune.measure.plan import format_plan, plan
 
     result = plan(args.model, args.exits, mode=args.mode, arch=args.arch, output_embedding=args.output_embedding,
                   dtype=args.dtype, distill=args.distill, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -623,7 +623,7 @@ def add_eval(sub):
                                    "paired against full), speed at batch 1 on --speed-items items, every "
                                    "setting warmed up first, then timed in interleaved rounds until each has "
                                    "--speed-min-tokens decode tokens. Writes results.json, results.csv, a PNG per task and "
-                                   "report.html into --out. Prompts are zero-shot (see eetune.downstream).")
+                                   "report.html into --out. Prompts are zero-shot (see eetune.measure.downstream).")
     p.add_argument("dir", help="exits directory")
     p.add_argument("--tasks", default="boolq,xsum", help="comma-separated: ppl, xsum, boolq, mmlu, narrativeqa "
                                                          "(default boolq,xsum)")
@@ -631,7 +631,7 @@ def add_eval(sub):
                                                 "results.json, results.csv, a PNG per task and report.html")
     p.add_argument("--thresholds", default="1,0.9,0.8,0.6,0.4,0.2",
                    help="early-exit thresholds (default 1,0.9,0.8,0.6,0.4,0.2)")
-    p.add_argument("--confidence", default="max-prob", choices=["max-prob", "margin", "entropy", "gate"],
+    p.add_argument("--confidence", default="max-prob", choices=["max-prob", "gate"],
                    help="early-exit confidence measure (default max-prob)")
     p.add_argument("--limit", type=int, default=200, help="quality items per task (default 200)")
     p.add_argument("--speed-items", type=int, default=8, help="items per task timed at batch 1 (default 8)")
@@ -655,10 +655,10 @@ def cmd_eval(args):
     import os
     from pathlib import Path
 
-    from .backbone import load_tokenizer
-    from .downstream import EvalConfig, format_tables, machine_meta, parse_tasks, parse_thresholds, run_eval, \
+    from eetune.model.backbone import load_tokenizer
+    from eetune.measure.downstream import EvalConfig, format_tables, machine_meta, parse_tasks, parse_thresholds, run_eval, \
         write_outputs
-    from .model import EarlyExitModel
+    from eetune.model.early_exit import EarlyExitModel
 
     cfg = EvalConfig(tasks=parse_tasks(args.tasks), thresholds=parse_thresholds(args.thresholds),
                      confidence=args.confidence, limit=args.limit, speed_items=args.speed_items,
@@ -675,7 +675,7 @@ def cmd_eval(args):
         raise EETuneError(f"cannot write results to {out}: give a new directory, an empty one or an earlier "
                           f"`eetune eval` output, in a folder you may write to")
     if "xsum" in cfg.tasks:
-        from .downstream import Rouge
+        from eetune.measure.downstream import Rouge
         Rouge()  # refuses now, not after the other tasks, when rouge-score is missing
     check_device(args.device)
     model = EarlyExitModel.from_pretrained(args.dir, dtype=args.dtype, device=args.device)
@@ -702,7 +702,7 @@ def add_report(sub):
 def cmd_report(args):
     from pathlib import Path
 
-    from .downstream import format_tables
+    from eetune.measure.downstream import format_tables
 
     for d in args.dirs:
         path = Path(d) / "results.json"
@@ -728,7 +728,7 @@ def add_lm_eval(sub):
                                    "--model_args exits=DIR,mode=early-exit,threshold=0.8 --tasks hellaswag "
                                    "--device cpu`. model_args: exits (required), mode, threshold, confidence, "
                                    "draft_len, draft_exit, dtype, device, batch_size, max_length, logits_from "
-                                   "(final or an exit layer); see eetune.lmeval.",
+                                   "(final or an exit layer); see eetune.measure.lmeval.",
                        add_help=False, prefix_chars="\x1f")
     p.add_argument("lm_eval_args", nargs="*", help="lm-eval's arguments (`eetune lm-eval --help` shows them)")
     p.set_defaults(func=cmd_lm_eval, lm_eval_parser=p)
@@ -746,7 +746,7 @@ def cmd_lm_eval(args):
         check_writable(out, "write --output_path",
                        kind="file" if Path(out).suffix == ".json" or Path(out).is_file() else "into")
     try:
-        from .lmeval import run_harness  # importing it registers the `eetune` model type
+        from eetune.measure.lmeval import run_harness  # importing it registers the `eetune` model type
     except ImportError as e:
         raise EETuneError(f"lm-evaluation-harness is not installed ({e}): pip install 'eetune[eval]'") from None
     run_harness(rest)
@@ -765,7 +765,7 @@ def _lm_eval_output_path(argv: list[str]) -> str | None:
 
 # --- calibrate -----------------------------------------------------------------------------
 def add_calibrate(sub):
-    from .decode import CONFIDENCES
+    from eetune.decode.rules import CONFIDENCES
 
     p = sub.add_parser("calibrate", help="choose the early-exit threshold that meets a target agreement with the "
                                          "full model, on held-out text; generate then uses it by default",
@@ -801,11 +801,11 @@ def add_calibrate(sub):
 def cmd_calibrate(args):
     import os
 
-    from .backbone import load_tokenizer
-    from .calibrate import calibrate, calibration_blocks, check_settings, format_calibration, store_calibration
-    from .config import ExitConfig
-    from .evaluate import json_safe
-    from .model import EarlyExitModel
+    from eetune.model.backbone import load_tokenizer
+    from eetune.measure.calibrate import calibrate, calibration_blocks, check_settings, format_calibration, store_calibration
+    from eetune.model.config import ExitConfig
+    from eetune.measure.evaluate import json_safe
+    from eetune.model.early_exit import EarlyExitModel
 
     check_settings(args.target_agreement, args.confidence, args.calib_blocks, args.test_blocks, args.seq_len,
                    args.batch_size)
@@ -894,7 +894,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from eetune.version import __version__
 
     parser = _Parser(prog="eetune", description="Early-exit tuning and decoding for HF causal LMs.")
     parser.add_argument("--version", action="version", version=f"eetune {__version__}")

@@ -1,6 +1,6 @@
 """Command-line flags generated from a settings dataclass, so defaults and help live in one place.
 
-`TuneConfig` (eetune.tune) and `DecodeOptions` (eetune.decode) document each field with a
+`TuneConfig` (eetune.train.tune) and `DecodeOptions` (eetune.decode.api) document each field with a
 trailing comment, continued on comment lines whose text is indented (`#` and 2+ spaces):
 
     seq_len: int = 512  # tokens per block

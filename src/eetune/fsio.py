@@ -170,7 +170,7 @@ class PidLock:
     def acquire(self) -> "PidLock":
         import sys
 
-        from .errors import EETuneError
+        from eetune.errors import EETuneError
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):

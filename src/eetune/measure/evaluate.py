@@ -5,14 +5,14 @@ cross-entropy, top-1 agreement with the final layer's prediction, and the share 
 max-softmax probability reaches 0.9 (with the agreement among those: how often a confident
 early exit would have emitted the full model's token). The final layer's cross-entropy is
 reported alongside as the floor. `format_gate_report` prints the held-out report of learned
-exit gates (`eetune.gates.gate_report`) beside the max-prob confidence.
+exit gates (`eetune.train.gates.gate_report`) beside the max-prob confidence.
 
 The same single pass also yields each exit's *exit profile* (`metrics["profile"]`): for every
 threshold t of `PROFILE_THRESHOLDS`, the share of tokens whose max-prob is >= t (the tokens that
 would leave at that exit) and the top-1 agreement with the final layer among them (None where
 no token would leave). This curve, with what an exit costs, decides early-exit speed and
 quality. `exit_costs` measures that cost on the model's device with
-`eetune.engine.measure_costs`, in layer-equivalents (an exit's transform + projection divided
+`eetune.decode.policy.measure_costs`, in layer-equivalents (an exit's transform + projection divided
 by one decoder layer; the LM head likewise). `format_profile` prints the profile, `plot_profile`
 draws it (matplotlib, optional), and `store_profile` records it in the exits directory's
 exit_config.json as `training["exit_profile"]`, replacing the file atomically:
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import EETuneError
+from eetune.errors import EETuneError
 
 # max-prob thresholds of the exit profile (share of tokens exiting, agreement among them)
 PROFILE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -100,14 +100,14 @@ def exit_metrics(model, blocks: torch.Tensor, batch_size: int = 8, confident: fl
 
 
 def exit_costs(model, opts=None) -> dict:
-    """What each exit costs, measured on the model's device by `eetune.engine.measure_costs`
+    """What each exit costs, measured on the model's device by `eetune.decode.policy.measure_costs`
     (one token on a 64-token context, best of 5; cached on the model) and expressed in
     layer-equivalents: per exit, `transform_layers` (its transform: norm / MLP / block) and
     `projection_layers` (its vocabulary projection, timed as the final norm + LM head) divided
     by the cost of one decoder layer, and `layers`, their sum: the price of asking the exit.
     `lm_head_layers` is the final norm + LM head in layers, `layer_s` one layer in seconds."""
-    from .decode import DecodeOptions
-    from .engine import measure_costs
+    from eetune.decode.api import DecodeOptions
+    from eetune.decode.policy import measure_costs
 
     c = measure_costs(model, opts if opts is not None else DecodeOptions())
     layer = float(c["layer"])
@@ -139,7 +139,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def format_gate_report(report: dict, indent: str = "") -> str:
-    """A plain-text table of `eetune.gates.gate_report` output: per exit and threshold, the
+    """A plain-text table of `eetune.train.gates.gate_report` output: per exit and threshold, the
     gate's coverage and precision beside those of the exit's max-softmax confidence."""
     def pct(x):
         return f"{x:7.1%}" if x is not None else f"{'-':>7}"
@@ -284,8 +284,8 @@ def store_profile(directory: str | Path, profile: dict) -> Path:
     `training` if the directory has none; other keys are kept as they are). The file is
     replaced atomically: a temporary file in the same directory is written, flushed, synced and
     renamed over it. NaN is stored as null. Returns the path written."""
-    from .config import CONFIG_NAME, ExitConfig
-    from .fsio import atomic_write_json
+    from eetune.model.config import CONFIG_NAME, ExitConfig
+    from eetune.fsio import atomic_write_json
 
     path = Path(directory) / CONFIG_NAME
     ExitConfig.load(directory)  # an exits directory with a readable config, or a one-line error

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m eetune.cli tune runs/exits --data default --out runs/tuned [--fsdp]
     eetune tune runs/tuned --out runs/gated --gates-only     # gates on tuned heads (heads copied as they are)
 
-    from eetune.tune import TuneConfig, tune
+    from eetune.train.tune import TuneConfig, tune
     summary = tune("runs/exits", "runs/tuned", TuneConfig(data="default", steps=200, lr=1e-3))
 
 `tune` reads as the recipe: check the settings, start the processes, take the locks, load the
@@ -37,7 +37,7 @@ agreement with the final layer on the held-out blocks, both logged. `--select ag
 default) or `ce` writes the heads of the best validation rather than the last step's (kept in
 memory and in checkpoints, so a resumed run selects alike); the summary records both.
 
-Gates (eetune.gates): `--gates` fits a gate per exit to the heads just tuned, `--gates-only`
+Gates (eetune.train.gates): `--gates` fits a gate per exit to the heads just tuned, `--gates-only`
 (`tune_gates`) to the heads of the input directory without training them; both on
 `--gate-tokens` tokens of the training blocks, reported on the held-out blocks. Every written
 directory also ranks the vocabulary by frequency in its training blocks (`rank_vocabulary`).
@@ -64,8 +64,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import WEIGHTS_NAME, ExitConfig
-from .errors import EETuneError, Interrupted
+from eetune.model.config import WEIGHTS_NAME, ExitConfig
+from eetune.errors import EETuneError, Interrupted
+from eetune.progress import StatusLines, progress_display  # noqa: F401 (StatusLines: the lines it prints)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -97,7 +98,7 @@ class TuneConfig:
     loss_weights: tuple[float, ...] | None = None  # per-exit loss weights w_i, e.g. 1,0.5 (default: all 1)
     loss_weights_start: tuple[float, ...] | None = None  # loss weights at step 0, ramped linearly to --loss-weights
     loss_weights_warmup: int = 0  # steps of that ramp (0: no ramp)
-    loss_chunk: int = 256  # tokens per chunk of the exit losses (eetune.losses: the tokens x vocabulary logits
+    loss_chunk: int = 256  # tokens per chunk of the exit losses (eetune.train.losses: the tokens x vocabulary logits
     #                        are never held whole, their gradients computed in the same pass); 0: whole logits
     dynamic_weights: bool = False  # scale each token's loss by the exit's detached max-softmax probability (the
     #                                paper's dynamic weighting)
@@ -127,7 +128,7 @@ class TuneConfig:
     gates: bool = False  # after tuning the heads, fit a gate per exit to them (labels: exit top-1 == final
     #                      top-1; held-out report in exit_config.json); one process, not under torchrun
     gates_only: bool = False  # train no heads: fit gates to the heads of DIR as they are, heads copied unchanged
-    gen_temperature: float = 0.8  # generated data: sampling temperature (eetune.selfdata)
+    gen_temperature: float = 0.8  # generated data: sampling temperature (eetune.train.selfdata)
     gen_top_p: float = 0.95  # generated data: nucleus mass
     gen_max_new_tokens: int = 256  # generated data: continuation length cap per prompt
     gen_batch_size: int = 16  # generated data: prompts decoded together
@@ -149,115 +150,6 @@ class TuneConfig:
                   "weight_decay", "betas", "clip", "dtype", "seed", "loss_weights", "loss_weights_start",
                   "loss_weights_warmup", "dynamic_weights", "distill", "val_blocks", "max_blocks", "cache_dtype",
                   "gen_temperature", "gen_top_p", "gen_max_new_tokens", "gen_batch_size", "select", "loss_chunk")
-
-
-# --- progress: a bar on a terminal, status lines elsewhere -----------------------------------
-PROGRESS_INTERVAL_S = 30.0  # seconds between status lines (stderr not a terminal)
-PROGRESS_ENV = "EETUNE_PROGRESS_INTERVAL"  # overrides it: seconds (0: after every step), or "off"
-
-
-def progress_interval() -> float | None:
-    """Seconds between status lines: $EETUNE_PROGRESS_INTERVAL, else `PROGRESS_INTERVAL_S`; None
-    when the variable says off (or none, no)."""
-    raw = os.environ.get(PROGRESS_ENV, "").strip()
-    if not raw:
-        return PROGRESS_INTERVAL_S
-    if raw.lower() in ("off", "none", "no"):
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or not math.isfinite(value):
-        raise EETuneError(f"{PROGRESS_ENV}={raw!r}: give seconds between progress lines (>= 0), or off")
-    return value
-
-
-def _is_terminal(stream) -> bool:
-    """Whether a bar redrawn in place shows on `stream`: a terminal, or a Jupyter cell."""
-    try:
-        if stream.isatty():
-            return True
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
-    return type(stream).__module__.split(".")[0] == "ipykernel"
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-class StatusLines:
-    """What replaces a progress bar where stderr is not a terminal (a log file, a pipe, a batch
-    job), where a bar redrawn in place either shows nothing or fills the log: one line at most
-    every `interval` seconds, e.g.
-
-        tune: step 120/400 (30%), loss 1:3.412 3:2.951, 8,123 tok/s, elapsed 1m02s, ETA 2m25s
-
-    (done/total, the fields of `set_postfix`, the time so far and the estimated time left at
-    the rate of this process's steps), and a last line from `close` when any was printed. The
-    calls are tqdm's: `update`, `set_postfix`, `close`."""
-
-    def __init__(self, total: int, desc: str, unit: str, interval: float, initial: int = 0, file=None,
-                 clock=time.monotonic):
-        self.total, self.desc, self.unit, self.interval, self.clock = total, desc, unit, interval, clock
-        self.n = self.start = initial
-        self.t0 = self.last = clock()
-        self.fields: dict = {}
-        self.printed_at: int | None = None
-        self.file = file
-
-    def set_postfix(self, fields: dict, refresh: bool = False) -> None:
-        self.fields = dict(fields)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = self.clock()
-        if now - self.last >= self.interval:
-            self.last = now
-            self._print(now)
-
-    def close(self) -> None:
-        if self.printed_at is not None and self.printed_at != self.n:
-            self._print(self.clock(), done=True)
-
-    def line(self, now: float, done: bool = False) -> str:
-        elapsed = now - self.t0
-        parts = [f"{self.desc}: {self.unit} {self.n:,}/{self.total:,}"
-                 + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")]
-        for key, value in self.fields.items():
-            parts.append(f"{value} {key}" if key.endswith("/s") else f"{key} {value}")
-        parts.append(f"elapsed {_duration(elapsed)}")
-        ran = self.n - self.start
-        if done:
-            parts.append("done" if self.n >= self.total else "stopped")
-        elif ran > 0 and self.total:
-            parts.append(f"ETA {_duration(elapsed / ran * max(0, self.total - self.n))}")
-        else:
-            parts.append("ETA unknown")
-        return ", ".join(parts)
-
-    def _print(self, now: float, done: bool = False) -> None:
-        print(self.line(now, done), file=self.file or sys.stderr, flush=True)
-        self.printed_at = self.n
-
-
-def progress_display(total: int, desc: str, unit: str, bar: bool, lines: bool = True, initial: int = 0):
-    """How a long loop shows its progress: a tqdm bar when `bar` and stderr is a terminal;
-    `StatusLines` when stderr is not a terminal and `lines` (whether or not `bar`: the CLI turns
-    the bar off away from a terminal, and a run that prints nothing for minutes looks hung);
-    else a disabled bar. Processes other than rank 0 pass neither."""
-    if bar and _is_terminal(sys.stderr):
-        return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True)
-    interval = progress_interval() if lines and not _is_terminal(sys.stderr) else None
-    if interval is not None:
-        return StatusLines(total, desc, unit, interval, initial=initial)
-    return tqdm(total=total, initial=initial, unit=unit, desc=desc, disable=True)
 
 
 # --- small pieces the loop uses ------------------------------------------------------------
@@ -321,7 +213,7 @@ class _Heads(nn.Module):
     """The exit heads as one module (the unit DDP replicates and FSDP shards), computing their
     losses inside `forward` so that every parameter is used where FSDP has it gathered.
 
-    `chunk > 0` computes each exit's loss `chunk` tokens at a time (eetune.losses: the tokens x
+    `chunk > 0` computes each exit's loss `chunk` tokens at a time (eetune.train.losses: the tokens x
     vocabulary logits are never held whole); `chunk == 0` is the plain path through whole
     logits and `exit_loss`."""
 
@@ -336,7 +228,7 @@ class _Heads(nn.Module):
         """Per exit: (loss to back-propagate, mean CE) for the blocks `ids` whose trunk hidden
         states at the exits are `hiddens` (`final_h`: the final layer's normed hidden states, for
         distillation); with `evaluate`, (summed CE, positions whose top-1 equals `final_top1`)."""
-        from .losses import chunked_eval, chunked_exit_loss
+        from eetune.train.losses import chunked_eval, chunked_exit_loss
 
         adapter = self.heads[0].adapter
         bias, softcap = getattr(adapter.lm_head, "bias", None), adapter.logit_softcap
@@ -382,7 +274,7 @@ def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _save_json_atomic(path: Path, data) -> None:
-    from .fsio import atomic_write_json
+    from eetune.fsio import atomic_write_json
     atomic_write_json(path, data)
 
 
@@ -406,7 +298,7 @@ def save_checkpoint(train_dir: Path, step: int, named_params: list, opt, state: 
             optim[f"{name}/{key}"] = _full(v) if torch.is_tensor(v) else torch.tensor(v)
     if rank != 0:
         return None
-    from .fsio import replace_dir, staging_dir
+    from eetune.fsio import replace_dir, staging_dir
 
     root = train_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -539,7 +431,7 @@ def selection_score(select: str, val_loss: dict, val_agree: dict) -> float:
 
 def _write_log(path: Path, rows: list[dict], fields: list[str]) -> None:
     """Start log.csv (header and the rows kept from a resumed run), atomically."""
-    from .fsio import atomic_write
+    from eetune.fsio import atomic_write
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -556,8 +448,8 @@ def _append_log(path: Path, row: dict, fields: list[str]) -> None:
 
 
 def generation_settings(cfg: TuneConfig):
-    """The `eetune.selfdata.GenSettings` of `generated:N` sources (seeded with the run's seed)."""
-    from .selfdata import GenSettings
+    """The `eetune.train.selfdata.GenSettings` of `generated:N` sources (seeded with the run's seed)."""
+    from eetune.train.selfdata import GenSettings
     return GenSettings(temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, max_new_tokens=cfg.gen_max_new_tokens,
                        batch_size=cfg.gen_batch_size, seed=cfg.seed)
 
@@ -572,7 +464,7 @@ def resolve_defaults(cfg: TuneConfig) -> TuneConfig:
 
 
 def _check_config(cfg: TuneConfig, exit_layers) -> None:
-    from .data import parse_data_spec
+    from eetune.train.data import parse_data_spec
 
     n = len(exit_layers)
     if any(p.generated is not None for p in parse_data_spec(cfg.data)):  # refuses a malformed spec early
@@ -654,7 +546,7 @@ def check_seq_len(seq_len: int, exit_config: ExitConfig, backbone=None) -> None:
     if backbone is not None:
         config, name = backbone.config, getattr(backbone, "source", "") or exit_config.base_model
     elif exit_config.base_model:
-        from .backbone import model_config
+        from eetune.model.backbone import model_config
         config, name = model_config(exit_config.base_model, revision=exit_config.revision), exit_config.base_model
     else:
         return  # no model named: loading it is refused later
@@ -685,8 +577,8 @@ def gate_training_blocks(train: torch.Tensor, cfg: TuneConfig) -> torch.Tensor:
 
 def _fit_gates(model, train: torch.Tensor, val: torch.Tensor, data_info: dict, cfg: TuneConfig,
                exits_dir: Path) -> dict:
-    """Fit and attach the gates (eetune.gates.train_gates); the summary for exit_config.json."""
-    from .gates import train_gates
+    """Fit and attach the gates (eetune.train.gates.train_gates); the summary for exit_config.json."""
+    from eetune.train.gates import train_gates
 
     blocks = gate_training_blocks(train, cfg)
     summary = train_gates(model, blocks, val, batch_size=cfg.batch_size, progress=cfg.progress, lines=True)
@@ -699,9 +591,10 @@ def tune_gates(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone
     `exits_dir` on its heads as they are, and write `out` with the head tensors copied bit for
     bit, the new gates, the vocabulary ranked by frequency in the training blocks, and the
     gates' summary (held-out report included) in exit_config.json. Returns that summary."""
-    from .backbone import load_tokenizer
-    from .data import train_val_blocks
-    from .model import GATE_PREFIX, VOCAB_KEY, EarlyExitModel, check_output_dir, write_exits_dir
+    from eetune.model.backbone import load_tokenizer
+    from eetune.train.data import train_val_blocks
+    from eetune.train.selfdata import generated_source
+    from eetune.model.early_exit import GATE_PREFIX, VOCAB_KEY, EarlyExitModel, check_output_dir, write_exits_dir
 
     exits_dir, out = Path(exits_dir), Path(out)
     exit_config = ExitConfig.load(exits_dir)
@@ -715,7 +608,8 @@ def tune_gates(exits_dir: str | Path, out: str | Path, cfg: TuneConfig, backbone
              if not (k.startswith(GATE_PREFIX) or k == VOCAB_KEY)}
     tokenizer = load_tokenizer(model.backbone)
     train, val, data_info = train_val_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.val_blocks, cfg.max_blocks, seed=0,
-                                             model=model, generation=generation_settings(cfg), progress=cfg.progress)
+                                             generated=generated_source(model, generation_settings(cfg)),
+                                             progress=cfg.progress)
     model.vocab_by_frequency = rank_vocabulary(train, model.backbone.vocab_size)
     summary = _fit_gates(model, train, val, data_info, cfg, exits_dir)
     write_exits_dir(out, exit_config.replace(gates=summary), heads, model.extra_tensors())
@@ -839,7 +733,7 @@ class TuneRun:
 def _check_run(exits_dir: Path, out: Path, cfg: TuneConfig, backbone=None) -> tuple[TuneConfig, ExitConfig, Path]:
     """Everything that can be checked before loading or writing anything: (the settings with
     their defaults resolved, the exits' configuration, the training directory)."""
-    from .model import check_output_dir
+    from eetune.model.early_exit import check_output_dir
 
     cfg = resolve_defaults(cfg)
     exit_config = ExitConfig.load(exits_dir)  # refuses a directory that is not an exits directory
@@ -866,22 +760,22 @@ def _setup(model, exits_dir: Path, out: Path, train_dir: Path, exit_config: Exit
     """Data (packed blocks and a held-out slice of whole documents; rank 0 tokenises first), the
     final layer's held-out top-1, the hidden-state cache, the layers no step needs released,
     parallel wrapping and the optimizer."""
-    from .backbone import load_tokenizer
-    from .data import train_val_blocks
-    from .model import ReleasedLayer
+    from eetune.model.backbone import load_tokenizer
+    from eetune.train.data import train_val_blocks
+    from eetune.train.selfdata import generated_source
+    from eetune.model.early_exit import ReleasedLayer
 
     layers = exit_config.exit_layers
     loaded = model.backbone.num_layers - model.backbone.released_count()  # before anything is released
     if world > 1 and rank != 0:
         torch.distributed.barrier()
     train, val, data_info = train_val_blocks(cfg.data, load_tokenizer(model.backbone), cfg.seq_len, cfg.val_blocks,
-                                             cfg.max_blocks, seed=0, model=model,
-                                             generation=generation_settings(cfg),
+                                             cfg.max_blocks, seed=0,
+                                             generated=generated_source(model, generation_settings(cfg)),
                                              progress=cfg.progress and rank == 0)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
-    from .engine import free_decode_state
-    free_decode_state(model)  # generated data (`generated:N`) may have left decoding graphs and caches
+    model.free_decode_state()  # generated data (`generated:N`) may have left decoding graphs and caches
     n_train, bb = train.shape[0], model.backbone
     G = cfg.batch_size * cfg.grad_accum * world
     total_steps = cfg.steps or (math.ceil(cfg.tokens / (G * cfg.seq_len)) if cfg.tokens else math.ceil(n_train / G))
@@ -1072,7 +966,7 @@ def validate(run: TuneRun) -> tuple[dict[int, float], dict[int, float]]:
     cfg, layers, val = run.cfg, run.layers, run.val
     n_train = run.train.shape[0]
     sums, agree = [0.0] * len(layers), [0] * len(layers)
-    from .model import eval_mode
+    from eetune.model.early_exit import eval_mode
     # Eval mode (no dropout) for the heads, each module's previous mode put back after: a validation
     # never changes how the following training steps run (nor, so, a resumed run's heads).
     with torch.no_grad(), eval_mode(run.heads_train, run.model):
@@ -1139,7 +1033,7 @@ def _finish(run: TuneRun) -> dict:
     """The final validation; with --select agreement|ce the best validated heads (the last
     step's included) replace the last ones; the summary; gates when asked; the tuned exits
     directory, written atomically by rank 0. Returns the summary."""
-    from .model import write_exits_dir
+    from eetune.model.early_exit import write_exits_dir
 
     cfg, bb = run.cfg, run.model.backbone
     last = _validation(run) if run.val.shape[0] else None
@@ -1196,7 +1090,7 @@ def _start_processes() -> tuple[int, int, torch.device, bool]:
 
 def _take_locks(out: Path, train_dir: Path) -> list:
     """One run per output and training directory: a pid lock beside each (eetune.fsio.PidLock)."""
-    from .fsio import PidLock
+    from eetune.fsio import PidLock
 
     locks = []
     try:
@@ -1229,7 +1123,7 @@ def _load_in_turns(exits_dir: Path, exit_config: ExitConfig, cfg: TuneConfig, ba
 
 def _load_for_tuning(exits_dir: Path, exit_config: ExitConfig, cfg: TuneConfig, backbone, device, rank: int):
     """The exits directory's model with its heads in fp32 as stored and trainable, gates dropped."""
-    from .model import EarlyExitModel
+    from eetune.model.early_exit import EarlyExitModel
 
     # Partial loading when no step needs the final layer: the backbone up to the deepest exit only.
     partial = cfg.distill == 0 and not cfg.gates

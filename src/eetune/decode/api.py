@@ -1,16 +1,17 @@
-"""Decoding: the options, the decision rules, the generate API and its text, streaming and
-Hugging Face `custom_generate` front ends. The engine that runs the layers is `eetune.engine`.
+"""The generate API: options, thresholds, per-row bookkeeping, text in and out, streaming, and
+Hugging Face `custom_generate`. The engine that runs the layers is `eetune.decode.engine`; the
+decision rules are `eetune.decode.rules`.
 
 - `DecodeOptions`: mode (`full`, `early-exit`, `self-spec`), thresholds, confidence (max-prob or
   the exits' gates), draft length, draft exit (or `auto`), draft vocabulary, sampling.
   `resolve_thresholds` decides a decode's exit thresholds (given, calibrated or default).
-- Decision rules: `confidence` (max softmax probability), `sampling_probs` (temperature, top-k,
-  top-p), `choose`, and `speculative_accept` (the speculative-sampling rule: accept a draft with
-  min(1, p/q), else resample from max(0, p - q), so self-speculation's output follows the full
-  model's distribution; greedy self-speculation is identical to `full`).
-- `generate(model, prompts, opts)`: left-pads the prompts, runs the engine, and returns a
-  `Generation` with ids and per-token statistics (exit layer, confidence, drafted/accepted);
-  `generate_text` is text in, text out with stop strings and streaming (`TextStream`).
+- `generate(model, prompts, opts)`: token ids in; left-pads the prompts, runs the engine, and
+  returns a `Generation` with ids and per-token statistics (exit layer, confidence,
+  drafted/accepted). Text prompts with `tokenizer=` (and `DecodeOptions` fields as keywords)
+  go through `generate_text`: stop strings, streaming (`TextStream`), the chat template on
+  request.
+- `custom_generate(model, **options)`: a callable for the backbone's own HF `generate(...,
+  custom_generate=...)`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backbone import LayerCache
-from .errors import EETuneError
+from eetune.decode.engine import run as engine_run
+from eetune.decode.policy import DraftPolicy, measure_costs
+from eetune.decode.rules import CONFIDENCES
+from eetune.errors import EETuneError
+from eetune.model.early_exit import calibrated_thresholds, eval_mode
 
 MODES = ("full", "early-exit", "self-spec")
-CONFIDENCES = ("max-prob", "gate")
 
 
 @dataclass
@@ -137,7 +140,6 @@ def resolve_thresholds(opts: DecodeOptions, model) -> tuple[DecodeOptions, str]:
     else:
         chosen, source = None, "default"
         if opts.mode == "early-exit":
-            from .calibrate import calibrated_thresholds
             chosen, source = calibrated_thresholds(model, opts.confidence)
         if chosen is None:
             chosen = {k: DEFAULT_THRESHOLD for k in layers}
@@ -172,7 +174,7 @@ class Generation:
     accepted: int = 0  # self-spec: proposals accepted
     rounds: int = 0  # self-spec: draft/verify rounds
     step_logits: list = field(default_factory=list)  # record_logits: (step, exit layer per row, logits (B, V))
-    policy: object = None  # draft_exit="auto": the engine.DraftPolicy with its measured costs and acceptance
+    policy: object = None  # draft_exit="auto": the eetune.decode.policy.DraftPolicy with its measured costs and acceptance
     round_log: list = field(default_factory=list)  # self-spec: (drafted, accepted) per round
     thresholds: dict = field(default_factory=dict)  # the threshold used at each exit layer (resolve_thresholds)
     engine: str = ""  # how the engine ran: "cuda-graphs" (segments recorded) or "eager"
@@ -210,65 +212,6 @@ class Generation:
                 "acceptance_rate": self.acceptance_rate, "rounds": self.rounds, "num_layers": self.num_layers,
                 "thresholds": {str(k): t for k, t in self.thresholds.items()},
                 "threshold_source": self.threshold_source}
-
-
-# --- confidence and token choice ------------------------------------------------------------
-def confidence(logits: torch.Tensor, kind: str = "max-prob", vocab_size: int | None = None) -> torch.Tensor:
-    """Per-row max softmax probability of a (B, V) logits tensor (the paper's confidence; `gate`
-    confidences come from the exits' gates, not from logits). `vocab_size` is accepted for
-    restricted-vocabulary logits and changes nothing: max-prob over K tokens is the max-prob of
-    logits masked to -inf outside them."""
-    if kind != "max-prob":
-        raise EETuneError(f"confidence {kind!r} is not computed from logits: use max-prob")
-    return logits.float().softmax(-1).amax(-1)
-
-
-def sampling_probs(logits: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
-    """The distribution tokens are drawn from: temperature, then top-k, then top-p."""
-    x = logits.float() / opts.temperature
-    if opts.top_k:
-        kth = x.topk(min(opts.top_k, x.shape[-1]), dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = x.softmax(-1)
-    if opts.top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        cum = sorted_p.cumsum(-1)
-        drop = (cum - sorted_p) >= opts.top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def choose(logits: torch.Tensor, opts: DecodeOptions, gen: torch.Generator | None) -> torch.Tensor:
-    if opts.temperature == 0:
-        return logits.argmax(-1)
-    return torch.multinomial(sampling_probs(logits, opts), 1, generator=gen).squeeze(-1)
-
-
-def speculative_accept(p: torch.Tensor, q: list[torch.Tensor], drafts: list[int],
-                       gen: torch.Generator | None) -> list[int]:
-    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) for one row.
-
-    `p` (m + 1, V): the full model's distributions after each verified position; `q[i]` (V,):
-    the draft distribution draft i was sampled from. Draft i is kept with probability
-    min(1, p_i(x)/q_i(x)); at the first rejection a token is drawn from max(0, p_i - q_i)
-    (renormalised); if all are kept, one more is drawn from p_m. The emitted tokens are then
-    distributed exactly as if drawn from p one at a time. Returns accepted drafts + 1 token.
-    """
-    out = []
-    for i, tok in enumerate(drafts):
-        r = torch.rand((), generator=gen, device=p.device)
-        if r < torch.clamp(p[i, tok] / q[i][tok], max=1.0):
-            out.append(tok)
-            continue
-        resid = (p[i] - q[i]).clamp_min(0)
-        total = resid.sum()
-        dist = resid / total if total > 0 else p[i]
-        out.append(int(torch.multinomial(dist, 1, generator=gen)))
-        return out
-    out.append(int(torch.multinomial(p[len(drafts)], 1, generator=gen)))
-    return out
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,10 +291,34 @@ class Emitter:
         return max((self.max_new - len(r.ids) for r, d in zip(self.rows, self._done) if not d), default=0)
 
 
+def generate(model, prompts, opts: DecodeOptions | None = None, *, tokenizer=None, chat: bool = False, stop=(),
+             on_text=None, on_tokens=None, run=None, **options) -> Generation:
+    """Decode with early exits. `prompts`: lists of token ids, or a string or list of strings
+    (with `tokenizer`; `chat=True` puts each through the chat template, `stop` strings end a
+    row, `on_text(row, piece, stat)` streams text). The settings are `opts` or, instead,
+    `DecodeOptions` fields as keywords: mode ("full", "early-exit", "self-spec"), threshold,
+    confidence, draft_len, draft_exit, draft_vocab, max_new_tokens, temperature, top_k, top_p,
+    seed, eos_token_ids. The exit heads run in eval mode (no dropout), the caller's mode put back
+    after. Returns a `Generation` (ids, text, per-token exit layer and confidence, speed)."""
+    if opts is None:
+        opts = DecodeOptions(**options)
+    elif options:
+        raise EETuneError(f"give DecodeOptions or keyword options, not both (got {', '.join(sorted(options))})")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    with eval_mode(model):
+        if prompts and isinstance(prompts[0], str):
+            if tokenizer is None:
+                raise EETuneError("text prompts need a tokenizer: pass tokenizer= (eetune.load_tokenizer(backbone))")
+            return generate_text(model, tokenizer, list(prompts), opts, chat=chat, stop=tuple(stop), on_text=on_text,
+                                 run=run)
+        return generate_ids(model, [list(p) for p in prompts], opts, on_tokens=on_tokens, run=run)
+
+
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=None, run=None) -> Generation:
+def generate_ids(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=None, run=None) -> Generation:
     """Decode every prompt (lists of token ids) with `opts`; `on_tokens(row, tokens, stats)` is
-    called as tokens are emitted (streaming; returning False ends that row). Runs `eetune.engine`
+    called as tokens are emitted (streaming; returning False ends that row). Runs `eetune.decode.engine`
     (`run`: another function of its signature, e.g. the tests' reference decoder). Returns a
     `Generation` with ids and statistics."""
     opts.validate(model)
@@ -376,15 +343,13 @@ def generate(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens=Non
     emitter = Emitter(prompts, opts, device, on_tokens)
     result = Generation(rows=emitter.rows, mode=opts.mode, seconds=0.0, num_layers=L,
                         thresholds=dict(opts.exit_thresholds), threshold_source=threshold_source)
-    if opts.draft_exit == "auto":  # the policy's costs: measured once per loaded model, outside the timing
-        from .engine import measure_costs
-        measure_costs(model, opts)
+    policy = None
+    if opts.draft_exit == "auto":  # its costs: measured once per loaded model, outside the timing
+        policy = DraftPolicy(model, measure_costs(model, opts), opts.draft_len, opts.draft_vocab, opts.verbose)
     t0 = time.perf_counter()
     ids, _ = _left_pad(prompts, 0, device)
     pad = [ids.shape[1] - len(p) for p in prompts]
-    if run is None:
-        from .engine import run
-    stats = run(model, ids, pad, opts, emitter, gen, device)
+    stats = (run or engine_run)(model, ids, pad, opts, emitter, gen, device, policy=policy)
     result.engine = "cuda-graphs" if device.type == "cuda" else "eager"
     result.rounds, result.drafted, result.accepted = stats["rounds"], stats["drafted"], stats["accepted"]
     result.layer_token_passes = stats["layer_token_passes"]
@@ -416,11 +381,11 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def generate_text(model, tokenizer, prompts: list[str], opts: DecodeOptions, chat: bool = False,
-                  stop: tuple[str, ...] = (), on_text=None) -> Generation:
+                  stop: tuple[str, ...] = (), on_text=None, run=None) -> Generation:
     """Text in, text out: tokenise, decode, cut at stop strings. `on_text(row, piece, stat)`
     streams each row's text, one token's piece at a time.
 
-    `chat=False` (the default, as `eetune generate` without --chat and `EarlyExitModel.generate`):
+    `chat=False` (the default, as `eetune generate` without --chat and `eetune.generate`):
     plain completion, each prompt tokenised as text to be continued, right for base models and for
     prompts such as "The capital of France is". `chat=True` (`eetune generate --chat`): each prompt
     becomes one user turn of the tokenizer's chat template, as instruct models expect for questions
@@ -446,7 +411,7 @@ def generate_text(model, tokenizer, prompts: list[str], opts: DecodeOptions, cha
                 return False
         return True
 
-    result = generate(model, ids, opts, on_tokens=on_tokens)
+    result = generate_ids(model, ids, opts, on_tokens=on_tokens, run=run)
     for b, r in enumerate(result.rows):
         if r.finished_by == "stop":
             r.text = streams[b].shown
@@ -495,8 +460,26 @@ class TextStream:
         return rest
 
 
+def custom_generate(model, **options):
+    """A callable for Hugging Face's `generate(..., custom_generate=callable)` on the backbone's
+    own model: its `generate` then decodes through eetune's engine. `max_new_tokens` (or
+    `max_length`), `do_sample`, `temperature`, `top_k`, `top_p` and `eos_token_id` come from the
+    generation config; `options` (DecodeOptions fields: mode, threshold, ...) from here and take
+    precedence. Settings the engine cannot apply (repetition_penalty, no_repeat_ngram_size,
+    stop_strings, ...) raise an EETuneError when generate() runs. Returns prompt + new ids,
+    right-padded."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(DecodeOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise EETuneError(f"unknown custom_generate option(s) {', '.join(unknown)}: give DecodeOptions fields "
+                          f"(e.g. mode, threshold, draft_len); generation settings go to generate() itself")
+    return custom_generate_fn(model, options)
+
+
 def custom_generate_fn(model, options: dict):
-    """Build the `custom_generate` callable behind `EarlyExitModel.as_custom_generate`.
+    """Build the `custom_generate` callable behind `custom_generate`.
 
     Hugging Face's `generate()` calls it with the logits processors and stopping criteria it built
     from the generation config (and those passed in). The ones eetune's engine honours are
@@ -505,7 +488,7 @@ def custom_generate_fn(model, options: dict):
     padded prompt width, as HF counts them) and `EosTokenCriteria`. Anything else (repetition
     penalty, n-gram blocking, bad words, min length, stop strings, max time, beam search, ...) is
     refused with an `EETuneError` rather than silently dropped. `options` (from
-    `as_custom_generate`) take precedence over what the generation config says."""
+    `custom_generate`) take precedence over what the generation config says."""
 
     # The settings behind each Hugging Face logits processor / stopping criterion that eetune's engine
     # cannot apply, with the value that turns it off (what a refusal tells the user to pass).

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import EETuneError
+from eetune.errors import EETuneError
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 GPT2_LIKE = ("gpt2",)
@@ -464,7 +464,7 @@ def _resolve_source(source: str, revision: str | None) -> tuple[str, str]:
 
     from transformers import AutoConfig
 
-    from . import defaults
+    from eetune.model import defaults
 
     recorded = source
     if source == DEFAULT_ALIAS:

@@ -35,7 +35,7 @@ CPU, without converting or tuning anything:
    nowhere pays all L layers + every exit of the set + the LM head; full depth is L layers +
    the LM head. Predicted speedup = full cost / mean cost; agreement = share of tokens whose
    emitted token is the full model's. The head cost is measured on this machine
-   (`eetune.engine.measure_costs`: one norm head and the final norm + LM head vs one decoder
+   (`eetune.decode.policy.measure_costs`: one norm head and the final norm + LM head vs one decoder
    layer, one token on a 64-token context), or given (`--head-cost N`: then both an exit head
    and the LM head cost N, as a norm head is the final norm + the LM head). Since the cost is
    linear in the head cost, every set also gets its break-even head cost: the head cost below
@@ -65,7 +65,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import EETuneError
+from eetune.errors import EETuneError
 
 LOSSES = ("kl", "ce")
 DEFAULT_THRESHOLDS = (0.5, 0.8, 0.9)
@@ -135,7 +135,7 @@ def scan_blocks(spec: str, tokenizer, tokens: int, seq_len: int, holdout: float,
     """(fit, held_out) blocks of `seq_len` token ids from `spec`: documents shuffled (fixed seed),
     joined with EOS, cut into at most `tokens // seq_len` blocks, the last `holdout` share of
     which (at least one block) is held out."""
-    from .data import tokenize_documents
+    from eetune.train.data import tokenize_documents
 
     docs = tokenize_documents(spec, tokenizer)
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -454,9 +454,9 @@ def rank_sets(conf, agree, num_layers: int, threshold: float, target: float, hea
 def measured_costs(bb) -> dict:
     """One norm head and the final norm + LM head in layer-equivalents, timed by the decoding
     engine's own `measure_costs` (one token on a 64-token context, best of 5)."""
-    from .decode import DecodeOptions
-    from .engine import measure_costs
-    from .model import EarlyExitModel
+    from eetune.decode.api import DecodeOptions
+    from eetune.decode.policy import measure_costs
+    from eetune.model.early_exit import EarlyExitModel
 
     model = EarlyExitModel.convert(bb, [1], arch="norm", output_embedding="shared")
     c = measure_costs(model, DecodeOptions())
@@ -545,7 +545,7 @@ def _machine() -> dict:
 
     import transformers
 
-    from . import __version__
+    from eetune.version import __version__
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "eetune": __version__,
             "threads": torch.get_num_threads()}
@@ -641,7 +641,7 @@ def write_json(result: dict, path: str) -> None:
     """Write `result` as JSON atomically (eetune.fsio)."""
     import json
 
-    from .fsio import atomic_write_text
+    from eetune.fsio import atomic_write_text
     atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
@@ -672,7 +672,7 @@ def write_plot(result: dict, path: str, min_count: int = 20) -> bool:
     ax.text(1.01, 0.0, f"agreement | p >= t\nwhere >= {min_count} tokens", transform=ax.transAxes, fontsize=7,
             va="bottom")
     fig.tight_layout()
-    from .fsio import atomic_write
+    from eetune.fsio import atomic_write
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:

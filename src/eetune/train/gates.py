@@ -1,4 +1,4 @@
-"""Gates: learned exit decisions (CALM's "early-exit classifier", for decoder LMs).
+"""Fitting gates: learned exit decisions (CALM's "early-exit classifier", for decoder LMs).
 
 A gate is a linear probe on an exit's *input* hidden state (the trunk's hidden state after
 layer k) that predicts whether the exit's top-1 token equals the final layer's top-1 token.
@@ -15,7 +15,7 @@ Training (`train_gates`, behind `eetune tune --gates` and `--gates-only`) keeps 
 heads frozen and fits the probes by logistic regression on labels from the final layer;
 `gate_report` measures them on held-out blocks against the exit's own max-softmax confidence.
 
-    from eetune.gates import train_gates, gate_report
+    from eetune.train.gates import train_gates, gate_report
     summary = train_gates(model, train_blocks, val_blocks)   # attaches model.gates
     report = gate_report(model, other_blocks)                 # coverage / precision per threshold
 """
@@ -27,30 +27,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
-
-class ExitGate(nn.Module):
-    """`p(exit k's top-1 == final top-1 | h)`, a logistic probe on the RMS-normalised hidden state."""
-
-    def __init__(self, hidden_size: int, device=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(hidden_size, device=device))
-        self.bias = nn.Parameter(torch.zeros(1, device=device))
-
-    @staticmethod
-    def features(h: torch.Tensor) -> torch.Tensor:
-        x = h.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-    def logit(self, h: torch.Tensor) -> torch.Tensor:
-        """Gate logits for hidden states (..., H) -> (...)."""
-        return self.features(h) @ self.weight + self.bias
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Gate probability in [0, 1] for hidden states (..., H) -> (...)."""
-        return torch.sigmoid(self.logit(h))
+from eetune.model.gates import ExitGate
 
 
 # --- training and reporting ------------------------------------------------------------------
@@ -67,10 +46,10 @@ def _autocast(model):
 
 def _progress(total: int, desc: str, unit: str, progress: bool, lines: bool):
     """A tqdm bar (`progress`), or where stderr is not a terminal and `lines`, a status line
-    every ~30 s with an ETA (eetune.tune.progress_display)."""
+    every ~30 s with an ETA (eetune.progress.progress_display)."""
     if not lines:
         return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
-    from .tune import progress_display
+    from eetune.progress import progress_display
     return progress_display(total, desc, unit, bar=progress, lines=True)
 
 
@@ -140,7 +119,7 @@ def train_gates(model, blocks: torch.Tensor, val_blocks: torch.Tensor, batch_siz
     entropy and label rate, and `gate_report` on `val_blocks`. The heads run in eval mode (no
     dropout), the model's previous mode put back after. `progress`: tqdm bars; `lines`: where
     stderr is not a terminal, a status line every ~30 s with an ETA instead (`eetune tune`)."""
-    from .model import eval_mode
+    from eetune.model.early_exit import eval_mode
 
     t0 = time.time()
     with eval_mode(model):
@@ -187,7 +166,7 @@ def gate_report(model, blocks: torch.Tensor, thresholds=THRESHOLDS, batch_size: 
     with the final layer among them (None where no token is covered). Lists follow
     `thresholds`; `agreement` is the exit's overall agreement rate, `tokens` the token count.
     The heads run in eval mode, the model's previous mode put back after."""
-    from .model import eval_mode
+    from eetune.model.early_exit import eval_mode
 
     with eval_mode(model):
         return _gate_report(model, blocks, thresholds, batch_size, progress, lines)

@@ -2,7 +2,7 @@
 over static caches, one static-shape function per span of layers between exits, recorded as a
 CUDA graph on a GPU and run directly on a CPU.
 
-`decode.generate` owns the options, the prompt checks and the per-row bookkeeping (`Emitter`);
+`eetune.decode.api.generate` owns the options, the prompt checks and the per-row bookkeeping (`Emitter`);
 `run(model, ids, pad, opts, emitter, gen, device)` decodes one batch with this engine. The slow,
 obvious reference that the tests hold it against lives in `tests/reference.py`.
 
@@ -32,16 +32,14 @@ obvious reference that the tests hold it against lives in `tests/reference.py`.
   whole-cache shapes instead; the tests use it to check them without a GPU).
 - **State per geometry** (`DecodeState`: caches, static inputs, graphs) is kept on the model
   for reuse across requests, at most `MAX_STATES` geometries (batch size, capacity bucket),
-  least recently used dropped first; `free_decode_state(model)` drops them all (also done when
-  layers are released or tuning starts).
-- **The draft policy** (`draft_exit="auto"`): `DraftPolicy` picks the draft exit and length per
-  round from costs `measure_costs` measures once per model with this engine, and the acceptance
-  observed so far.
+  (`model.decode_state`), least recently used dropped first; `model.free_decode_state()` drops
+  them all (also done when layers are released or tuning starts).
+- **The draft policy** (`draft_exit="auto"`, `eetune.decode.policy`) picks the draft exit and
+  length of each round; `run` asks it and reports each round's outcome back.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 import warnings
@@ -49,7 +47,8 @@ from collections import OrderedDict
 
 import torch
 
-from .backbone import LayerContext
+from eetune.decode.rules import choose, confidence, sampling_probs, speculative_accept
+from eetune.model.backbone import LayerContext
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # token counts segments are recorded for (GPU)
 CAPACITY_STEP = 256  # cache capacity is rounded up to a multiple of this (states and graphs are reused)
@@ -189,10 +188,10 @@ def decode_state(model, B: int, capacity: int, device, dtype) -> DecodeState:
     """The state of this geometry, kept on the model (at most MAX_STATES, least recently used
     dropped first; all dropped when the model's modules or parameters changed)."""
     key = _modules_key(model, device, dtype)
-    states = getattr(model, "_eetune_decode", None)
+    states = model.decode_state
     if states is None or states["key"] != key:
-        free_decode_state(model)
-        states = model._eetune_decode = {"key": key, "modules": _modules(model), "by_geometry": OrderedDict()}
+        model.free_decode_state()
+        states = model.decode_state = {"key": key, "modules": _modules(model), "by_geometry": OrderedDict()}
     by_geo = states["by_geometry"]
     st = by_geo.get((B, capacity))
     if st is None:
@@ -201,15 +200,6 @@ def decode_state(model, B: int, capacity: int, device, dtype) -> DecodeState:
         st = by_geo[(B, capacity)] = DecodeState(model, B, capacity, device)
     by_geo.move_to_end((B, capacity))
     return st
-
-
-def free_decode_state(model) -> None:
-    """Drop every kept cache and recorded graph (before training, after releasing layers, or
-    whenever the memory is wanted back)."""
-    if getattr(model, "_eetune_decode", None) is not None:
-        model._eetune_decode = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 # --- the engine -----------------------------------------------------------------------------
@@ -367,7 +357,6 @@ class Engine:
     def _decision(self, kind: str, k: int, h_last, z) -> dict:
         """Exit k's decision for the newest token, inside the segment: which undecided rows take
         the exit (`take`), and flags = [any row takes, every row has decided] for the host."""
-        from .decode import confidence
         gs, head = self.gs, self.model.head(k)
         if kind == "draft":
             return self._draft(k, h_last, z)
@@ -387,7 +376,6 @@ class Engine:
 
     def _draft(self, d: int, h_last, z) -> dict:
         """A self-spec draft at exit d: proposing rows, the greedy draft and the logits."""
-        from .decode import confidence
         gs, opts, head = self.gs, self.opts, self.model.head(d)
         if z is None:
             z = head.transform(h_last)
@@ -578,7 +566,6 @@ class Engine:
         draft head, one host read: does any row still propose?), verify them with layers d+1..L
         in one segment; returns (emitted tokens per row, accepted drafts per row, drafts
         proposed in total). `live`: the host's copy of which rows are unfinished."""
-        from .decode import sampling_probs
         opts, B, L, gs = self.opts, self.B, self.L, self.gs
         head = self.model.head(d)
         forced = None
@@ -633,7 +620,6 @@ class Engine:
         Greedy (`target`: the full model's argmax at every verified position): the longest prefix
         of drafts equal to it, then its next token, with one host read; sampling: the
         speculative-sampling rule (`decode.speculative_accept`)."""
-        from .decode import sampling_probs, speculative_accept
         opts, B, m = self.opts, self.B, len(drafts)
         if target is not None:
             if m:
@@ -673,10 +659,10 @@ class Engine:
         self.behind_host = new_behind
 
 
-def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) -> dict:
+def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, policy=None) -> dict:
     """Decode the left-padded prompts `ids` (`pad[b]` padding tokens in row b), feeding `emitter`
-    (decode.py's per-row bookkeeping). Returns engine statistics."""
-    from .decode import choose
+    (the generate API's per-row bookkeeping). `policy`: a `DraftPolicy` (eetune.decode.policy)
+    when `opts.draft_exit` is "auto". Returns engine statistics."""
     B, T = ids.shape
     L = model.backbone.num_layers
     auto = opts.draft_exit == "auto"
@@ -695,7 +681,7 @@ def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) ->
     else:
         fill = set()
         if opts.mode == "self-spec":
-            cands = policy_candidates(model) if auto else [draft_exit]
+            cands = policy.candidates() if auto else [draft_exit]
             fill = {k for k in cands if model.head(k).arch == "layer"}
         st = eng.prefill(ids, False, done, draft_fill=fill)
     eng.passes = 0  # count the decoding phase only
@@ -705,10 +691,7 @@ def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) ->
     emitter.emit_step(tok, st["layer"], st["conf"])
 
     if opts.mode == "self-spec":
-        policy = None
-        if auto:
-            policy = DraftPolicy(model, measure_costs(model, opts), opts.draft_len, opts.draft_vocab, opts.verbose)
-            stats["policy"] = policy
+        stats["policy"] = policy
         rnd = 0
         while not emitter.all_done():
             left = emitter.max_remaining()
@@ -749,167 +732,3 @@ def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device) ->
     stats["layer_token_passes"] = eng.passes
     stats["record_seconds"] = eng.record_seconds
     return stats
-
-
-# --- the draft policy -----------------------------------------------------------------------
-def measure_costs(model, opts) -> dict:
-    """Seconds for one token through one decoder layer and through the final norm + LM head, as
-    they cost while decoding with this engine: the layer cost is a whole trunk pass (every
-    layer's weights streamed from memory, as in a real step) divided by the number of layers,
-    the LM head cost a whole step minus the trunk. Also a 5-token block (verification), each
-    exit's transform, and its projection. Measured once per model (cached on it) on a 64-token
-    context, best of 5 (on a GPU the segments are recorded first, outside the timing)."""
-    cached = getattr(model, "_eetune_costs", None)
-    if cached is not None:
-        return cached
-    bb = model.backbone
-    dev = next(bb.model.parameters()).device
-    L, T = bb.num_layers, 64
-    eng = Engine(model, opts, 1, T, [0], dev, capacity=T + 8)
-    ids = (torch.arange(T, device=dev)[None] * 7919) % bb.vocab_size
-    eng.prefill(ids, False, torch.zeros(1, dtype=torch.bool, device=dev))
-
-    def timeit(fn, reps: int = 5) -> float:
-        fn()  # warm-up (records the segment on a GPU)
-        _sync(dev)
-        best = math.inf
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            _sync(dev)
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    def trunk(q: int, head: bool):
-        x = ids[:, :q]
-        return lambda: eng.segment(0, L, x, T + q, final="all" if head else None, exact=True)
-
-    t1, t1h = timeit(trunk(1, False)), timeit(trunk(1, True))
-    t5, t5h = timeit(trunk(5, False)), timeit(trunk(5, True))
-    x1 = bb.embed(ids[:, -1:], torch.zeros(1, 1, dtype=torch.long, device=dev))[:, -1]
-    costs = {"layer": t1 / L, "layer_x5": t5 / L, "final": max(t1h - t1, 0.0), "final_x5": max(t5h - t5, 0.0),
-             "num_layers": L, "heads": {}}
-    for head in model.heads:
-        # a `layer` exit's block costs about one decoder layer; the others are timed
-        branch = costs["layer"] if head.arch == "layer" else timeit(lambda: head.transform(x1))
-        costs["heads"][head.layer] = {"transform": branch, "projection": costs["final"]}
-    model._eetune_costs = costs
-    return costs
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def policy_candidates(model) -> list[int]:
-    """Exits `--draft-exit auto` may draft with."""
-    L = model.backbone.num_layers
-    cands = [k for k in model.exit_layers if k < L] or [max(model.exit_layers)]
-    return cands[-1:] if model.config.arch == "layer" else cands
-
-
-class DraftPolicy:
-    """`--draft-exit auto`: choose the draft exit d and the draft length n of each round.
-
-    A round drafts n tokens through layers 1..d (and one more token, the last, through the same
-    layers), projects each draft with exit d's head, and verifies n + 1 tokens through layers
-    d+1..L and the LM head. With a per-draft acceptance rate a (drafts are accepted in order,
-    the first rejection ends the round), the round emits 1 + a + a^2 + ... + a^n tokens. So:
-
-        cost(d, n)    = (n + 1) * d * c_layer + n * c_head(d) + (L - d) * c_layer(n + 1) + c_final(n + 1)
-        emitted(d, n) = (1 - a_d^(n + 1)) / (1 - a_d)
-        pick (d, n) maximising emitted / (cost * s[n > 0]), n in 0..draft_len (n = 0: a full step)
-
-    s[drafting] and s[full step] calibrate the model against the clock: each is a running mean
-    (weight 0.2) of measured ÷ modelled seconds of the rounds of that kind so far.
-
-    c_layer(q) and c_final(q) for a block of q tokens are interpolated between the measured
-    costs of 1 and 5 tokens. a_d starts from a prior worth 8 drafts (the exit's held-out top-1
-    agreement with the final layer when `tune --gates` reported it, else 0.2 + 0.4 d / L), then
-    follows the drafts exit d has had accepted so far in this request. When no draft pays, a
-    plain full step is taken, and every 16 such rounds one token is drafted to keep measuring.
-    Candidates are the exits below the last layer (`layer` exits: the deepest only, since
-    each would need its own cache filled on every round).
-    """
-
-    PRIOR_WEIGHT = 8.0
-
-    def __init__(self, model, costs: dict, draft_len: int, draft_vocab: int | None, verbose: bool = False):
-        self.model, self.costs, self.draft_len, self.verbose = model, costs, draft_len, verbose
-        L = costs["num_layers"]
-        self.L = L
-        V = model.backbone.vocab_size
-        self.head_cost = {}
-        for k, c in costs["heads"].items():
-            proj = c["projection"] * ((draft_vocab / V) if draft_vocab else 1.0)
-            self.head_cost[k] = c["transform"] + proj
-        report = ((model.config.gates or {}).get("report") or {}).get("exits", {})
-        self.prior = {k: float(report.get(str(k), {}).get("agreement", 0.2 + 0.4 * k / L))
-                      for k in policy_candidates(model)}
-        self.stats = {k: [0, 0] for k in self.prior}  # accepted, drafted
-        self.rounds_without_drafts = 0
-        # Calibration: measured ÷ modelled seconds of rounds with drafts and of plain full steps
-        # (per-round work the model leaves out: embedding, step set-up, host reads, bookkeeping).
-        self.scale = {True: 1.0, False: 1.0}
-
-    def _block(self, one: float, five: float, q: int) -> float:
-        return one + (five - one) * (q - 1) / 4.0
-
-    def rate(self, d: int) -> float:
-        acc, drafted = self.stats[d]
-        w = self.PRIOR_WEIGHT
-        return min(0.99, (self.prior[d] * w + acc) / (w + drafted))
-
-    def cost(self, d: int, n: int) -> float:
-        c = self.costs
-        return ((n + 1) * d * c["layer"] + n * self.head_cost[d]
-                + (self.L - d) * self._block(c["layer"], c["layer_x5"], n + 1)
-                + self._block(c["final"], c["final_x5"], n + 1))
-
-    def emitted(self, d: int, n: int) -> float:
-        a = self.rate(d)
-        return (1 - a ** (n + 1)) / (1 - a)
-
-    PROBE_EVERY = 16  # rounds without drafting after which one draft is tried (acceptance drifts)
-
-    def choose(self, max_n: int) -> tuple[int, int]:
-        best, pick = -1.0, (max(self.prior) if self.prior else self.L, 0)
-        for d in self.prior:
-            for n in range(0, min(self.draft_len, max_n) + 1):
-                v = self.emitted(d, n) / (self.cost(d, n) * self.scale[n > 0])
-                if v > best:
-                    best, pick = v, (d, n)
-        if pick[1] == 0 and max_n >= 1:
-            self.rounds_without_drafts += 1
-            if self.rounds_without_drafts >= self.PROBE_EVERY:  # probe the exit closest to paying
-                self.rounds_without_drafts = 0
-                d = max(self.prior, key=lambda e: self.emitted(e, 1) / self.cost(e, 1))
-                return d, 1
-        else:
-            self.rounds_without_drafts = 0
-        return pick
-
-    def observe(self, d: int, accepted: int, drafted: int, n: int | None = None, seconds: float | None = None) -> None:
-        """Record a round: drafts accepted of those proposed by exit d; with `n` (the draft length
-        asked) and `seconds` (its wall time), update the calibration of that kind of round."""
-        self.stats[d][0] += accepted
-        self.stats[d][1] += drafted
-        if n is not None and seconds is not None:
-            ratio = seconds / self.cost(d, n)
-            self.scale[n > 0] = 0.8 * self.scale[n > 0] + 0.2 * ratio
-
-    def describe(self) -> str:
-        c = self.costs
-        full = self.L * c["layer"] + c["final"]
-        lines = [f"draft policy: layer {c['layer'] * 1e3:.3f} ms/token (x5 block {c['layer_x5'] * 1e3:.3f}), "
-                 f"LM head {c['final'] * 1e3:.3f} ms, full token ~{full * 1e3:.2f} ms; measured/modelled "
-                 f"time: drafting rounds {self.scale[True]:.2f}, full steps {self.scale[False]:.2f}"]
-        for d in self.prior:
-            n = min(self.draft_len, 8)
-            best = max(range(n + 1), key=lambda m: self.emitted(d, m) / (self.cost(d, m) * self.scale[m > 0]))
-            speed = (self.emitted(d, best) * full * self.scale[False]) / (self.cost(d, best) * self.scale[best > 0])
-            lines.append(f"  exit {d}: head {self.head_cost[d] * 1e3:.3f} ms ({self.head_cost[d] / c['layer']:.1f} "
-                         f"layers), acceptance {self.rate(d):.2f} ({self.stats[d][0]}/{self.stats[d][1]}), best n "
-                         f"{best}: expected speedup {speed:.2f}x")
-        return "\n".join(lines)

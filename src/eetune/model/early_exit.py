@@ -12,13 +12,15 @@ Without `final=True` the trunk stops at the deepest exit: no layer past it runs.
 parameters are trainable; the backbone is frozen and kept in eval mode. A model starts in eval
 mode (as Hugging Face's `from_pretrained` returns one): heads with dropout (a `layer` exit, or a
 GPT-2 `mlp` exit, copies modules that have some) use it only after `model.train()`, which
-`eetune tune` sets for its training steps; validation (`eetune.tune`), gate fitting and
+`eetune tune` sets for its training steps; validation (`eetune.train.tune`), gate fitting and
 `generate` run in eval mode (`eval_mode`) and put the previous mode back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +29,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .backbone import Adapter, ReleasedLayer, fingerprint, load_backbone  # noqa: F401 (ReleasedLayer re-exported)
-from .config import CONFIG_NAME, WEIGHTS_NAME, ExitConfig
-from .errors import EETuneError
-from .heads import ExitHead
+from eetune.model.backbone import Adapter, ReleasedLayer, fingerprint, load_backbone  # noqa: F401 (ReleasedLayer re-exported)
+from eetune.model.config import CONFIG_NAME, WEIGHTS_NAME, ExitConfig
+from eetune.errors import EETuneError
+from eetune.model.heads import ExitHead
 
 
 @dataclass
@@ -56,15 +58,25 @@ class EarlyExitModel(nn.Module):
         self.backbone = backbone
         self.config = config
         self.heads = heads
-        # Optional extras of the exits directory: a gate per exit (eetune.gates, trained by
+        # Optional extras of the exits directory: a gate per exit (eetune.train.gates, trained by
         # `tune --gates`) and the vocabulary ranked by frequency in the tuning data (for
         # self-spec's `--draft-vocab K`). Both are saved beside the heads.
         self.gates = nn.ModuleDict()
         self.vocab_by_frequency: torch.Tensor | None = None
+        # What a decoder keeps between requests (eetune.decode.engine: caches, recorded CUDA
+        # graphs); dropped by free_decode_state(), and whenever layers are released.
+        self.decode_state: dict | None = None
         # The backbone is held, not registered: parameters() and state_dict() are the heads only.
         backbone.model.requires_grad_(False)
         backbone.model.eval()
         self.eval()  # inference until told otherwise (tuning calls train() for its steps)
+
+    def free_decode_state(self) -> None:
+        """Drop the decoder's kept caches and recorded graphs (their memory comes back)."""
+        if self.decode_state is not None:
+            self.decode_state = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
@@ -138,8 +150,7 @@ class EarlyExitModel(nn.Module):
         keeps its length (placeholders), so layer numbering and per-layer attention types stay
         as they were; `forward(final=True)` is refused afterwards. `start=0` frees every layer
         (hidden states served from a cache). Returns how many were freed."""
-        from .engine import free_decode_state
-        free_decode_state(self)  # recorded decoding graphs read these layers
+        self.free_decode_state()  # kept caches and recorded graphs read these layers
         deepest = max(self.config.exit_layers) if start is None else start
         layers = self.backbone.layers
         freed = 0
@@ -249,7 +260,7 @@ class EarlyExitModel(nn.Module):
         return model
 
     def load_extra_tensors(self, extra: dict, source="") -> None:
-        from .gates import ExitGate
+        from eetune.model.gates import ExitGate
         dev = next(self.backbone.model.parameters()).device
         for key, t in extra.items():
             if key == VOCAB_KEY:
@@ -266,44 +277,6 @@ class EarlyExitModel(nn.Module):
             with torch.no_grad():
                 getattr(self.gates[k], part).copy_(t.to(dev))
         self.gates.requires_grad_(False)
-
-    # --- decoding (eetune.decode) ------------------------------------------------------------
-    def generate(self, prompts, tokenizer=None, chat: bool = False, stop=(), on_text=None, **options):
-        """Decode with early exits. `prompts`: a string or list of strings (with `tokenizer`),
-        or lists of token ids. `options` are `DecodeOptions` fields: mode ("full",
-        "early-exit", "self-spec"), threshold, confidence, draft_len, draft_exit,
-        max_new_tokens, temperature, top_k, top_p, seed, eos_token_ids. Returns a
-        `decode.Generation` (ids, text, per-token exit layer and confidence, speed)."""
-        from .decode import DecodeOptions, generate, generate_text
-
-        opts = DecodeOptions(**options)
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        with eval_mode(self):  # no dropout in the heads while decoding; the caller's mode put back after
-            if prompts and isinstance(prompts[0], str):
-                if tokenizer is None:
-                    raise EETuneError("text prompts need a tokenizer: pass tokenizer= "
-                                      "(eetune.load_tokenizer(backbone))")
-                return generate_text(self, tokenizer, list(prompts), opts, chat=chat, stop=tuple(stop),
-                                     on_text=on_text)
-            return generate(self, [list(p) for p in prompts], opts)
-
-    def as_custom_generate(self, **options):
-        """A callable for Hugging Face's `generate(..., custom_generate=callable)`: the backbone's
-        own `generate` then decodes through this engine. `max_new_tokens` (or `max_length`),
-        `do_sample`, `temperature`, `top_k`, `top_p` and `eos_token_id` come from the generation
-        config; `options` (DecodeOptions fields: mode, threshold, ...) from here and take precedence.
-        Settings the engine cannot apply (repetition_penalty, no_repeat_ngram_size, stop_strings,
-        ...) raise an EETuneError when generate() runs. Returns prompt + new ids, right-padded."""
-        import dataclasses
-
-        from .decode import DecodeOptions, custom_generate_fn
-        known = {f.name for f in dataclasses.fields(DecodeOptions)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise EETuneError(f"unknown as_custom_generate option(s) {', '.join(unknown)}: give DecodeOptions fields "
-                              f"(e.g. mode, threshold, draft_len); generation settings go to generate() itself")
-        return custom_generate_fn(self, options)
 
 
 @contextlib.contextmanager
@@ -332,7 +305,7 @@ VOCAB_KEY = "vocab_by_frequency"  # token ids, most frequent in the tuning data 
 def write_exits_dir(directory: str | Path, config: ExitConfig, state: dict, extra: dict | None = None) -> None:
     """Write `config` and the head tensors `state` (plus gates / ranked vocabulary `extra`) as an
     exits directory, atomically."""
-    from .fsio import replace_dir, staging_dir
+    from eetune.fsio import replace_dir, staging_dir
 
     directory = Path(directory)
     check_output_dir(directory)
@@ -399,3 +372,51 @@ def check_output_dir(directory: Path) -> None:
         if any(directory.iterdir()) and not is_exits_dir(directory):
             raise EETuneError(f"output directory {directory} exists and is not an exits directory: "
                               f"choose a new or empty directory")
+
+
+# --- the stored calibration (written by eetune.measure.calibrate, read when decoding) --------
+def heads_digest(model, gates: bool = False) -> str:
+    """A digest of the exit heads' weights (and the gates' with `gates`), canonicalised to bf16 so
+    that the same heads loaded in another dtype give the same digest: which heads a calibration
+    was measured on. Cached on the model until a tensor is replaced or changed in place."""
+    tensors = {f"head.{k}": v for k, v in model.heads.state_dict().items()}
+    if gates:
+        for k, g in model.gates.items():
+            tensors.update({f"gate.{k}.{n}": v for n, v in g.state_dict().items()})
+    key = (gates, tuple((n, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype))
+                        for n, t in sorted(tensors.items())))
+    cached = getattr(model, "_eetune_heads_digest", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.bfloat16).contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.int16).numpy().tobytes())
+    digest = "sha256:" + h.hexdigest()[:32]
+    model._eetune_heads_digest = (key, digest)
+    return digest
+
+
+def calibrated_thresholds(model, confidence: str) -> tuple[dict | None, str]:
+    """The stored calibration's thresholds {exit layer: t} for decoding with `confidence`, and
+    "calibrated"; (None, "default ...") when there is none, it was made for another confidence
+    measure, or on other heads (or gates). A malformed calibration is a one-line error."""
+    cal = model.config.calibration
+    if not cal:
+        return None, "default"
+    if cal.get("confidence") != confidence:
+        return None, f"default (the stored calibration is for --confidence {cal.get('confidence')})"
+    raw = cal.get("thresholds")
+    try:
+        chosen = {int(k): float(t) for k, t in raw.items()}
+        ok = set(chosen) == set(model.exit_layers) and all(t >= 0 and not math.isnan(t) for t in chosen.values())
+    except (AttributeError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise EETuneError(f"the calibration in exit_config.json is malformed (thresholds {raw!r}): run `eetune "
+                          f"calibrate` again, remove it, or pass --threshold")
+    if cal.get("heads_digest") != heads_digest(model, gates=confidence == "gate"):
+        return None, ("default (the stored calibration was measured on other heads or gates: run `eetune calibrate` "
+                      "again)")
+    return chosen, "calibrated"

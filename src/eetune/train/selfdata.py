@@ -14,10 +14,10 @@ Prompts (SOURCE):
   the passage, summarise the passage, answer the question alone (all three as a user turn of
   the chat template when the tokenizer has one), and continue the passage's first
   `OPENING_TOKENS` tokens as plain text.
-- a data source `eetune.data` reads (a .txt/.jsonl/... file or a folder): the first
+- a data source `eetune.train.data` reads (a .txt/.jsonl/... file or a folder): the first
   `OPENING_TOKENS` tokens of each document, continued as plain text.
 
-Generation is batched through the decoding engine (`eetune.decode.generate`, mode `full`),
+Generation is batched through the decoding engine (`eetune.decode.api.generate`, mode `full`),
 sampled with `GenSettings.temperature` / `top_p`, chunk c of `batch_size` prompts with seed
 `seed * 1_000_003 + c`, until N new tokens exist. Prompts are shuffled with the seed and reused
 (with new seeds) if N needs more than one pass over them.
@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import EETuneError
+from eetune.errors import EETuneError
+from eetune.train.data import check_generated_source, load_texts, tokenizer_key
 
 OPENING_TOKENS = 48  # tokens of a document's opening used as a plain-text prompt
 MAX_PROMPT_TOKENS = 768  # longer prompts are skipped (they would cost prefill, not add tokens)
@@ -65,22 +66,10 @@ class GenSettings:
             raise EETuneError("--gen-max-new-tokens and --gen-batch-size must be at least 1")
 
 
-def check_source(source: str) -> None:
-    """Refuse a SOURCE that is neither `default` nor a readable data source, or is evaluation text."""
-    if source == "default":
-        return
-    if source == "default-dev":
-        raise EETuneError("generated:N:default-dev would prompt with the evaluation split: use default or a file "
-                          "of your own, and keep evaluation text apart")
-    if not Path(source).exists():
-        raise EETuneError(f"unknown source {source!r} for generated data: give default or a .txt/.jsonl file or "
-                          f"folder of prompts")
-
-
 # --- prompts --------------------------------------------------------------------------------
 def _as_user_turn(tokenizer, text: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        from .decode import chat_prompt_ids
+        from eetune.decode.api import chat_prompt_ids
         return chat_prompt_ids(tokenizer, text)
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
@@ -92,10 +81,10 @@ def _opening(tokenizer, text: str) -> list[int]:
 
 def build_prompts(tokenizer, source: str, seed: int) -> list[list[int]]:
     """Prompt token ids of SOURCE (see the module docstring), shuffled with `seed`."""
-    check_source(source)
+    check_generated_source(source)
     prompts = []
     if source == "default":
-        from . import defaults
+        from eetune.model import defaults
         path = defaults.default_data_file("boolq_train_prompts.jsonl")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         for i, r in enumerate(rows):
@@ -112,7 +101,6 @@ def build_prompts(tokenizer, source: str, seed: int) -> list[list[int]]:
             else:
                 prompts.append(_opening(tokenizer, p))
     else:
-        from .data import load_texts
         prompts = [_opening(tokenizer, t) for t in load_texts(source, tokenizer)]
     prompts = [p for p in prompts if 0 < len(p) <= MAX_PROMPT_TOKENS]
     if not prompts:
@@ -123,13 +111,12 @@ def build_prompts(tokenizer, source: str, seed: int) -> list[list[int]]:
 
 # --- generation with a resumable cache ------------------------------------------------------
 def cache_path(key: str) -> Path:
-    from . import defaults
+    from eetune.model import defaults
     return defaults.cache_dir() / "generated" / f"{key}.safetensors"
 
 
 def cache_key(model, tokenizer, prompts: list[list[int]], n: int, settings: GenSettings) -> str:
-    from .backbone import fingerprint
-    from .data import tokenizer_key
+    from eetune.model.backbone import fingerprint
 
     h = hashlib.sha256()
     dtype = next(model.backbone.model.parameters()).dtype
@@ -147,7 +134,7 @@ def cache_key(model, tokenizer, prompts: list[list[int]], n: int, settings: GenS
 def _save_docs(path: Path, docs: list[torch.Tensor], new: list[int]) -> None:
     from safetensors.torch import save_file
 
-    from .fsio import atomic_write
+    from eetune.fsio import atomic_write
 
     tensors = {"ids": torch.cat(docs).to(torch.int32) if docs else torch.zeros(0, dtype=torch.int32),
                "lengths": torch.tensor([d.numel() for d in docs], dtype=torch.long),
@@ -171,7 +158,7 @@ def generated_documents(model, tokenizer, n: int, source: str = "default", setti
                         progress: bool = True, cache: bool = True) -> list[torch.Tensor]:
     """Documents (prompt + sampled continuation, token ids) holding at least `n` generated
     tokens, from the cache when there (see the module docstring)."""
-    from .decode import DecodeOptions, end_token_ids, generate
+    from eetune.decode.api import DecodeOptions, end_token_ids, generate
 
     if n < 1:
         raise EETuneError(f"generated:{n}: give a positive number of tokens, e.g. generated:200000")
@@ -222,3 +209,12 @@ def generated_documents(model, tokenizer, n: int, source: str = "default", setti
         _save_docs(final, docs, news)
         shutil.rmtree(parts, ignore_errors=True)
     return docs
+
+
+def generated_source(model, settings: GenSettings | None = None, cache: bool = True):
+    """What `eetune.train.data.train_val_blocks(..., generated=...)` takes: a function serving a
+    `generated:N[:SOURCE]` part with `generated_documents` from `model`."""
+    def serve(part, tokenizer, progress: bool = True):
+        return generated_documents(model, tokenizer, part.generated, part.source, settings or GenSettings(),
+                                   progress=progress, cache=cache)
+    return serve

@@ -9,8 +9,8 @@ code; this module does it for eetune's exits, behind `eetune calibrate DIR --tar
 1. **Per-token facts** (`token_table`): held-out text (default `default-dev`, BoolQ dev passages;
    any data spec `eetune evaluate` takes) is packed into blocks and split into a calibration part
    and a separate test part of whole blocks. The model runs teacher-forced once per block (the
-   full-depth pass `eetune.gates` uses for its features), which gives, for every token and exit,
-   the exit's confidence (`eetune.decode.confidence` of its logits; with `gate`, its gate's
+   full-depth pass `eetune.train.gates` uses for its features), which gives, for every token and exit,
+   the exit's confidence (`eetune.decode.api.confidence` of its logits; with `gate`, its gate's
    probability) and whether the exit's top-1 equals the final layer's top-1.
 2. **The engine's decision rule, simulated** (`outcomes`, `simulate`): the first exit, shallowest
    first, whose confidence >= its threshold emits its own top-1; otherwise the final layer's.
@@ -18,7 +18,7 @@ code; this module does it for eetune's exits, behind `eetune calibrate DIR --tar
    prefix: KV recomputation keeps every hidden state equal to that of a cache-free pass. Token
    agreement = share of tokens whose emitted token is the final layer's top-1.
 3. **Cost model** (`cost_model`), in decoder-layer equivalents measured on this machine by
-   `eetune.evaluate.exit_costs` (each figure the median of 3 measurements): a token that leaves
+   `eetune.measure.evaluate.exit_costs` (each figure the median of 3 measurements): a token that leaves
    at exit k costs k layers plus every exit head evaluated on the way (max-prob: each exit
    passed costs its transform and vocabulary projection; gate: a passed exit
    costs nothing but its block for `layer` exits, since the head runs only when the gate fires,
@@ -42,12 +42,12 @@ code; this module does it for eetune's exits, behind `eetune calibrate DIR --tar
 5. **Stored** (`store_calibration`) in the exits directory's exit_config.json under
    `calibration` (atomically), with the target, confidence, thresholds, both parts' results,
    data, cost model and a digest of the heads (and gates) it was measured on. From then on
-   `eetune generate` and `EarlyExitModel.generate` in early-exit mode use it when no threshold is
+   `eetune generate` and `eetune.generate` in early-exit mode use it when no threshold is
    given and the confidence measure matches (`calibrated_thresholds`, called by
-   `eetune.decode.resolve_thresholds`); heads changed since (e.g. `eetune tune --out`, which
+   `eetune.decode.api.resolve_thresholds`); heads changed since (e.g. `eetune tune --out`, which
    carries the config over) leave it unused.
 
-    from eetune.calibrate import calibrate, calibration_blocks, store_calibration
+    from eetune.measure.calibrate import calibrate, calibration_blocks, store_calibration
     calib, test, data = calibration_blocks(tokenizer, "default-dev", seq_len=256, calib=8, test=8)
     result = calibrate(model, calib, test, target=0.95)        # {"thresholds": {10: ..., 20: ...}, ...}
     store_calibration("runs/exits", {**result, "data": data})  # ExitConfig.load(...).calibration
@@ -63,7 +63,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import EETuneError
+from eetune.errors import EETuneError
+from eetune.model.early_exit import calibrated_thresholds, heads_digest  # noqa: F401 (the stored calibration is read there)
 
 NEVER = 1.01  # a threshold no confidence reaches: never exit early
 GRID = tuple(float(x) for x in np.round(np.concatenate([
@@ -74,7 +75,7 @@ GRID = tuple(float(x) for x in np.round(np.concatenate([
 def check_settings(target, confidence: str = "max-prob", calib_blocks: int = 8, test_blocks: int = 8,
                    seq_len: int = 256, batch_size: int = 4) -> None:
     """One-line errors for settings calibration cannot use (before anything slow happens)."""
-    from .decode import CONFIDENCES
+    from eetune.decode.rules import CONFIDENCES
 
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise EETuneError(f"--target-agreement {target} is outside (0, 1]: give the share of tokens that must equal "
@@ -91,8 +92,8 @@ def calibration_blocks(tokenizer, spec: str, seq_len: int, calib: int, test: int
     """The data `spec` (as `eetune evaluate --data` takes it) packed into blocks of `seq_len`
     tokens: the first `calib` blocks for calibration, the next `test` for the test part (whole
     blocks, no block in both). Returns (calib blocks, test blocks, a description to store)."""
-    from .data import load_texts, pack_blocks
-    from .evaluate import blocks_digest
+    from eetune.train.data import load_texts, pack_blocks
+    from eetune.measure.evaluate import blocks_digest
 
     blocks = pack_blocks(tokenizer, load_texts(spec), seq_len, calib + test)
     if blocks.shape[0] < calib + test:
@@ -113,8 +114,8 @@ def token_table(model, blocks: torch.Tensor, confidence: str = "max-prob", batch
     (rows, shallowest first) and token, the confidence (E, n) float32 (`gate`: the gate's
     probability on the exit's input hidden state) and whether the exit's top-1 equals the final
     layer's top-1 (E, n) bool."""
-    from .decode import confidence as conf_of
-    from .gates import _exit_batches
+    from eetune.decode.rules import confidence as conf_of
+    from eetune.train.gates import _exit_batches
 
     if confidence == "gate" and not model.has_gates:
         raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR --out OUT "
@@ -136,7 +137,7 @@ def token_table(model, blocks: torch.Tensor, confidence: str = "max-prob", batch
 # --- 2. the decision rule and 3. its cost -------------------------------------------------------
 def cost_model(model, confidence: str = "max-prob", costs: dict | None = None) -> dict:
     """Costs in decoder-layer equivalents of the decisions `simulate` counts. `costs`: what
-    `eetune.evaluate.exit_costs(model)` returns (when None: `measured_costs`, its median of 3
+    `eetune.measure.evaluate.exit_costs(model)` returns (when None: `measured_costs`, its median of 3
     measurements). Returns {"num_layers",
     "exit_layers", "lm_head_layers", "full_layers" (L + LM head), "leave" and "pass" (per exit,
     shallowest first: what the exit costs when a token leaves there / when it goes on),
@@ -166,18 +167,18 @@ def cost_model(model, confidence: str = "max-prob", costs: dict | None = None) -
 
 
 def measured_costs(model, repeats: int = 3) -> dict:
-    """`eetune.evaluate.exit_costs(model)` measured `repeats` times afresh, each figure the median
+    """`eetune.measure.evaluate.exit_costs(model)` measured `repeats` times afresh, each figure the median
     of its measurements (`repeats` recorded): one measurement on a busy machine can be far off,
     and the LM head's cost is a difference of two timings. The model's cached costs (which
     `--draft-exit auto` uses) are left as they were, or the last measurement when there were none."""
     import statistics
 
-    from .evaluate import exit_costs
+    from eetune.measure.evaluate import exit_costs
 
     saved = getattr(model, "_eetune_costs", None)
     runs = []
     for _ in range(repeats):
-        model._eetune_costs = None  # engine.measure_costs caches on the model: measure afresh
+        model._eetune_costs = None  # measure_costs caches on the model: measure afresh
         runs.append(exit_costs(model))
     if saved is not None:
         model._eetune_costs = saved
@@ -279,7 +280,7 @@ def calibrate(model, calib_blocks: torch.Tensor, test_blocks: torch.Tensor, targ
     `never_exits`, `calib_agreement`, `test_agreement`, `predicted_speedup` (on the test part),
     per part "calib" / "test" (simulate stats), `global` (the global answer, for comparison),
     `cost_model`, `grid`, `heads_digest`."""
-    from . import __version__
+    from eetune.version import __version__
 
     check_settings(target, confidence, int(calib_blocks.shape[0]), int(test_blocks.shape[0]),
                    int(calib_blocks.shape[1]), batch_size)
@@ -311,36 +312,13 @@ def calibrate(model, calib_blocks: torch.Tensor, test_blocks: torch.Tensor, targ
 
 
 # --- 5. stored, and used ----------------------------------------------------------------------
-def heads_digest(model, gates: bool = False) -> str:
-    """A digest of the exit heads' weights (and the gates' with `gates`), canonicalised to bf16 so
-    that the same heads loaded in another dtype give the same digest: which heads a calibration
-    was measured on. Cached on the model until a tensor is replaced or changed in place."""
-    tensors = {f"head.{k}": v for k, v in model.heads.state_dict().items()}
-    if gates:
-        for k, g in model.gates.items():
-            tensors.update({f"gate.{k}.{n}": v for n, v in g.state_dict().items()})
-    key = (gates, tuple((n, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype))
-                        for n, t in sorted(tensors.items())))
-    cached = getattr(model, "_eetune_heads_digest", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.bfloat16).contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.int16).numpy().tobytes())
-    digest = "sha256:" + h.hexdigest()[:32]
-    model._eetune_heads_digest = (key, digest)
-    return digest
-
-
 def store_calibration(directory: str | Path, calibration: dict) -> Path:
     """Record `calibration` in `directory`/exit_config.json under `calibration` (replacing an
     earlier one; every other key kept as it is), atomically (temporary file, fsync, rename).
     Returns the path written."""
-    from .config import CONFIG_NAME, ExitConfig
-    from .evaluate import json_safe
-    from .fsio import atomic_write_json
+    from eetune.model.config import CONFIG_NAME, ExitConfig
+    from eetune.measure.evaluate import json_safe
+    from eetune.fsio import atomic_write_json
 
     path = Path(directory) / CONFIG_NAME
     ExitConfig.load(directory)  # an exits directory with a readable config, or a one-line error
@@ -349,30 +327,6 @@ def store_calibration(directory: str | Path, calibration: dict) -> Path:
     ExitConfig.from_dict(data)  # still a valid config
     atomic_write_json(path, data)
     return path
-
-
-def calibrated_thresholds(model, confidence: str) -> tuple[dict | None, str]:
-    """The stored calibration's thresholds {exit layer: t} for decoding with `confidence`, and
-    "calibrated"; (None, "default ...") when there is none, it was made for another confidence
-    measure, or on other heads (or gates). A malformed calibration is a one-line error."""
-    cal = model.config.calibration
-    if not cal:
-        return None, "default"
-    if cal.get("confidence") != confidence:
-        return None, f"default (the stored calibration is for --confidence {cal.get('confidence')})"
-    raw = cal.get("thresholds")
-    try:
-        chosen = {int(k): float(t) for k, t in raw.items()}
-        ok = set(chosen) == set(model.exit_layers) and all(t >= 0 and not math.isnan(t) for t in chosen.values())
-    except (AttributeError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise EETuneError(f"the calibration in exit_config.json is malformed (thresholds {raw!r}): run `eetune "
-                          f"calibrate` again, remove it, or pass --threshold")
-    if cal.get("heads_digest") != heads_digest(model, gates=confidence == "gate"):
-        return None, ("default (the stored calibration was measured on other heads or gates: run `eetune calibrate` "
-                      "again)")
-    return chosen, "calibrated"
 
 
 def describe_thresholds(thresholds: dict) -> str:

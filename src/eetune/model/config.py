@@ -12,15 +12,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EETuneError
-from .heads import ARCHS, INITS, OUTPUT_EMBEDDINGS
+from eetune.errors import EETuneError
+from eetune.model.heads import ARCHS, INITS, OUTPUT_EMBEDDINGS
 
 CONFIG_NAME = "exit_config.json"
 WEIGHTS_NAME = "exit_heads.safetensors"
 
 
 def _version() -> str:
-    from . import __version__
+    from eetune.version import __version__
     return __version__
 
 
@@ -42,7 +42,7 @@ class ExitConfig:
     gates: dict | None = None  # summary written by `eetune tune --gates` (data, held-out precision/coverage)
     calibration: dict | None = None  # written by `eetune calibrate`: the exit threshold(s) meeting a target agreement
     #                                  with the full model, measured agreement and predicted speedup; `eetune
-    #                                  generate` uses it when no --threshold is given (eetune.calibrate)
+    #                                  generate` uses it when no --threshold is given (eetune.measure.calibrate)
 
     def __post_init__(self):
         object.__setattr__(self, "exit_layers", tuple(int(k) for k in self.exit_layers))

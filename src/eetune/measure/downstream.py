@@ -3,7 +3,7 @@
     eetune eval runs/tuned --tasks boolq,xsum --out runs/eval --limit 200
     eetune eval runs/tuned --tasks ppl,boolq,mmlu,narrativeqa,xsum --thresholds 1,0.9,0.8,0.6,0.4,0.2 --out runs/eval
 
-Tasks (items from the embedded default data, eetune.defaults; none of it is tuning text):
+Tasks (items from the embedded default data, eetune.model.defaults; none of it is tuning text):
 - `ppl`: teacher-forced cross-entropy, perplexity and top-1 agreement with the final layer of every
   exit and of the final layer, on held-out text (`--ppl-data`, default BoolQ dev passages).
 - `xsum`: one-sentence summary of a BBC article; ROUGE-L and ROUGE-Lsum F1 (the `rouge-score`
@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import EETuneError
+from eetune.errors import EETuneError
 
 TASK_NAMES = ("ppl", "xsum", "boolq", "mmlu", "narrativeqa")
 DEFAULT_THRESHOLDS = (1.0, 0.9, 0.8, 0.6, 0.4, 0.2)
@@ -132,7 +132,7 @@ class Rouge:
 @dataclass
 class Task:
     name: str
-    data_file: str  # eetune.defaults data file
+    data_file: str  # eetune.model.defaults data file
     metric: str  # the score reported (and compared with `full`)
     max_new_tokens: int
     stop: tuple[str, ...]
@@ -167,7 +167,7 @@ def score_item(task: str, prediction: str, item: dict, rouge: Rouge | None = Non
 
 def load_items(task: str, limit: int, seed: int = 0) -> list[dict]:
     """`limit` items of a task: a fixed random sample (seeded) of the task's data file."""
-    from .defaults import default_data_file
+    from eetune.model.defaults import default_data_file
 
     path = default_data_file(TASKS[task].data_file)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]  # not
@@ -182,7 +182,7 @@ def _cut(tokenizer, text: str, max_tokens: int) -> str:
 
 
 def prompt_ids(tokenizer, task: str, item: dict, max_context: int, chat: bool) -> list[int]:
-    from .decode import chat_prompt_ids
+    from eetune.decode.api import chat_prompt_ids
 
     t = TASKS[task]
     fields = {k: (_cut(tokenizer, str(v), max_context) if k in t.long_fields else v) for k, v in item.items()}
@@ -272,7 +272,7 @@ class EvalConfig:
 
 
 def _options(model, tok, setting: Setting, task: Task):
-    from .decode import DecodeOptions, end_token_ids
+    from eetune.decode.api import DecodeOptions, end_token_ids
 
     return DecodeOptions(max_new_tokens=task.max_new_tokens, eos_token_ids=tuple(end_token_ids(model, tok)),
                          **setting.options)
@@ -280,7 +280,7 @@ def _options(model, tok, setting: Setting, task: Task):
 
 def _decode(model, tok, prompts: list[list[int]], setting: Setting, task: Task):
     """Generate for `prompts` in one setting: the Generation and each reply cut by `cut_reply`."""
-    from .decode import generate
+    from eetune.decode.api import generate
 
     gen = generate(model, prompts, _options(model, tok, setting, task))
     return gen, [cut_reply(tok.decode(row.ids, skip_special_tokens=True), task.stop) for row in gen.rows]
@@ -292,7 +292,7 @@ def timed_generation(model, tok, prompt: list[int], setting: Setting, task: Task
     Returns {"tokens": all generated, "decode_tokens": those after the first, "decode_seconds",
     "layers": the sum of every generated token's exit layer, "passes": decoder-layer token passes
     of the decoding phase}."""
-    from .decode import generate
+    from eetune.decode.api import generate
 
     first = []
 
@@ -399,8 +399,8 @@ def speed_note(info: dict | None) -> str:
 
 
 def run_ppl(model, tok, cfg: EvalConfig) -> dict:
-    from .data import load_texts, pack_blocks
-    from .evaluate import exit_metrics
+    from eetune.train.data import load_texts, pack_blocks
+    from eetune.measure.evaluate import exit_metrics
 
     blocks = pack_blocks(tok, load_texts(cfg.ppl_data), cfg.seq_len, cfg.ppl_blocks)
     m = exit_metrics(model, blocks, batch_size=8, progress=cfg.progress)
@@ -451,7 +451,7 @@ def sample_generation(model, tok, task: str, item: dict, setting: Setting, cfg: 
                       index: int = 0) -> dict:
     """One reply with the exit layer of every token (for the report's coloured sample), the item's
     index among the task's items and the scored reply (`cut_reply`)."""
-    from .decode import generate
+    from eetune.decode.api import generate
 
     t = TASKS[task]
     gen = generate(model, [prompt_ids(tok, task, item, cfg.max_context, chat)], _options(model, tok, setting, t))
@@ -504,13 +504,13 @@ CSV_FIELDS = ("task", "setting", "metric", "n", "score", "ci_low", "ci_high", "d
 def task_figure(rows: list[dict], title: str):
     """Score against speedup as a matplotlib Figure (Agg canvas): one point per setting with its
     95% interval, `full` marked; each point labelled with its setting, labels of points that
-    coincide stacked, not overlapping (`eetune.evaluate.place_labels`). None without matplotlib."""
+    coincide stacked, not overlapping (`eetune.measure.evaluate.place_labels`). None without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    from .evaluate import place_labels
+    from eetune.measure.evaluate import place_labels
 
     fig = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(fig)
@@ -658,8 +658,8 @@ def report_html(results: dict, images: dict[str, bytes], profile_png: bytes | No
 
 def write_outputs(results: dict, out: Path, model) -> Path:
     """results.json, results.csv, a PNG per task and report.html, published as one directory."""
-    from .evaluate import json_safe, plot_profile
-    from .fsio import replace_dir, staging_dir
+    from eetune.measure.evaluate import json_safe, plot_profile
+    from eetune.fsio import replace_dir, staging_dir
 
     tmp = staging_dir(out)
     try:
@@ -697,7 +697,7 @@ def machine_meta(model, exits_dir) -> dict:
 
     import transformers
 
-    from . import __version__
+    from eetune.version import __version__
     c = model.config
     return {"exits": str(exits_dir), "model": c.base_model, "exit_layers": list(c.exit_layers),
             "num_layers": c.num_layers, "arch": c.arch, "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -4,12 +4,12 @@
     eetune plan llama-2-70b/ --exits 20 --dtype bf16 --distill 0 --ranks 4 --mem-per-rank 80
     eetune plan smollm2-135m --exits 10,20 --mode decode --batch-size 1 --prompt-len 512 --json
 
-    from eetune.plan import plan, format_plan
+    from eetune.measure.plan import plan, format_plan
     print(format_plan(plan("model_dir", "20", dtype="bf16", distill=0.0, ranks=4, mem_per_rank_gib=80)))
 
 Everything comes from the model's `config.json` alone; no weight is read. The model is built on
 PyTorch's meta device (shapes without storage), so parameter counts are exact for every family the
-backbone adapters support, and the exit heads are counted by building `eetune.heads.ExitHead` on
+backbone adapters support, and the exit heads are counted by building `eetune.model.heads.ExitHead` on
 it, exactly as `convert` builds them.
 
 What a tune step holds per rank (`plan_memory` spells out each term):
@@ -24,7 +24,7 @@ What a tune step holds per rank (`plan_memory` spells out each term):
   step makes temporaries: on a CPU (single-tensor) two of each head tensor's size while the
   previous tensor's are still bound, three weight matrices' worth with two own output
   embeddings; on a GPU (foreach) one per tensor of a parameter group.
-  With chunked exit losses (`loss_chunk` > 0, tune's default 256; eetune.losses), no
+  With chunked exit losses (`loss_chunk` > 0, tune's default 256; eetune.train.losses), no
   (tokens x vocab) buffer is ever whole. The loss runs `chunk` tokens at a time and computes
   each exit's gradients in the same pass, so what it holds is: the exits' hidden states (and
   with distillation the final layer's normed hidden state, not its logits); per exit the fp32
@@ -41,7 +41,7 @@ What a tune step holds per rank (`plan_memory` spells out each term):
   backward, which adds two (one).
   The counts follow the tensors the code keeps alive, checked phase by phase against measured
   peak RSS on a CPU (tests/test_plan.py, benchmarks/plan_check.py);
-- decoding (`mode="decode"`): the whole model, the heads in the backbone dtype, the lean engine's
+- decoding (`mode="decode"`): the whole model, the heads in the backbone dtype, the engine's
   static KV cache (`layers x 2 x batch x slots x kv_heads x head_dim`, slots = prompt + new tokens +
   the engine's self-spec slack) and the prefill's activations.
 
@@ -65,12 +65,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import EETuneError
+from eetune.errors import EETuneError
 
 GIB = 1 << 30
 MIB = 1 << 20
 
-# The embedded default model's config (SmolLM2-135M-Instruct as eetune.defaults converts it), used
+# The embedded default model's config (SmolLM2-135M-Instruct as eetune.model.defaults converts it), used
 # only when the converted copy is not in the cache yet: planning never downloads anything.
 SMOLLM2_135M = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
@@ -87,7 +87,8 @@ REQUIRED = {
     "gpt2": (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"),
              ("vocab_size",)),
 }
-ENGINE_SLACK = 4  # eetune.engine.run: capacity = prompt + new tokens + 2 * draft_len + 4
+ENGINE_SLACK = 4  # eetune.decode.engine.run: capacity = prompt + new tokens + 2 * draft_len + 4, then Engine
+#                  rounds (capacity + the largest bucket) up to a multiple of CAPACITY_STEP
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
@@ -96,10 +97,10 @@ def read_config(model: str) -> tuple[dict, str]:
     """(config.json as a dict, a name for it) for a local HF directory, a path to a config.json, or
     'smollm2-135m' (the embedded default: its cached converted config, else the known shape).
     Refuses, in one line, anything it cannot read or that eetune does not support."""
-    from .backbone import DEFAULT_ALIAS, SUPPORTED_MODEL_TYPES
+    from eetune.model.backbone import DEFAULT_ALIAS, SUPPORTED_MODEL_TYPES
 
     if model == DEFAULT_ALIAS:
-        from .defaults import MODEL_DIRNAME, cache_dir
+        from eetune.model.defaults import MODEL_DIRNAME, cache_dir
         path = cache_dir() / "models" / MODEL_DIRNAME / "config.json"
         if not path.is_file():
             return dict(SMOLLM2_135M), "SmolLM2-135M-Instruct (smollm2-135m)"
@@ -187,14 +188,14 @@ class ModelShape:
 def model_shape(config: dict, exit_layers, arch: str = "norm", output_embedding: str = "copy",
                 name: str = "") -> ModelShape:
     """Count the parameters of the model `config` describes and of its exit heads, by building both
-    on the meta device (no memory, no weights) with transformers and `eetune.heads.ExitHead`."""
+    on the meta device (no memory, no weights) with transformers and `eetune.model.heads.ExitHead`."""
     import torch
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from .backbone import adapter_for
-    from .config import ExitConfig
-    from .heads import ExitHead
+    from eetune.model.backbone import adapter_for
+    from eetune.model.config import ExitConfig
+    from eetune.model.heads import ExitHead
 
     model_type = config["model_type"]
     verbosity = hf_logging.get_verbosity()
@@ -300,7 +301,7 @@ def _tune_activations(s: ModelShape, dtype: str, alpha: float, b: int, T: int, r
     in the trunk; what autograd keeps inside each head; AdamW's temporaries (`head_step_temp`);
     writing the heads, a bytes copy of all of them.
 
-    Chunked losses (`chunk > 0`, eetune.losses; `u` is one fp32 (chunk, vocab) buffer): while the
+    Chunked losses (`chunk > 0`, eetune.train.losses; `u` is one fp32 (chunk, vocab) buffer): while the
     last exit's loss runs, every exit's fp32 gradient with respect to its (tokens, hidden) input
     (and, for an own output embedding, to its (vocab, hidden) weight) saved for backward, the
     exit's flattened input, and one chunk's work at its peak: z, p and g (3u; the weight gradient
@@ -450,7 +451,9 @@ def plan_memory(s: ModelShape, mode: str = "tune", dtype: str = "fp32", distill:
         seq = seq_len
     else:
         held = L
-        slots = prompt_len + max_new_tokens + 2 * draft_len + ENGINE_SLACK
+        from eetune.decode.engine import BUCKETS, CAPACITY_STEP
+        asked = prompt_len + max_new_tokens + 2 * draft_len + ENGINE_SLACK
+        slots = -(-(asked + BUCKETS[-1]) // CAPACITY_STEP) * CAPACITY_STEP
         kv_layers = L + sum(1 for _ in s.exit_layers if s.arch == "layer")  # a `layer` exit has its own cache
         kv = kv_layers * 2 * batch_size * slots * s.num_kv_heads * s.head_dim * cb
         parts = {
@@ -465,8 +468,9 @@ def plan_memory(s: ModelShape, mode: str = "tune", dtype: str = "fp32", distill:
             "KV cache": kv,
         }
         notes.append(f"KV cache: {kv_layers} layers x 2 x batch {batch_size} x {slots} slots (prompt {prompt_len} + "
-                     f"{max_new_tokens} new + {2 * draft_len + ENGINE_SLACK} engine slack) x {s.num_kv_heads} kv "
-                     f"heads x {s.head_dim} x {cb} bytes")
+                     f"{max_new_tokens} new + {2 * draft_len + ENGINE_SLACK} engine slack, rounded up with room for "
+                     f"a padded block to a multiple of {CAPACITY_STEP}) x {s.num_kv_heads} kv heads x {s.head_dim} x "
+                     f"{cb} bytes")
         seq = prompt_len + max_new_tokens
     plan = MemoryPlan(
         model=s.name, model_type=s.model_type, num_layers=L, mode=mode, exit_layers=s.exit_layers, arch=s.arch,
@@ -554,8 +558,8 @@ def plan(model: str, exits, mode: str = "tune", arch: str = "norm", output_embed
     layers), count, and plan. `distill=None` is tune's default as `TuneConfig` resolves it;
     `batch_size=None` is 8 blocks per rank for tune (tune's default), 1 prompt for decoding;
     `loss_chunk=None` is tune's (256 tokens; 0: whole logits)."""
-    from .config import parse_exit_layers
-    from .tune import TuneConfig, resolve_defaults
+    from eetune.model.config import parse_exit_layers
+    from eetune.train.tune import TuneConfig, resolve_defaults
 
     if mem_per_rank_gib is not None and not (math.isfinite(mem_per_rank_gib) and mem_per_rank_gib > 0):
         raise EETuneError(f"--mem-per-rank {mem_per_rank_gib}: give a positive number of GiB")

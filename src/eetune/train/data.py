@@ -9,7 +9,7 @@ Sources (`--data SPEC`):
   `{"role", "content"}`); instruction rows are rendered with the tokenizer's chat template;
 - any other local file the Hugging Face `datasets` library reads (`.json`, `.parquet`,
   `.csv`, `.arrow`), with the same row formats (needs `pip install datasets`);
-- `generated:N[:SOURCE]`: N tokens sampled from the backbone itself (eetune.selfdata); tuning only.
+- `generated:N[:SOURCE]`: N tokens sampled from the backbone itself (eetune.train.selfdata); tuning only.
 
 Mixtures: `SPEC:WEIGHT,SPEC:WEIGHT,...` (e.g. `default:0.3,generated:200000:0.7`) trains on
 blocks drawn from each source in proportion to the weights (`parse_data_spec`, `mix_blocks`);
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EETuneError
+from eetune.errors import EETuneError
 
 DATASETS_SUFFIXES = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 NAMED_SOURCES = ("default", "default-dev")
@@ -92,8 +92,7 @@ def parse_data_spec(spec: str) -> list[DataPart]:
                 weight = _weight(rest[-1], part)
                 rest = rest[:-1]
             source = ":".join(rest) or "default"
-            from .selfdata import check_source
-            check_source(source)
+            check_generated_source(source)
             parts.append(DataPart("generated", weight, n, source))
             continue
         name, sep, tail = part.rpartition(":")
@@ -132,7 +131,7 @@ def mix_blocks(parts: list[torch.Tensor], weights: list[float], seed: int = 0,
 
 # --- reading rows --------------------------------------------------------------------------
 def _resolve(spec: str) -> Path:
-    from . import defaults
+    from eetune.model import defaults
 
     if spec == "default":
         return defaults.default_data_file("boolq_train_passages.jsonl")
@@ -275,7 +274,7 @@ def load_texts(spec: str, tokenizer=None) -> list[str]:
 
 # --- tokenising (cached) -------------------------------------------------------------------
 def _cache_root() -> Path:
-    from . import defaults
+    from eetune.model import defaults
     return defaults.cache_dir()
 
 
@@ -328,7 +327,7 @@ def tokenize_documents(spec: str, tokenizer, cache: bool = True) -> list[torch.T
     if not docs:
         raise EETuneError(f"data {spec} tokenises to nothing: give a source with some text")
     if path is not None:
-        from .fsio import atomic_write
+        from eetune.fsio import atomic_write
         tensors = {"ids": torch.cat(docs).to(torch.int32),
                    "lengths": torch.tensor([d.numel() for d in docs], dtype=torch.long)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"source": str(spec)}))
@@ -366,16 +365,28 @@ def pack_blocks(tokenizer, texts: list[str], seq_len: int, max_blocks: int | Non
     return blocks
 
 
-def part_documents(part: DataPart, tokenizer, cache: bool = True, model=None, generation=None,
+def part_documents(part: DataPart, tokenizer, cache: bool = True, generated=None,
                    progress: bool = True) -> list[torch.Tensor]:
-    """Token ids of every document of one source of a data spec (generated data needs `model`)."""
+    """Token ids of every document of one source of a data spec. `generated(part, tokenizer,
+    progress)` serves `generated:N` sources (`eetune.train.selfdata.generated_source`)."""
     if part.generated is not None:
-        if model is None:
+        if generated is None:
             raise EETuneError("generated:N data is sampled from the model being tuned: use it with `eetune tune`")
-        from .selfdata import GenSettings, generated_documents
-        return generated_documents(model, tokenizer, part.generated, part.source, generation or GenSettings(),
-                                   progress=progress, cache=cache)
+        return generated(part, tokenizer, progress)
     return tokenize_documents(part.spec, tokenizer, cache=cache)
+
+
+def check_generated_source(source: str) -> None:
+    """Refuse a SOURCE of generated:N[:SOURCE] that is neither `default` nor a readable data
+    source, or is evaluation text."""
+    if source == "default":
+        return
+    if source == "default-dev":
+        raise EETuneError("generated:N:default-dev would prompt with the evaluation split: use default or a file "
+                          "of your own, and keep evaluation text apart")
+    if not Path(source).exists():
+        raise EETuneError(f"unknown source {source!r} for generated data: give default or a .txt/.jsonl file or "
+                          f"folder of prompts")
 
 
 def _label(part: DataPart) -> str:
@@ -383,7 +394,7 @@ def _label(part: DataPart) -> str:
 
 
 def train_val_blocks(spec: str, tokenizer, seq_len: int, val_blocks: int = 8, max_blocks: int | None = None,
-                     seed: int = 0, cache: bool = True, model=None, generation=None,
+                     seed: int = 0, cache: bool = True, generated=None,
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Training and validation blocks of `spec`, split by whole documents.
 
@@ -393,19 +404,19 @@ def train_val_blocks(spec: str, tokenizer, seq_len: int, val_blocks: int = 8, ma
     small, the validation slice shrinks to a tenth of it (at least one block); `val_blocks=0`
     holds nothing out. A mixture splits each source on its own (its share of `val_blocks` by
     weight, at least one block each) and mixes the training blocks by weight (`mix_blocks`).
-    `model` (and `generation`, an `eetune.selfdata.GenSettings`) serve `generated:N` sources.
+    `generated` serves `generated:N` sources (see `part_documents`).
     Returns (train, val, info)."""
     if seq_len < 2:
         raise EETuneError(f"--seq-len {seq_len} is too short: give at least 2 tokens per block")
     parts = [p for p in parse_data_spec(spec) if p.weight > 0]
     seen: set = set()
     if len(parts) == 1:
-        docs = part_documents(parts[0], tokenizer, cache, model, generation, progress)
+        docs = part_documents(parts[0], tokenizer, cache, generated, progress)
         return _split(_label(parts[0]), docs, tokenizer, seq_len, val_blocks, max_blocks, seed, seen)
     W = sum(p.weight for p in parts)
     trains, vals, infos = [], [], []
     for p in parts:
-        docs = part_documents(p, tokenizer, cache, model, generation, progress)
+        docs = part_documents(p, tokenizer, cache, generated, progress)
         want = val_blocks if val_blocks <= 0 else max(1, round(val_blocks * p.weight / W))
         tr, va, info = _split(_label(p), docs, tokenizer, seq_len, want, max_blocks, seed, seen)
         trains.append(tr)

@@ -5,13 +5,13 @@ early-exit model, at full depth or through an exit, with our decoding engine for
 
     eetune lm-eval --model eetune --model_args exits=runs/exits,mode=early-exit,threshold=0.8 \\
         --tasks hellaswag,gsm8k --device cpu
-    python -m eetune.lmeval ...        # the same (`--model eetune` is the default of both)
+    python -m eetune.measure.lmeval ...        # the same (`--model eetune` is the default of both)
 
 The pinned lm-eval (0.4.13, the `eval` extra) finds models only in its own registry; it loads
 no entry-point group for outside packages, so plain `lm_eval --model eetune` cannot find this
 class. Both commands above import this module (which registers `eetune` with
 `lm_eval.api.registry.register_model`) and then hand their arguments to lm-eval's own command
-line (`lm_eval.__main__.cli_evaluate`). From Python: `import eetune.lmeval` before
+line (`lm_eval.__main__.cli_evaluate`). From Python: `import eetune.measure.lmeval` before
 `lm_eval.simple_evaluate(model="eetune", model_args={...})`, or pass an `EETuneLM` instance.
 
 Requests (lm-eval's conventions, as its `HFLM` follows them, so the figures are comparable):
@@ -56,10 +56,10 @@ try:
     from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
                                       postprocess_generated_text, resolve_max_length)
 except ImportError as e:  # pragma: no cover - depends on the environment
-    from .errors import EETuneError
+    from eetune.errors import EETuneError
     raise EETuneError(f"lm-evaluation-harness is not installed ({e}): pip install 'eetune[eval]'") from None
 
-from .errors import EETuneError
+from eetune.errors import EETuneError
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,10 @@ class EETuneLM(TemplateLM):
                  dtype="fp32", device=None, batch_size=None, max_length=None, logits_from="final",
                  max_batch_size=None, trust_remote_code=None, _soft_device=False):
         super().__init__()
-        from .backbone import _resolve_dtype
-        from .config import ExitConfig
-        from .decode import CONFIDENCES, MODES, DecodeOptions
+        from eetune.model.backbone import _resolve_dtype
+        from eetune.model.config import ExitConfig
+        from eetune.decode.api import MODES, DecodeOptions
+        from eetune.decode.rules import CONFIDENCES
 
         # --- check every setting before the (slow) model load ---------------------------------
         if exits is None or str(exits).strip() == "":
@@ -168,7 +169,7 @@ class EETuneLM(TemplateLM):
         if max_length is not None:
             max_length = _as_int("max_length", max_length, 2)
             try:  # the base model's config.json alone (no weights): its context length
-                from .backbone import model_config
+                from eetune.model.backbone import model_config
                 limit = resolve_max_length(model_config(config.base_model, revision=config.revision), None,
                                            default=max_length)
             except Exception:  # noqa: BLE001 - loading the model below says what is wrong with it
@@ -179,8 +180,8 @@ class EETuneLM(TemplateLM):
             log.warning("eetune: trust_remote_code is ignored: exits load their base model's own Transformers code")
 
         # --- load ------------------------------------------------------------------------------
-        from .backbone import load_tokenizer
-        from .model import EarlyExitModel
+        from eetune.model.backbone import load_tokenizer
+        from eetune.model.early_exit import EarlyExitModel
 
         self.exits = str(exits_dir)
         self.model = EarlyExitModel.from_pretrained(exits_dir, dtype=torch_dtype, device=str(self._device))
@@ -286,7 +287,7 @@ class EETuneLM(TemplateLM):
                 "acceptance_rate": s["accepted"] / s["drafted"] if s["drafted"] else None,
                 "thresholds_used": s["thresholds"], "threshold_source": s["threshold_source"],
                 "decode_seconds": round(s["seconds"], 3)}
-        from . import __version__
+        from eetune.version import __version__
         info["eetune_version"] = __version__
         return {"model_num_parameters": sum(p.numel() for p in self.model.backbone.model.parameters())
                 + self.model.parameter_counts()["heads"], "model_dtype": info["dtype"], "eetune": info}
@@ -308,7 +309,7 @@ class EETuneLM(TemplateLM):
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, V) logits of the final layer or of exit `logits_from`; the trunk runs no
         deeper than it must and no other exit head runs."""
-        from .model import positions_from_mask
+        from eetune.model.early_exit import positions_from_mask
 
         bb = self.model.backbone
         positions = positions_from_mask(mask, ids)
@@ -379,7 +380,7 @@ class EETuneLM(TemplateLM):
 
     # --- generation -----------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from .decode import DecodeOptions, TextStream, end_token_ids, generate
+        from eetune.decode.api import DecodeOptions, TextStream, end_token_ids, generate
 
         eos_ids = end_token_ids(self.model, self.tokenizer)
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
@@ -467,7 +468,7 @@ def run_harness(args: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-    """`python -m eetune.lmeval ARGS`: lm-eval's command line with the `eetune` model type."""
+    """`python -m eetune.measure.lmeval ARGS`: lm-eval's command line with the `eetune` model type."""
     try:
         run_harness(list(sys.argv[1:] if argv is None else argv))
     except EETuneError as e:
@@ -478,8 +479,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     # Run as a script this file is `__main__`: register (and run) the importable module's class,
-    # so that `eetune` is registered once, by `eetune.lmeval`.
-    from eetune.lmeval import main as _main
+    # so that `eetune` is registered once, by `eetune.measure.lmeval`.
+    from eetune.measure.lmeval import main as _main
     sys.exit(_main())
 elif MODEL_NAME not in model_registry:
     register_model(MODEL_NAME)(EETuneLM)

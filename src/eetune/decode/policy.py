@@ -1,0 +1,181 @@
+"""The draft policy and cost measurement: what a decoder layer, the LM head and each exit head
+cost on this machine (`measure_costs`, timed with the engine itself), and `DraftPolicy`, which
+picks the draft exit and draft length of each self-speculation round from those costs and the
+acceptance observed so far (`draft_exit="auto"`). `eetune.measure` (evaluate, calibrate, scan)
+reads the same costs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from eetune.decode.engine import Engine
+
+
+def measure_costs(model, opts) -> dict:
+    """Seconds for one token through one decoder layer and through the final norm + LM head, as
+    they cost while decoding with this engine: the layer cost is a whole trunk pass (every
+    layer's weights streamed from memory, as in a real step) divided by the number of layers,
+    the LM head cost a whole step minus the trunk. Also a 5-token block (verification), each
+    exit's transform, and its projection. Measured once per model (cached on it) on a 64-token
+    context, best of 5 (on a GPU the segments are recorded first, outside the timing)."""
+    cached = getattr(model, "_eetune_costs", None)
+    if cached is not None:
+        return cached
+    bb = model.backbone
+    dev = next(bb.model.parameters()).device
+    L, T = bb.num_layers, 64
+    eng = Engine(model, opts, 1, T, [0], dev, capacity=T + 8)
+    ids = (torch.arange(T, device=dev)[None] * 7919) % bb.vocab_size
+    eng.prefill(ids, False, torch.zeros(1, dtype=torch.bool, device=dev))
+
+    def timeit(fn, reps: int = 5) -> float:
+        fn()  # warm-up (records the segment on a GPU)
+        _sync(dev)
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def trunk(q: int, head: bool):
+        x = ids[:, :q]
+        return lambda: eng.segment(0, L, x, T + q, final="all" if head else None, exact=True)
+
+    t1, t1h = timeit(trunk(1, False)), timeit(trunk(1, True))
+    t5, t5h = timeit(trunk(5, False)), timeit(trunk(5, True))
+    x1 = bb.embed(ids[:, -1:], torch.zeros(1, 1, dtype=torch.long, device=dev))[:, -1]
+    costs = {"layer": t1 / L, "layer_x5": t5 / L, "final": max(t1h - t1, 0.0), "final_x5": max(t5h - t5, 0.0),
+             "num_layers": L, "heads": {}}
+    for head in model.heads:
+        # a `layer` exit's block costs about one decoder layer; the others are timed
+        branch = costs["layer"] if head.arch == "layer" else timeit(lambda: head.transform(x1))
+        costs["heads"][head.layer] = {"transform": branch, "projection": costs["final"]}
+    model._eetune_costs = costs
+    return costs
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def policy_candidates(model) -> list[int]:
+    """Exits `--draft-exit auto` may draft with."""
+    L = model.backbone.num_layers
+    cands = [k for k in model.exit_layers if k < L] or [max(model.exit_layers)]
+    return cands[-1:] if model.config.arch == "layer" else cands
+
+
+class DraftPolicy:
+    """`--draft-exit auto`: choose the draft exit d and the draft length n of each round.
+
+    A round drafts n tokens through layers 1..d (and one more token, the last, through the same
+    layers), projects each draft with exit d's head, and verifies n + 1 tokens through layers
+    d+1..L and the LM head. With a per-draft acceptance rate a (drafts are accepted in order,
+    the first rejection ends the round), the round emits 1 + a + a^2 + ... + a^n tokens. So:
+
+        cost(d, n)    = (n + 1) * d * c_layer + n * c_head(d) + (L - d) * c_layer(n + 1) + c_final(n + 1)
+        emitted(d, n) = (1 - a_d^(n + 1)) / (1 - a_d)
+        pick (d, n) maximising emitted / (cost * s[n > 0]), n in 0..draft_len (n = 0: a full step)
+
+    s[drafting] and s[full step] calibrate the model against the clock: each is a running mean
+    (weight 0.2) of measured ÷ modelled seconds of the rounds of that kind so far.
+
+    c_layer(q) and c_final(q) for a block of q tokens are interpolated between the measured
+    costs of 1 and 5 tokens. a_d starts from a prior worth 8 drafts (the exit's held-out top-1
+    agreement with the final layer when `tune --gates` reported it, else 0.2 + 0.4 d / L), then
+    follows the drafts exit d has had accepted so far in this request. When no draft pays, a
+    plain full step is taken, and every 16 such rounds one token is drafted to keep measuring.
+    Candidates are the exits below the last layer (`layer` exits: the deepest only, since
+    each would need its own cache filled on every round).
+    """
+
+    PRIOR_WEIGHT = 8.0
+
+    def candidates(self) -> list[int]:
+        return list(self.prior)
+
+    def __init__(self, model, costs: dict, draft_len: int, draft_vocab: int | None, verbose: bool = False):
+        self.model, self.costs, self.draft_len, self.verbose = model, costs, draft_len, verbose
+        L = costs["num_layers"]
+        self.L = L
+        V = model.backbone.vocab_size
+        self.head_cost = {}
+        for k, c in costs["heads"].items():
+            proj = c["projection"] * ((draft_vocab / V) if draft_vocab else 1.0)
+            self.head_cost[k] = c["transform"] + proj
+        report = ((model.config.gates or {}).get("report") or {}).get("exits", {})
+        self.prior = {k: float(report.get(str(k), {}).get("agreement", 0.2 + 0.4 * k / L))
+                      for k in policy_candidates(model)}
+        self.stats = {k: [0, 0] for k in self.prior}  # accepted, drafted
+        self.rounds_without_drafts = 0
+        # Calibration: measured ÷ modelled seconds of rounds with drafts and of plain full steps
+        # (per-round work the model leaves out: embedding, step set-up, host reads, bookkeeping).
+        self.scale = {True: 1.0, False: 1.0}
+
+    def _block(self, one: float, five: float, q: int) -> float:
+        return one + (five - one) * (q - 1) / 4.0
+
+    def rate(self, d: int) -> float:
+        acc, drafted = self.stats[d]
+        w = self.PRIOR_WEIGHT
+        return min(0.99, (self.prior[d] * w + acc) / (w + drafted))
+
+    def cost(self, d: int, n: int) -> float:
+        c = self.costs
+        return ((n + 1) * d * c["layer"] + n * self.head_cost[d]
+                + (self.L - d) * self._block(c["layer"], c["layer_x5"], n + 1)
+                + self._block(c["final"], c["final_x5"], n + 1))
+
+    def emitted(self, d: int, n: int) -> float:
+        a = self.rate(d)
+        return (1 - a ** (n + 1)) / (1 - a)
+
+    PROBE_EVERY = 16  # rounds without drafting after which one draft is tried (acceptance drifts)
+
+    def choose(self, max_n: int) -> tuple[int, int]:
+        best, pick = -1.0, (max(self.prior) if self.prior else self.L, 0)
+        for d in self.prior:
+            for n in range(0, min(self.draft_len, max_n) + 1):
+                v = self.emitted(d, n) / (self.cost(d, n) * self.scale[n > 0])
+                if v > best:
+                    best, pick = v, (d, n)
+        if pick[1] == 0 and max_n >= 1:
+            self.rounds_without_drafts += 1
+            if self.rounds_without_drafts >= self.PROBE_EVERY:  # probe the exit closest to paying
+                self.rounds_without_drafts = 0
+                d = max(self.prior, key=lambda e: self.emitted(e, 1) / self.cost(e, 1))
+                return d, 1
+        else:
+            self.rounds_without_drafts = 0
+        return pick
+
+    def observe(self, d: int, accepted: int, drafted: int, n: int | None = None, seconds: float | None = None) -> None:
+        """Record a round: drafts accepted of those proposed by exit d; with `n` (the draft length
+        asked) and `seconds` (its wall time), update the calibration of that kind of round."""
+        self.stats[d][0] += accepted
+        self.stats[d][1] += drafted
+        if n is not None and seconds is not None:
+            ratio = seconds / self.cost(d, n)
+            self.scale[n > 0] = 0.8 * self.scale[n > 0] + 0.2 * ratio
+
+    def describe(self) -> str:
+        c = self.costs
+        full = self.L * c["layer"] + c["final"]
+        lines = [f"draft policy: layer {c['layer'] * 1e3:.3f} ms/token (x5 block {c['layer_x5'] * 1e3:.3f}), "
+                 f"LM head {c['final'] * 1e3:.3f} ms, full token ~{full * 1e3:.2f} ms; measured/modelled "
+                 f"time: drafting rounds {self.scale[True]:.2f}, full steps {self.scale[False]:.2f}"]
+        for d in self.prior:
+            n = min(self.draft_len, 8)
+            best = max(range(n + 1), key=lambda m: self.emitted(d, m) / (self.cost(d, m) * self.scale[m > 0]))
+            speed = (self.emitted(d, best) * full * self.scale[False]) / (self.cost(d, best) * self.scale[best > 0])
+            lines.append(f"  exit {d}: head {self.head_cost[d] * 1e3:.3f} ms ({self.head_cost[d] / c['layer']:.1f} "
+                         f"layers), acceptance {self.rate(d):.2f} ({self.stats[d][0]}/{self.stats[d][1]}), best n "
+                         f"{best}: expected speedup {speed:.2f}x")
+        return "\n".join(lines)
