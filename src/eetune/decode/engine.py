@@ -234,6 +234,8 @@ class Engine:
         self.variant = (opts.confidence, opts.draft_vocab, opts.compile)  # what recorded functions depend on
         self.replay = None
         self.record_seconds = 0.0
+        self._plan: tuple[int, int] | None = None  # (end, widest block) of the step under way (unrecorded)
+        self._memo: dict | None = None  # its geometry
         self.like = torch.empty(0, dtype=self.dtype, device=device)  # dtype/device for rotary tables
         self._refresh_vocab()
 
@@ -247,6 +249,8 @@ class Engine:
     def _geometry(self, Q: int, like: torch.Tensor, windows, kv: int | None) -> tuple:
         """Slots, layer context and masks of a block of Q queries starting at `gs.start`, over
         the first `kv` cache slots (None: the whole cache)."""
+        if kv is not None and self._plan is not None and self._plan[0] == kv and Q <= self._plan[1]:
+            return self._planned_geometry(Q, like, windows)
         gs = self.gs
         qs = gs.start + gs.arange[:Q][None, :] - gs.behind[:, None]  # (B, Q) slots written
         # Padding queries (after the real ones) take the last real position: rotary scalings that
@@ -269,6 +273,39 @@ class Engine:
             masks[w] = torch.zeros(a.shape, dtype=self.dtype, device=a.device).masked_fill_(
                 ~a, torch.finfo(self.dtype).min)[:, None]
         return qs, ctx, masks
+
+    def _planned_geometry(self, Q: int, like: torch.Tensor, windows) -> tuple:
+        """Unrecorded segments of one step (prefill, or an early-exit step whose pending tokens
+        join on the way up) all end at the same slot: their geometry is computed once, for the
+        widest block the step can have (`_plan` = (end, widest)), and each block takes its last Q
+        rows (the lean engine's way: one rotary table and one mask per window per step)."""
+        m = self._memo
+        if m is None or m["plan"] != self._plan:
+            end, qmax = self._plan
+            gs = self.gs
+            qs = (end - qmax) + gs.arange[:qmax][None, :] - gs.behind[:, None]
+            positions = qs - gs.pad[:, None]
+            rope = self.bb.context(like, positions).rope
+            m = self._memo = {"plan": self._plan, "qs": qs, "positions": positions, "rope": rope,
+                              "ids": positions.clamp(min=0), "masks": {}}
+        end, qmax = self._plan
+        trivial = Q == 1 and qmax == 1 and not any(self.pad_host) and not any(self.behind_host)
+        masks = {}
+        for w in windows:
+            if trivial and (w is None or end <= w):
+                masks[w] = None
+                continue
+            if w not in m["masks"]:
+                qs, k = m["qs"], self.gs.arange[:end]
+                a = (k[None, None, :] <= qs[:, :, None]) & (k[None, None, :] >= self.gs.pad[:, None, None])
+                if w is not None:
+                    a &= (qs[:, :, None] - k[None, None, :]) < w
+                m["masks"][w] = torch.zeros(a.shape, dtype=self.dtype, device=a.device).masked_fill_(
+                    ~a, torch.finfo(self.dtype).min)[:, None]
+            masks[w] = m["masks"][w][:, :, -Q:]
+        rope = None if m["rope"] is None else {t: (c[:, -Q:], s_[:, -Q:]) for t, (c, s_) in m["rope"].items()}
+        ctx = LayerContext(m["positions"][:, -Q:], rope, m["ids"][:, -Q:])
+        return m["qs"][:, -Q:], ctx, masks
 
     def _run_layers(self, lo, hi, h, ctx, masks):
         for i in range(lo, hi):
@@ -503,6 +540,7 @@ class Engine:
         T = ids.shape[1]
         st = self.new_step_state(settled)
         self._force(0)
+        self._plan = (T, T)
         x, all_done = ids, False
         for lo, hi in self._points():
             dec = None
@@ -517,6 +555,7 @@ class Engine:
                 all_done = self.decide(hi, out, st)
         if self.L in self.exit_set:
             self._top(x, T, decide_exits and not all_done, st)
+        self._plan = None
         final = self.bb.logits(self.bb.final_norm(x[:, -1]))
         st["logits"] = torch.where(st["decided"][:, None] & ~settled[:, None], st["logits"], final)
         if not decide_exits:
@@ -535,6 +574,7 @@ class Engine:
         st = self.new_step_state(settled)
         self._force(index)
         waiting, self.pending = self.pending, []
+        self._plan = (end, 1 + sum(p[1].shape[1] for p in waiting))
         x = tok[:, None]
         points = self._points()
         out = {}
@@ -551,13 +591,17 @@ class Engine:
             x = out["h"][:, :x.shape[1]]
             if not top and self.decide(hi, out, st):
                 self.pending = waiting + [(hi, x.clone())]  # the whole block stops here
+                self._plan = None
                 return st
         if self.L in self.exit_set:
-            if self._top(x, end, True, st):
+            done = self._top(x, end, True, st)
+            self._plan = None
+            if done:
                 return st  # every layer holds these tokens' keys and values: nothing waits
             final = self.bb.logits(self.bb.final_norm(x[:, -1]))
         else:
             final = out["logits"]
+        self._plan = None
         st["logits"] = torch.where(st["decided"][:, None], st["logits"], final.to(st["logits"].dtype))
         return st
 
