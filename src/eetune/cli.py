@@ -27,7 +27,7 @@ def add_convert(sub):
                        description="Attach exit heads after chosen layers of a pretrained causal LM and write "
                                    "an exits directory (exit_config.json + exit_heads.safetensors).")
     p.add_argument("--model", required=True,
-                   help="local HF directory, .gguf file, hub id, or 'smollm2-135m' (the embedded default)")
+                   help="local HF directory, .gguf file, hub id, or an embedded model: 'smollm2-135m' (the default) or 'gemma3-270m'")
     p.add_argument("--exits", required=True,
                    help="exit positions: 1-based layers ('after layer k', e.g. 10,20) or fractions of depth (0.33,0.67)")
     p.add_argument("--arch", default="norm", choices=["embedding", "norm", "mlp", "layer"],
@@ -466,7 +466,7 @@ def add_scan(sub):
                                    "frozen LM head) fitted after every layer, per-layer agreement and confidence on "
                                    "held-out tokens, and the predicted speedup of every set of 1-3 exits. Takes a few "
                                    "minutes on a CPU for SmolLM2-135M; nothing is written but --json and --plot.")
-    p.add_argument("model", help="local HF directory, .gguf file, hub id, or 'smollm2-135m' (the embedded default)")
+    p.add_argument("model", help="local HF directory, .gguf file, hub id, or an embedded model: 'smollm2-135m' (the default) or 'gemma3-270m'")
     p.add_argument("--data", default="default",
                    help="text to scan: default (BoolQ training passages), a .txt/.jsonl/.json/.parquet/.csv file "
                         "or a folder of .txt")
@@ -570,7 +570,7 @@ def add_plan(sub):
                                    "decoding; per rank, with FSDP sharding over --ranks. Reads config.json only (no "
                                    "weights, no network); says whether it fits --mem-per-rank and the smallest "
                                    "number of ranks that does.")
-    p.add_argument("model", help="local HF model directory, its config.json, or 'smollm2-135m' (the embedded default)")
+    p.add_argument("model", help="local HF model directory, its config.json, or an embedded model: 'smollm2-135m' or 'gemma3-270m'")
     p.add_argument("--exits", required=True,
                    help="exit positions: 1-based layers ('after layer k', e.g. 10,20) or fractions of depth (0.33,0.67)")
     p.add_argument("--mode", default="tune", choices=["tune", "decode"], help="what to plan (default tune)")

