@@ -26,7 +26,8 @@ $(VENV)/.installed: pyproject.toml
 # committed GPU-tuned exits (benchmarks/exits) and the path of the HTML report.
 DEMO_TUNE ?= --steps 60 --seq-len 128 --batch-size 4 --lr 6e-3 --warmup 5 --val-blocks 4 --eval-every 20 --gates \
 	--gate-tokens 4096
-DEMO_EVAL ?= --tasks boolq,xsum --limit 16 --speed-items 2 --thresholds 0.9,0.4 --batch-size 16 --max-context 128
+DEMO_EVAL ?= --tasks boolq,xsum --limit 16 --speed-items 2 --speed-min-tokens 48 --thresholds 0.9,0.4 --batch-size 16 \
+	--max-context 128
 DEMO_PROMPT ?= Explain in two sentences why the sky is blue.
 GPU_EVAL := benchmarks/results/eval-smollm2-mlp-10-20-h100-cpu-boolq benchmarks/results/eval-smollm2-mlp-10-20-h100-cpu-xsum
 demo: setup
