@@ -122,6 +122,8 @@ def main(argv=None):
     ap.add_argument("--auto", default="", help="self-spec --draft-exit auto rows, threshold:draft_len (e.g. 0.5:6)")
     ap.add_argument("--save-traces", default=None,
                     help="write the per-token exit layers and self-spec rounds of every row here (JSON)")
+    ap.add_argument("--calibrated", action="store_true",
+                    help="add early-exit at the exits directory's calibrated per-exit thresholds (eetune calibrate)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
@@ -155,6 +157,17 @@ def main(argv=None):
     conf = args.confidence
     settings += [(f"early-exit {conf} threshold={t}", "early-exit", {"threshold": float(t), "confidence": conf})
                  for t in args.thresholds.split(",") if t]
+    if args.calibrated:
+        from eetune.model.early_exit import calibrated_thresholds
+        chosen, how = calibrated_thresholds(model, conf)
+        if chosen is None:
+            sys.exit(f"decode_speed: --calibrated, but {args.exits} has no usable calibration ({how}): run "
+                     f"`eetune calibrate` first")
+        cal = model.config.calibration
+        meta["calibration"] = {"thresholds": {str(k): t for k, t in chosen.items()},
+                               **{k: cal.get(k) for k in ("target_agreement", "test_agreement", "predicted_speedup")
+                                  if k in cal}}
+        settings.append((f"early-exit {conf} calibrated", "early-exit", {"exit_thresholds": chosen, "confidence": conf}))
     settings += [(f"early-exit gate threshold={t}", "early-exit", {"threshold": float(t), "confidence": "gate"})
                  for t in args.gate_thresholds.split(",") if t]
     spec_rows = [(conf, x) for x in args.self_spec.split(",") if x]

@@ -14,6 +14,13 @@ engine must give the same tokens and logits (within float tolerance) in every mo
   them in one pass, the longest agreeing prefix is kept plus the model's own next token (greedy),
   or the speculative-sampling rule decides (sampling).
 
+Restricted-vocabulary heads (K token ids + OTHER): an exit's logits are over its own classes;
+`exit_decision` turns them into what a decode uses: the logits over the vocabulary
+(`head.to_vocab`: the K tokens at their ids, -inf elsewhere), the confidence (max-prob over all
+classes, OTHER included, or the gate's) and whether the row may leave there at all (OTHER does
+not win: `head.predict` gives a token, not -1). A row exits, or keeps drafting, only where both
+hold; a draft is the best of the K tokens (greedy) or drawn from the vocabulary logits.
+
 `reference_generate(model, prompts, opts)` is `eetune.decode.api.generate` with this loop.
 """
 
@@ -51,30 +58,30 @@ class DecodeState:
         return self.bb.call_layer(self.bb.layers[i], i, h, ctx, self.cache, i)
 
     def exit_logits(self, layer: int, h: torch.Tensor, ctx, last_only: bool = True) -> torch.Tensor:
-        """Logits of exit `layer` for the last position of `h` (a `layer` exit first runs its
-        block over every position of `h`, filling its own cache)."""
+        """Logits of exit `layer` for the last position of `h`, over the head's classes (B, C)
+        (a `layer` exit first runs its block over every position of `h`, filling its own cache)."""
         head = self.model.head(layer)
         if head.arch == "layer":
             z = head.transform(h, ctx, self.exit_caches[layer])
-            return self.bb.logits(z[:, -1], head.out_weight())
+            return head.project(z[:, -1])
         return head(h[:, -1])
 
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.bb.logits(self.bb.final_norm(h))
 
 
-def prefill(state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, exits_wanted=(), opts=None):
+def prefill(state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, exits_wanted, opts):
     """Run the (left-padded) prompts through every layer. Returns the full-depth logits of the
-    last position and each wanted exit's logits and confidence there, {layer: ((B, V), (B,))}
-    (evaluating a `layer` exit also fills its own cache over the prompt)."""
+    last position and each wanted exit's decision there, {layer: (logits (B, V), confidence
+    (B,), may leave (B,))} (`exit_decision`; evaluating a `layer` exit also fills its own cache
+    over the prompt)."""
     bb = state.bb
     h = bb.embed(ids, positions)
     ctx = bb.context(h, positions)
     exits = {}
     for i in range(bb.num_layers + 1):
         if i in exits_wanted:
-            logits = state.exit_logits(i, h, ctx)
-            exits[i] = (logits, None if opts is None else exit_confidence(state, i, h, logits, opts))
+            exits[i] = exit_decision(state, i, h, state.exit_logits(i, h, ctx), opts)
         if i == bb.num_layers:
             break
         h = state.run_layer(i, h, ctx)
@@ -84,11 +91,21 @@ def prefill(state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, exit
 
 def exit_confidence(state: DecodeState, layer: int, h: torch.Tensor, logits: torch.Tensor, opts) -> torch.Tensor:
     """Confidence of exit `layer` at the last position: its gate's probability on the exit's
-    input hidden state (`gate`), else the max-prob of its logits."""
+    input hidden state (`gate`), else the max-prob of its logits (over all of the head's
+    classes: a restricted head's OTHER too)."""
     if opts.confidence == "gate":
         return state.model.gate(layer)(h[:, -1])
     conf = confidence(logits, opts.confidence)
     return conf
+
+
+def exit_decision(state: DecodeState, layer: int, h: torch.Tensor, logits: torch.Tensor, opts):
+    """What exit `layer`'s logits (B, C) at the last position mean for decoding: (the logits
+    over the vocabulary (B, V), the confidence (B,), whether a row may leave here (B,): the
+    head's top-1 is a token, not OTHER)."""
+    head = state.model.head(layer)
+    _, token = head.predict(logits)
+    return head.to_vocab(logits), exit_confidence(state, layer, h, logits, opts), token != -1
 
 
 def full_step(state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
@@ -124,9 +141,8 @@ def early_exit_step(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
     state.next_pos = state.next_pos + 1
     for i in range(L + 1):
         if i in exit_set:
-            logits = state.exit_logits(i, h, ctx)
-            conf = exit_confidence(state, i, h, logits, opts)
-            take = ~decided & (conf >= opts.exit_thresholds[i])
+            logits, conf, may = exit_decision(state, i, h, state.exit_logits(i, h, ctx), opts)
+            take = ~decided & may & (conf >= opts.exit_thresholds[i])
             out_logits[take], out_layer[take], out_conf[take] = logits[take], i, conf[take]
             decided |= take
             if bool(decided.all()):
@@ -154,7 +170,8 @@ def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
     (default `opts.draft_len`) tokens are drafted. With `opts.draft_vocab` the draft exit's
     logits outside the K most frequent tuning tokens are masked out. Returns, per row, the
     list of emitted tokens (accepted drafts, then the model's own token) and how many of them
-    were accepted drafts. Rejected drafts' slots are invalidated in every cache.
+    were accepted drafts. Rejected drafts' slots are invalidated in every cache. A restricted
+    draft head proposes only while OTHER does not win.
     """
     bb, model = state.bb, state.model
     d = opts.draft_exit or max(model.exit_layers)
@@ -183,9 +200,10 @@ def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
                 head.transform(h, ctx, state.exit_caches[d])
             break
         logits = state.exit_logits(d, h, ctx)
-        if keep is not None:
+        if keep is not None:  # an unrestricted head (generate refuses --draft-vocab with a restricted one)
             logits = logits.masked_fill(~keep, float("-inf"))
-        proposing = proposing & (exit_confidence(state, d, h, logits, opts) >= opts.exit_thresholds[d])
+        logits, conf, may = exit_decision(state, d, h, logits, opts)
+        proposing = proposing & may & (conf >= opts.exit_thresholds[d])
         if not bool(proposing.any()):
             break
         if opts.temperature == 0:
@@ -260,8 +278,8 @@ def reference_run(model, ids, pad, opts, emitter, gen, device, policy=None) -> d
         logits = final.clone()
         conf = conf.clone()
         for k in model.exit_layers:
-            lg, c = exits[k]
-            take = ~decided & (c >= opts.exit_thresholds[k])
+            lg, c, may = exits[k]
+            take = ~decided & may & (c >= opts.exit_thresholds[k])
             logits[take], layer[take], conf[take] = lg[take], k, c[take]
             decided |= take
     if opts.record_logits:

@@ -407,3 +407,127 @@ def test_measured_costs_are_medians_and_leave_the_cache(monkeypatch):
     assert seen == [None] * 3 and model._eetune_costs == "cached" and c["repeats"] == 3
     assert c["lm_head_layers"] == 2.0 and c["exits"]["1"] == {"transform_layers": 2.0, "projection_layers": 1.0,
                                                               "layers": 3.0}
+
+
+# --- restricted-vocabulary exit heads (K tokens + OTHER) ---------------------------------------
+from conftest import H  # noqa: E402
+
+from eetune.measure.calibrate import OTHER_CONF  # noqa: E402
+
+
+@torch.no_grad()
+def _restricted(K=40, layers=(1, 3), seed=0, blocks=None):
+    """Exits restricted to K random token ids + OTHER: the first exit's OTHER wins everywhere (a
+    huge OTHER bias), the deepest's at about half the positions of `blocks` (a random OTHER row,
+    its bias at the median margin of the best token over it)."""
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(seed))[:K]
+    model = EarlyExitModel.convert(peaky_backbone("llama"), list(layers), arch="mlp", exit_vocab_ids=ids)
+    blocks = torch.randint(0, V, (4, 16), generator=torch.Generator().manual_seed(seed)) if blocks is None else blocks
+    first, last = model.head(layers[0]), model.head(layers[-1])
+    first.other_bias.fill_(1e4)
+    out = model(blocks, return_hidden=True)
+    z = last.transform(out.exit_hidden[layers[-1]])
+    last.other_weight.copy_(torch.randn(H, generator=torch.Generator().manual_seed(seed + 1)))
+    margin = out.exit_logits[layers[-1]][..., :K].amax(-1) - z @ last.other_weight
+    last.other_bias.fill_(float(margin[:, :-1].median()))
+    return model, ids, blocks
+
+
+@torch.no_grad()
+def test_token_table_never_lets_a_token_leave_where_other_wins():
+    model, ids, blocks = _restricted()
+    conf, agree = token_table(model, blocks)
+    out = model(blocks, final=True)
+    final_top1 = out.final_logits[:, :-1].argmax(-1).reshape(-1)
+    for j, k in enumerate(model.exit_layers):
+        lg = out.exit_logits[k][:, :-1].reshape(-1, 41).double()
+        cls = lg.argmax(-1)
+        other = cls == 40
+        token = torch.where(other, -1, ids[cls.clamp(max=39)])
+        assert torch.equal(agree[j], token == final_top1)
+        assert bool((conf[j][other] == OTHER_CONF).all())
+        torch.testing.assert_close(conf[j][~other], lg.softmax(-1).amax(-1)[~other].float())
+    assert bool((conf[0] == OTHER_CONF).all()) and not agree[0].any()  # exit 1: OTHER everywhere
+    share_other = float((conf[1] == OTHER_CONF).float().mean())
+    assert 0.2 < share_other < 0.8
+    # even at threshold 0 no token leaves where OTHER wins: exit 1 takes none, exit 3 only its own tokens
+    cost = cost_model(model, "max-prob", {**COSTS, "exits": {"1": COSTS["exits"]["1"], "3": COSTS["exits"]["3"]}})
+    s = simulate(conf, agree, 0.0, cost)
+    assert s["exit_share"][1] == 0.0 and s["exit_share"][3] == pytest.approx(1 - share_other)
+    assert outcomes(conf, [0.0, 0.0]).tolist() == [2 if o else 1 for o in (conf[1] == OTHER_CONF).tolist()]
+
+
+@torch.no_grad()
+def test_exit_vocab_of_every_token_calibrates_as_unrestricted():
+    """K = V (a permutation of every id, no OTHER) gives the unrestricted table and thresholds."""
+    bb = peaky_backbone("llama")
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3))
+    full = EarlyExitModel.convert(bb, [1, 3], arch="mlp")
+    same = EarlyExitModel.convert(bb, [1, 3], arch="mlp", exit_vocab_ids=perm)
+    g = torch.Generator().manual_seed(5)
+    calib, test = torch.randint(0, V, (4, 16), generator=g), torch.randint(0, V, (3, 16), generator=g)
+    c1, a1 = token_table(full, calib)
+    c2, a2 = token_table(same, calib)
+    assert torch.equal(a1, a2) and (c2 >= 0).all()
+    torch.testing.assert_close(c1, c2, atol=1e-6, rtol=1e-6)
+    costs = {**COSTS, "exits": {"1": COSTS["exits"]["1"], "3": COSTS["exits"]["3"]}}
+    r1 = calibrate(full, calib, test, 0.8, costs=costs, grid=tuple(np.round(np.linspace(0, 1, 21), 4)) + (NEVER,))
+    r2 = calibrate(same, calib, test, 0.8, costs=costs, grid=tuple(np.round(np.linspace(0, 1, 21), 4)) + (NEVER,))
+    assert r1["thresholds"] == r2["thresholds"] and r1["test"] == r2["test"] and r1["calib"] == r2["calib"]
+    assert r2["cost_model"]["exit_vocab"] == V and r1["cost_model"]["exit_vocab"] is None
+
+
+@pytest.mark.parametrize("confidence", ["max-prob", "gate"])
+def test_cost_model_restricted_heads_and_kv_recomputation(confidence):
+    """A token leaving at exit k pays k layers, the heads it asked (a restricted head with OTHER is
+    asked in gate mode too: the engine computes its logits in the decision) and the recomputation
+    of the L - k layers it skipped, never the LM head; leaving nowhere pays L, every head, the LM
+    head. Against the brute-force rule."""
+    model, _, _ = _restricted(layers=(1, 2, 3))
+    costs = {**COSTS, "layer_x5_layers": 1.8}  # one token more in a layer's block: 0.2 layers
+    cost = cost_model(model, confidence, costs)
+    leave = [COSTS["exits"][str(k)]["layers"] for k in (1, 2, 3)]
+    assert cost["leave"] == leave and cost["pass"] == leave  # with OTHER the head runs in a gate's decision too
+    assert cost["recompute_per_layer"] == pytest.approx(0.2)
+    assert cost["recompute"] == pytest.approx([3 * 0.2, 2 * 0.2, 1 * 0.2])
+    assert cost["outcome"] == pytest.approx([1 + 0.5 + 0.6, 2 + 0.5 + 0.7 + 0.4, 3 + 1.2 + 0.5 + 0.2,
+                                             L + 1.7 + 0.4])
+    conf, agree = _random_table()
+    for ts in ([0.5, 0.5, 0.5], [0.9, 0.25, 0.0], [NEVER, 0.55, 0.8]):
+        where, agreement, mean_cost = _brute(conf, agree, ts, [1, 2, 3],
+                                             [x + r for x, r in zip(leave, cost["recompute"])], leave, 0.4)
+        s = simulate(conf, agree, ts, cost)
+        assert s["agreement"] == pytest.approx(agreement) and s["mean_cost"] == pytest.approx(mean_cost)
+    # K = V (no OTHER): a gate's passed head costs nothing again
+    perm = EarlyExitModel.convert(peaky_backbone("llama"), [1, 2, 3], arch="mlp",
+                                  exit_vocab_ids=torch.randperm(V, generator=torch.Generator().manual_seed(1)))
+    c = cost_model(perm, confidence, COSTS)
+    assert c["pass"] == ([0.0] * 3 if confidence == "gate" else leave) and c["recompute"] == [0.0] * 3
+
+
+@torch.no_grad()
+def test_restricted_early_exit_decode_is_the_simulated_rule():
+    """The engine at given thresholds, one token after every prefix: it leaves where the simulated
+    rule says (never where OTHER wins), with the restricted head's own mapped token."""
+    blocks = torch.randint(0, V, (2, 14), generator=torch.Generator().manual_seed(9))
+    model, ids, _ = _restricted(blocks=blocks)
+    th = {1: 0.0, 3: 0.3}
+    conf, agree = token_table(model, blocks)
+    where = outcomes(conf, [th[1], th[3]])
+    near = (conf - torch.tensor([[th[1]], [th[3]]])).abs().lt(1e-5).any(0)
+    exit_of = [1, 3, L]
+    out = model(blocks, final=True)
+    n, checked, left = 0, 0, 0
+    for b in range(blocks.shape[0]):
+        for p in range(blocks.shape[1] - 1):
+            ee = generate(model, [blocks[b, :p + 1].tolist()],
+                          DecodeOptions(mode="early-exit", exit_thresholds=th, max_new_tokens=1))
+            t = ee.rows[0].tokens[0]
+            if not near[n]:
+                assert t.exit_layer == exit_of[int(where[n])], (b, p)
+                if t.exit_layer == 3:  # the head's own token, mapped to its id
+                    assert ee.rows[0].ids[0] == int(ids[out.exit_logits[3][b, p, :40].argmax()])
+                    left += 1
+                checked += 1
+            n += 1
+    assert checked >= n - 2 and 0 < left < n

@@ -11,7 +11,7 @@ from eetune.decode import custom_generate
 from eetune.errors import EETuneError
 from eetune.model.early_exit import EarlyExitModel
 
-from conftest import peaky_backbone
+from conftest import V, peaky_backbone
 
 PAD = 0
 # Two left-padded prompts: 4 and 7 tokens in a batch 7 wide.
@@ -49,6 +49,15 @@ def test_greedy_full_mode_equals_plain_hf_generate(pair):
                                   {"mode": "early-exit", "threshold": 1.01}])
 def test_lossless_modes_equal_plain_hf_generate(pair, opts):
     bb, model = pair
+    assert custom(bb, model, opts, max_new_tokens=10).tolist() == hf(bb, max_new_tokens=10).tolist()
+
+
+def test_k_heads_equal_plain_hf_generate(pair):
+    """Restricted-vocabulary exits (every other token id + OTHER) behind custom_generate: self-spec
+    is still the plain model's greedy output."""
+    bb, _ = pair
+    model = EarlyExitModel.convert(bb, [1, 2], arch="mlp", exit_vocab_ids=torch.arange(0, V, 2))
+    opts = {"mode": "self-spec", "threshold": 0.0, "draft_len": 3}
     assert custom(bb, model, opts, max_new_tokens=10).tolist() == hf(bb, max_new_tokens=10).tolist()
 
 

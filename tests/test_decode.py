@@ -1,6 +1,8 @@
 """The decoding engine: exactness of full / early-exit / self-spec against HF generate, against a
 cache-free reference, and against each other; batching; sampling; bad input."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -77,6 +79,30 @@ def test_self_spec_greedy_is_lossless(family):
                 g = generate(model, [p], DecodeOptions(mode="self-spec", threshold=thr, draft_len=n, max_new_tokens=24))
                 assert ids_of(g) == full, (thr, n)
                 drafted += g.drafted
+    assert drafted > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_self_spec_with_k_heads_is_lossless(family):
+    """Restricted-vocabulary draft heads (K tokens + OTHER; here K leaves out the tokens the
+    full model emits most, and OTHER's row is the most frequent one's): self-spec is identical
+    to `full`, batched, whatever the threshold and draft length."""
+    bb = peaky_backbone(family, scale=8.0)
+    model = EarlyExitModel.convert(bb, [1, 2], arch="mlp")
+    full = ids_of(generate(model, PROMPTS, DecodeOptions(mode="full", max_new_tokens=20)))
+    common = [t for t, _ in Counter(t for r in full for t in r).most_common(2)]
+    model = EarlyExitModel.convert(bb, [1, 2], arch="norm", output_embedding="shared",
+                                   exit_vocab_ids=torch.tensor([t for t in range(V) if t not in common][::-1]))
+    with torch.no_grad():
+        for head in model.heads:
+            head.other_weight.copy_(bb.lm_head.weight[common[0]])
+    drafted = 0
+    for thr in (0.0, 0.5):
+        for n in (1, 4):
+            g = generate(model, PROMPTS, DecodeOptions(mode="self-spec", threshold=thr, draft_len=n, max_new_tokens=20))
+            assert ids_of(g) == full, (thr, n)
+            assert all(t.token not in common for r in g.rows for t in r.tokens if t.drafted)
+            drafted += g.drafted
     assert drafted > 0
 
 

@@ -1,7 +1,8 @@
 """The engine (eetune.decode.engine) against the reference decoder (tests/reference.py): same tokens,
 same exit layers, logits within float tolerance, every mode and family, batch 1 and left-padded
 batches, gates, `layer` and `norm` exits, the draft vocabulary, the draft policy, replayed
-decisions; and the regression tests of the decoding defects found so far.
+decisions, restricted-vocabulary exit heads (K tokens + OTHER); and the regression tests of the
+decoding defects found so far.
 
 Every equality test runs both of the engine's shapes: `eager` (what a CPU runs: exact token
 counts, attention over the slots written so far) and `static` (what a GPU records as CUDA
@@ -17,6 +18,7 @@ from eetune.decode import DecodeOptions, confidence, generate
 from eetune.errors import EETuneError
 from eetune.model.gates import ExitGate
 from eetune.model.early_exit import EarlyExitModel
+from eetune.model.heads import ExitHead
 
 from conftest import FAMILIES, H, L, V, peaky_backbone
 from reference import reference_generate
@@ -37,10 +39,34 @@ def ids_of(gen):
     return [r.ids for r in gen.rows]
 
 
-def model_on(family, exits=(1, 3), arch="mlp", device="cpu", dtype=torch.float32, scale=8.0):
+def model_on(family, exits=(1, 3), arch="mlp", device="cpu", dtype=torch.float32, scale=8.0, output_embedding="copy"):
     bb = peaky_backbone(family, scale=scale)
     bb.model.to(device=device, dtype=dtype)
-    return EarlyExitModel.convert(bb, list(exits), arch=arch)
+    return EarlyExitModel.convert(bb, list(exits), arch=arch, output_embedding=output_embedding)
+
+
+def kmodel(family, exits=(1, 3), arch="mlp", output_embedding="copy", drop=4, other=0.35, seed=0, **kw):
+    """A model whose exit heads are restricted to all token ids but `drop` (in shuffled order),
+    with an OTHER row that wins for some tokens: a random direction, and a bias (made large
+    enough) so that OTHER wins at about `other` of the positions of the full model's output
+    for PROMPTS[0] at each exit (teacher-forced). Where it wins the token must go deeper."""
+    model = model_on(family, exits, arch=arch, output_embedding=output_embedding, **kw)
+    bb = model.backbone
+    full = generate(model, [PROMPTS[0]], DecodeOptions(mode="full", max_new_tokens=24)).rows[0].ids
+    g = torch.Generator().manual_seed(seed)
+    model.restrict_vocab(torch.randperm(V, generator=g)[drop:])
+    cap = bb.logit_softcap
+    with torch.no_grad():
+        for head in model.heads:
+            head.other_weight.copy_(torch.randn(H, generator=g) * bb.lm_head.weight.std().item())
+        out = model(torch.tensor([PROMPTS[0] + full], device=bb.lm_head.weight.device))
+        for head in model.heads:
+            x = out.exit_logits[head.layer][0, len(PROMPTS[0]) - 1:].float()
+            if cap:  # the margin before soft-capping (monotone: the same class wins)
+                x = cap * torch.atanh((x / cap).clamp(-1 + 1e-6, 1 - 1e-6))
+            margin = x[:, :-1].amax(-1) - x[:, -1]  # OTHER wins where its bias exceeds this
+            head.other_bias.fill_(margin.quantile(other).item())
+    return model
 
 
 def pair(model, prompts, **kw):
@@ -57,7 +83,11 @@ def assert_same(g, ref, tol=1e-4):
     assert len(g.step_logits) == len(ref.step_logits)
     for (s1, l1, x1), (s2, l2, x2) in zip(g.step_logits, ref.step_logits):
         assert s1 == s2 and torch.equal(l1.long().cpu(), l2.long().cpu())
-        assert (x1.float() - x2.float()).abs().max().item() <= tol, s1
+        x1, x2 = x1.float().cpu(), x2.float().cpu()
+        # a restricted head's logits over the vocabulary are -inf outside its tokens, in both
+        assert torch.equal(torch.isneginf(x1), torch.isneginf(x2)), s1
+        finite = ~torch.isneginf(x1)
+        assert (x1[finite] - x2[finite]).abs().max().item() <= tol, s1
 
 
 def mixing_threshold(model, prompt, n=30, layer=1, q=0.5):
@@ -267,6 +297,203 @@ def test_compiled_segments_equal_reference():
         assert_same(*pair(model, [PROMPTS[0]], max_new_tokens=10, compile=True, **kw))
 
 
+# --- restricted-vocabulary heads (K tokens + OTHER) ------------------------------------------
+def exit_predictions(model, prompt, ids):
+    """Cache-free, teacher-forced: for each generated token, {exit: (confidence, top-1 token id
+    or -1 where OTHER wins)} of every exit at the position that predicts it."""
+    out = model(torch.tensor([prompt + ids]))
+    preds = []
+    for i in range(len(ids)):
+        pos = len(prompt) + i - 1
+        preds.append({k: tuple(x.item() for x in model.head(k).predict(out.exit_logits[k][0, pos]))
+                      for k in model.exit_layers})
+    return preds
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restricted_heads_engine_equals_reference(family, shape):
+    """K-heads in every family, batch 1 and a left-padded batch: full, early exit and self-spec
+    equal the reference; tokens that leave early or are drafted are among the K ids; self-spec
+    equals full."""
+    model = kmodel(family)
+    vocab = set(model.heads[0].vocab_ids.tolist())
+    thr = mixing_threshold(model, PROMPTS[0])
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        full, ref = pair(model, prompts, mode="full", max_new_tokens=16)
+        assert_same(full, ref)
+        g, ref = pair(model, prompts, mode="early-exit", threshold=thr, max_new_tokens=24)
+        assert_same(g, ref)
+        layers = {t.exit_layer for r in g.rows for t in r.tokens}
+        assert len(layers) >= 2 and min(layers) < L  # exits mixed
+        assert all(t.token in vocab for r in g.rows for t in r.tokens if t.exit_layer < L)
+        g, ref = pair(model, prompts, mode="self-spec", threshold=0.3, draft_len=3, max_new_tokens=16)
+        assert ids_of(g) == ids_of(ref) == ids_of(full)
+        assert g.accepted > 0 and (g.drafted, g.accepted) == (ref.drafted, ref.accepted)
+        assert all(t.token in vocab for r in g.rows for t in r.tokens if t.drafted)
+
+
+@pytest.mark.parametrize("family,arch,emb,exits", [
+    ("llama", "mlp", "copy", (1, 2)), ("gemma2", "norm", "shared", (1, 2)), ("gpt2", "layer", "copy", (1, 2)),
+    ("qwen3", "mlp", "shared", (1, 3)), ("mistral", "norm", "copy", (1, L))])
+def test_early_exit_never_emits_other(family, arch, emb, exits, shape):
+    """A token leaves at an exit only where its top-1 is a token, not OTHER: checked against the
+    cache-free exit predictions at every exit a token passed (OTHER won there, or it was not
+    confident) and where it left (its top-1 token, one of the K ids). At threshold 0 every token
+    would leave at the first exit but for OTHER: those where OTHER wins at every exit go deeper
+    (exit layer L)."""
+    model = kmodel(family, exits, arch=arch, output_embedding=emb)
+    vocab = set(model.heads[0].vocab_ids.tolist())
+    blocked = deeper = 0
+    for thr in (0.0, mixing_threshold(model, PROMPTS[0], q=0.4)):
+        g, ref = pair(model, PROMPTS, mode="early-exit", threshold=thr, max_new_tokens=24)
+        assert_same(g, ref)
+        for p, r in zip(PROMPTS, g.rows):
+            for t, pred in zip(r.tokens, exit_predictions(model, p, r.ids)):
+                for k in model.exit_layers:
+                    if k >= t.exit_layer:
+                        break
+                    conf, tok = pred[k]
+                    assert tok == -1 or conf < thr + 1e-5, (thr, k, t)
+                    blocked += tok == -1 and conf >= thr
+                if t.exit_layer < L:
+                    conf, tok = pred[t.exit_layer]
+                    assert tok == t.token and t.token in vocab and conf >= thr - 1e-5, (thr, t)
+                if thr == 0.0 and all(pred[k][1] == -1 for k in model.exit_layers if k < L):
+                    assert t.exit_layer == L
+                    deeper += 1
+        assert any(t.exit_layer < L for r in g.rows for t in r.tokens)
+    assert blocked > 0 and deeper > 0  # OTHER won, confidently enough, and sent tokens deeper
+
+
+def test_restricted_heads_gate_mode(shape):
+    """Gate mode with K-heads: the head's logits are computed with the gate's decision, and a
+    row whose gate fires still goes deeper where OTHER wins."""
+    model = gated(kmodel("llama"))
+    g, ref = pair(model, PROMPTS, mode="early-exit", confidence="gate", threshold=0.6, max_new_tokens=24)
+    assert_same(g, ref)
+    assert len({t.exit_layer for r in g.rows for t in r.tokens}) >= 2
+    full = generate(model, PROMPTS, DecodeOptions(mode="full", max_new_tokens=16))
+    g, ref = pair(model, PROMPTS, mode="self-spec", confidence="gate", threshold=0.4, max_new_tokens=16)
+    assert ids_of(g) == ids_of(ref) == ids_of(full) and g.drafted == ref.drafted
+    gated(model, bias=50.0)  # gates that always fire: every token leaves at the first exit OTHER does not win
+    g, ref = pair(model, PROMPTS, mode="early-exit", confidence="gate", threshold=0.5, max_new_tokens=24)
+    assert_same(g, ref)
+    for p, r in zip(PROMPTS, g.rows):
+        for t, pred in zip(r.tokens, exit_predictions(model, p, r.ids)):
+            first = next((k for k in model.exit_layers if pred[k][1] != -1), L)
+            assert t.exit_layer == first, t
+            if first < L:
+                assert t.token == pred[first][1]
+    assert any(t.exit_layer != 1 for r in g.rows for t in r.tokens)
+
+
+def test_k_equal_to_v_decodes_as_the_unrestricted_heads(shape):
+    """K = V (a permutation of the vocabulary, no OTHER): every mode decodes exactly as the
+    unrestricted heads: same tokens, exit layers, drafts and logits over the vocabulary."""
+    base = gated(model_on("llama", (1, 2, 3)))
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3))
+    kv = gated(EarlyExitModel.convert(base.backbone, [1, 2, 3], arch="mlp", exit_vocab_ids=perm))
+    assert all(h.restricted and not h.has_other and h.num_classes == V for h in kv.heads)
+    thr = mixing_threshold(base, PROMPTS[0])
+    for kw in ({"mode": "early-exit", "threshold": thr}, {"mode": "early-exit", "confidence": "gate", "threshold": 0.6},
+               {"mode": "self-spec", "threshold": 0.3}, {"mode": "self-spec", "threshold": 0.2, "draft_exit": 2},
+               {"mode": "self-spec", "confidence": "gate", "threshold": 0.4},
+               {"mode": "early-exit", "threshold": 0.5, "temperature": 0.8, "top_k": 20, "seed": 1},
+               {"mode": "self-spec", "threshold": 0.2, "temperature": 0.8, "top_p": 0.9, "seed": 2}):
+        a = generate(base, PROMPTS, DecodeOptions(record_logits=True, max_new_tokens=16, **kw))
+        b = generate(kv, PROMPTS, DecodeOptions(record_logits=True, max_new_tokens=16, **kw))
+        assert_same(b, a, tol=1e-5)
+        assert (b.drafted, b.accepted) == (a.drafted, a.accepted), kw
+    assert_same(*pair(kv, PROMPTS, mode="early-exit", threshold=thr, max_new_tokens=16))
+
+
+def test_restricted_heads_sampling_equals_reference(shape):
+    """Sampling with K-heads: tokens that leave early are drawn over the K tokens only, drafts
+    from the draft distribution over the vocabulary (zero outside K); same draws as the
+    reference."""
+    model = kmodel("qwen2", scale=3.0)
+    vocab = set(model.heads[0].vocab_ids.tolist())
+    for mode, kw in (("early-exit", {"threshold": 0.3, "top_k": 10}), ("self-spec", {"threshold": 0.2}),
+                     ("self-spec", {"threshold": 0.5, "top_p": 0.8, "draft_exit": 1})):
+        g, ref = pair(model, PROMPTS, mode=mode, temperature=0.8, seed=3, max_new_tokens=16, **kw)
+        assert ids_of(g) == ids_of(ref), mode
+        assert (g.drafted, g.accepted) == (ref.drafted, ref.accepted)
+        assert all(t.token in vocab for r in g.rows for t in r.tokens if t.exit_layer < L or t.drafted)
+        if mode == "early-exit":
+            assert_same(g, ref)
+            assert any(t.exit_layer < L for r in g.rows for t in r.tokens)
+        else:
+            assert g.drafted > 0
+
+
+def test_a_changed_restricted_head_reaches_the_kept_state(shape):
+    """A restricted head's projection is built from its rows and OTHER row: on static shapes the
+    recorded functions read the state's copies of it, which a request refreshes when the head
+    changed in place since (the kept state, same parameters, is reused)."""
+    model = kmodel("llama")
+    kw = dict(mode="early-exit", threshold=0.5, max_new_tokens=12)
+    g, ref = pair(model, PROMPTS, **kw)
+    assert_same(g, ref)
+    assert any(t.exit_layer < L for r in g.rows for t in r.tokens)
+    state = model.decode_state
+    for head in model.heads:
+        with torch.no_grad():
+            head.other_bias.fill_(1e4)  # OTHER wins everywhere: nothing leaves early, nothing is drafted
+    g, ref = pair(model, PROMPTS, **kw)
+    assert_same(g, ref)
+    assert model.decode_state is state
+    assert all(t.exit_layer == L for r in g.rows for t in r.tokens)
+    s = generate(model, PROMPTS, DecodeOptions(mode="self-spec", threshold=0.0, max_new_tokens=12))
+    assert s.drafted == 0 and ids_of(s) == ids_of(g)
+    for head in model.heads:
+        with torch.no_grad():
+            head.other_bias.zero_()
+    g2, ref = pair(model, PROMPTS, **kw)
+    assert_same(g2, ref)
+    assert any(t.exit_layer < L for r in g2.rows for t in r.tokens)
+
+
+def test_draft_exit_auto_with_k_heads_is_lossless():
+    model = kmodel("llama", (1, 2, 3))
+    full = ids_of(generate(model, PROMPTS, DecodeOptions(mode="full", max_new_tokens=24)))
+    g = generate(model, PROMPTS, DecodeOptions(mode="self-spec", draft_exit="auto", threshold=0.2, max_new_tokens=24))
+    assert ids_of(g) == full and g.drafted > 0
+
+
+def test_draft_vocab_with_restricted_heads_is_refused():
+    model = EarlyExitModel.convert(peaky_backbone("llama"), [1, 2], exit_vocab_ids=torch.arange(20))
+    model.vocab_by_frequency = torch.arange(V)
+    for draft_exit in (None, 1, "auto"):
+        with pytest.raises(EETuneError, match="already restricted to 20 tokens") as err:
+            generate(model, [[1, 2]], DecodeOptions(mode="self-spec", draft_vocab=5, draft_exit=draft_exit))
+        assert "\n" not in str(err.value)
+
+
+def test_costs_time_each_heads_own_projection(monkeypatch):
+    """`measure_costs` times each exit's own projection (K + 1 rows for a K-head), not the LM
+    head's; the draft policy charges it per draft."""
+    from eetune.decode import policy
+    model = EarlyExitModel.convert(peaky_backbone("llama"), [1, 2], exit_vocab_ids=torch.arange(10))
+    widths = []
+    orig = model.backbone.logits
+
+    def spy(z, weight=None, bias="head"):
+        widths.append(model.backbone.lm_head.weight.shape[0] if weight is None else weight.shape[0])
+        return orig(z, weight, bias)
+    monkeypatch.setattr(model.backbone, "logits", spy)
+    costs = policy.measure_costs(model, DecodeOptions())
+    assert {"layer", "layer_x5", "final", "final_x5", "num_layers", "heads"} <= set(costs)
+    assert {k: h["classes"] for k, h in costs["heads"].items()} == {1: 11, 2: 11}
+    assert widths.count(11) == 2 * 6  # each head: a warm-up and 5 timed projections of its 11 rows
+    assert all(h["projection"] > 0 for h in costs["heads"].values())
+    pol = policy.DraftPolicy(model, costs, 4, None)
+    h = costs["heads"][1]
+    assert pol.head_cost[1] == h["transform"] + h["projection"]
+    assert pol.cost(1, 3) - pol.cost(1, 2) == pytest.approx(costs["layer"] + pol.head_cost[1] + (
+        pol._block(costs["layer"], costs["layer_x5"], 4) - pol._block(costs["layer"], costs["layer_x5"], 3)) * (L - 1)
+        + pol._block(costs["final"], costs["final_x5"], 4) - pol._block(costs["final"], costs["final_x5"], 3))
+
+
 # --- kept state ------------------------------------------------------------------------------
 def test_state_is_kept_per_geometry_with_a_bound(monkeypatch):
     """Requests of the same geometry (batch size, capacity bucket) reuse one state (its caches
@@ -339,8 +566,21 @@ def test_recorded_functions_never_read_the_device(monkeypatch):
         made.append(1)
         orig_init(self, watched, capture)
     monkeypatch.setattr(engine.Graph, "__init__", init)
-    for family, arch in (("llama", "mlp"), ("gemma3", "layer"), ("gpt2", "norm"), ("mistral", "mlp")):
-        model = gated(model_on(family, (1, 2), arch=arch))
+    # A restricted head's projection is built from its rows and OTHER row: a graph would keep
+    # reading the tensor it was recorded with. Recorded functions read the state's copies.
+    orig_proj = ExitHead.projection
+
+    def projection(self):
+        if inside and self.restricted:
+            raise AssertionError("a restricted head's projection built inside a recorded function")
+        return orig_proj(self)
+    monkeypatch.setattr(ExitHead, "projection", projection)
+    models = [lambda f=f, a=a: model_on(f, (1, 2), arch=a)
+              for f, a in (("llama", "mlp"), ("gemma3", "layer"), ("gpt2", "norm"), ("mistral", "mlp"))]
+    models += [lambda: kmodel("llama", (1, 2)),
+               lambda: kmodel("gemma3", (1, 2), arch="layer", output_embedding="shared")]
+    for build in models:
+        model = gated(build())
         for kw in ({"mode": "full"}, {"mode": "early-exit", "threshold": 0.5},
                    {"mode": "early-exit", "confidence": "gate", "threshold": 0.5},
                    {"mode": "self-spec", "threshold": 0.2}):
@@ -505,3 +745,29 @@ def test_segments_are_recorded_on_cuda():
     graphs = [x for st in model.decode_state["by_geometry"].values() for x in st.graphs.values()]
     assert graphs and all(x.graph is not None for x in graphs)
     assert g.engine == "cuda-graphs" and g.record_seconds > 0
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_restricted_heads_on_cuda():
+    """K-heads with recorded graphs (fp32): early exit (max-prob and gates) equals the reference,
+    self-spec equals full, and a head changed in place between requests reaches the graphs
+    (they read the state's copies of its projection, refreshed per request)."""
+    model = gated(kmodel("llama", device="cuda"))
+    thr = mixing_threshold(model, PROMPTS[0])
+    g, ref = pair(model, PROMPTS, mode="early-exit", threshold=thr, max_new_tokens=16)
+    assert_same(g, ref)
+    assert any(t.exit_layer < L for r in g.rows for t in r.tokens)
+    assert_same(*pair(model, PROMPTS, mode="early-exit", confidence="gate", threshold=0.6, max_new_tokens=16))
+    full = generate(model, PROMPTS, DecodeOptions(mode="full", max_new_tokens=16))
+    spec = generate(model, PROMPTS, DecodeOptions(mode="self-spec", threshold=0.2, max_new_tokens=16))
+    assert ids_of(spec) == ids_of(full) and spec.drafted > 0
+    graphs = [x for st in model.decode_state["by_geometry"].values() for x in st.graphs.values()]
+    assert graphs and all(x.graph is not None for x in graphs)
+    for head in model.heads:
+        with torch.no_grad():
+            head.other_bias.fill_(1e4)
+    g, ref = pair(model, PROMPTS, mode="early-exit", threshold=thr, max_new_tokens=16)
+    assert_same(g, ref)
+    assert all(t.exit_layer == L for r in g.rows for t in r.tokens)
+    spec = generate(model, PROMPTS, DecodeOptions(mode="self-spec", threshold=0.0, max_new_tokens=16))
+    assert spec.drafted == 0 and ids_of(spec) == ids_of(full)

@@ -3,6 +3,7 @@
 a slow reference, stored in exit_config.json, plotted, and driven by `eetune evaluate`."""
 
 import functools
+import math
 import json
 import sys
 
@@ -307,3 +308,133 @@ def test_cli_evaluate_without_matplotlib_and_bad_plot_path(exits_dir, capsys, mo
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--no-plot" in err
     assert _snapshot(out) == before
+
+
+# --- restricted-vocabulary exit heads (K tokens + OTHER) ---------------------------------------
+from conftest import H  # noqa: E402
+
+from eetune.measure.evaluate import format_metrics, profile_speedups, recompute_layers  # noqa: E402
+
+
+@torch.no_grad()
+def _restricted(K: int = 40, seed: int = 0):
+    """Exits 1 and 3 restricted to K random token ids + OTHER, on 5 blocks: exit 1's OTHER wins
+    everywhere (a huge OTHER bias); exit 3's at about half the positions (a random OTHER row, its
+    bias at the median margin of the best token over it)."""
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(seed))[:K]
+    model = EarlyExitModel.convert(peaky_backbone("llama"), (1, 3), arch="mlp", exit_vocab_ids=ids)
+    blocks = _blocks()
+    h1, h3 = model.head(1), model.head(3)
+    h1.other_bias.fill_(1e4)
+    out = model(blocks, return_hidden=True)
+    z = h3.transform(out.exit_hidden[3])
+    h3.other_weight.copy_(torch.randn(H, generator=torch.Generator().manual_seed(seed + 1)))
+    margin = out.exit_logits[3][..., :K].amax(-1) - z @ h3.other_weight
+    h3.other_bias.fill_(float(margin[:, :-1].median()))
+    return model, ids, blocks
+
+
+def _reference_restricted(model, blocks, thresholds):
+    """Slow and plain: per exit and position, a float64 softmax over the head's classes, the
+    class mapped to its token id by hand (OTHER: none), CE with labels mapped to classes."""
+    ref = {}
+    for k in model.exit_layers:
+        ids = model.head(k).vocab_ids.tolist()
+        K = len(ids)
+        conf, token, agree, ce = [], [], [], 0.0
+        for i in range(blocks.shape[0]):
+            out = model(blocks[i:i + 1], final=True)
+            final = out.final_logits[0].double().numpy()
+            lg = out.exit_logits[k][0].double().numpy()
+            for pos in range(blocks.shape[1] - 1):
+                e = np.exp(lg[pos] - lg[pos].max())
+                p = e / e.sum()
+                logp = lg[pos] - lg[pos].max() - math.log(e.sum())
+                c = int(np.argmax(p))
+                tok = ids[c] if c < K else None
+                conf.append(float(p.max()))
+                token.append(tok)
+                agree.append(tok is not None and tok == int(np.argmax(final[pos])))
+                label = int(blocks[i, pos + 1])
+                ce -= logp[ids.index(label)] if label in ids else logp[K]
+        n = len(conf)
+        count = [sum(1 for c, t in zip(conf, token) if t is not None and c >= th) for th in thresholds]
+        ok = [sum(1 for c, t, a in zip(conf, token, agree) if t is not None and c >= th and a) for th in thresholds]
+        naive = [sum(1 for c in conf if c >= th) for th in thresholds]  # what ignoring OTHER would count
+        ref[str(k)] = {"count": count, "ok": ok, "agreement": sum(agree) / n, "ce": ce / n, "naive": naive,
+                       "other_share": sum(t is None for t in token) / n}
+        assert all(abs(c - th) > 1e-5 for c in conf for th in thresholds)  # no float ties on a threshold
+    return ref
+
+
+@torch.no_grad()
+def test_restricted_exit_profile_matches_reference_and_other_never_exits():
+    model, ids, blocks = _restricted()
+    ts = (0.05, 0.2, 0.5, 0.9)
+    m = exit_metrics(model, blocks, batch_size=2, progress=False, thresholds=ts)
+    ref = _reference_restricted(model, blocks, ts)
+    for k, r in ref.items():
+        e, p = m["exits"][int(k)], m["profile"]["exits"][k]
+        assert p["count"] == r["count"]
+        assert [a for a in p["agreement"]] == [(g / c if c else None) for g, c in zip(r["ok"], r["count"])]
+        assert e["agreement"] == pytest.approx(r["agreement"]) and e["ce"] == pytest.approx(r["ce"], rel=1e-5)
+        assert e["other_share"] == pytest.approx(r["other_share"]) == p["other_share"]
+        assert e["ce_over"] == "40 tokens + OTHER"
+    # exit 1: OTHER wins everywhere: no agreement, nobody exits, at any threshold
+    assert ref["1"]["other_share"] == 1.0 and m["exits"][1]["agreement"] == 0.0
+    assert m["profile"]["exits"]["1"]["count"] == [0] * len(ts)
+    assert all(a is None for a in m["profile"]["exits"]["1"]["agreement"])
+    assert m["exits"][1]["confident_share"] == 0.0
+    # exit 3: OTHER wins at some positions, and counting them would change the profile
+    assert 0.2 < ref["3"]["other_share"] < 0.8
+    assert ref["3"]["naive"][0] > ref["3"]["count"][0] > 0
+    assert m["exit_vocab"] == m["profile"]["exit_vocab"] == 40
+    text = format_metrics(m)
+    assert "40 tokens + OTHER" in text and "layer 1 100.0%" in text
+    assert "not OTHER" in format_profile({**m["profile"]})
+
+
+@torch.no_grad()
+def test_exit_vocab_of_every_token_is_the_unrestricted_profile():
+    """K = V (a permutation of every id, no OTHER) gives what the unrestricted heads give."""
+    bb = peaky_backbone("llama")
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3))
+    full = EarlyExitModel.convert(bb, (1, 3), arch="mlp")
+    same = EarlyExitModel.convert(bb, (1, 3), arch="mlp", exit_vocab_ids=perm)
+    assert not same.head(1).has_other and same.head(1).num_classes == V
+    blocks = _blocks(4, 16, seed=2)
+    a = exit_metrics(full, blocks, progress=False)
+    b = exit_metrics(same, blocks, progress=False)
+    for k in (1, 3):
+        assert b["exits"][k]["agreement"] == a["exits"][k]["agreement"]
+        assert b["exits"][k]["ce"] == pytest.approx(a["exits"][k]["ce"], rel=1e-6)
+        assert b["exits"][k]["other_share"] == 0.0 and a["exits"][k]["ce_over"] == "vocabulary"
+        pa, pb = a["profile"]["exits"][str(k)], b["profile"]["exits"][str(k)]
+        assert pa["count"] == pb["count"] and pa["agreement"] == pb["agreement"]
+    assert any(0 < s < 1 for e in a["profile"]["exits"].values() for s in e["share"])  # a non-trivial profile
+
+
+def test_profile_speedups_by_hand(monkeypatch):
+    """One exit alone: a token leaving at exit k pays k layers + the head + the KV recomputation
+    of the L - k layers it skipped, never the LM head; the others pay L + head + LM head."""
+    import eetune.decode.policy as policy
+    timed = {"layer": 0.002, "layer_x5": 0.0036, "final": 0.004, "num_layers": 4,
+             "heads": {1: {"transform": 0.001, "projection": 0.0002}, 3: {"transform": 0.001, "projection": 0.0002}}}
+    monkeypatch.setattr(policy, "measure_costs", lambda model, opts: timed)
+    model, _, _ = _restricted()
+    costs = exit_costs(model)
+    assert costs["exit_vocab"] == 40 and costs["vocab_size"] == V
+    assert costs["layer_x5_layers"] == pytest.approx(1.8) and recompute_layers(costs) == pytest.approx(0.2)
+    assert costs["exits"]["1"]["projection_layers"] == pytest.approx(0.1)  # the head's own projection, as timed
+    prof = {"thresholds": [0.5, 0.9], "tokens": 10, "costs": costs,
+            "exits": {"1": {"share": [0.5, 0.0], "agreement": [1.0, None], "count": [5, 0]},
+                      "3": {"share": [1.0, 0.2], "agreement": [1.0, 1.0], "count": [10, 2]}}}
+    sp = profile_speedups(prof)
+    full, head, lm = 4 + 2.0, 0.6, 2.0
+    assert sp["1"][0] == pytest.approx(full / (0.5 * (1 + head + 3 * 0.2) + 0.5 * (4 + head + lm)))
+    assert sp["1"][1] == pytest.approx(full / (4 + head + lm))  # nobody leaves: slower than full
+    assert sp["3"][0] == pytest.approx(full / (3 + head + 0.2))
+    assert sp["3"][1] == pytest.approx(full / (0.2 * (3 + head + 0.2) + 0.8 * (4 + head + lm)))
+    text = format_profile(prof)
+    assert "predicted speedup" in text and f"{sp['3'][0]:.2f}x" in text and "40 tokens + OTHER" in text
+    assert profile_speedups({**prof, "costs": None}) is None

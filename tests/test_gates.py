@@ -280,3 +280,46 @@ def test_gates_fit_on_heads_in_eval_mode_and_put_the_mode_back(gpt2_dropout_back
     seen.clear()
     gate_report(model, val, batch_size=2)
     assert seen and not any(seen) and all(m.training for m in model.heads.modules())
+
+
+# --- restricted-vocabulary heads: the mapped top-1, OTHER a negative ---------------------------------
+def test_gate_labels_and_report_use_the_mapped_top1_where_other_is_a_negative():
+    """A head restricted to K ids + OTHER: a position's label is "the head's top-1 token (vocab_ids
+    of its top class) equals the final layer's", so a position where OTHER wins is a negative,
+    and in the report such a position never leaves, whatever its confidence."""
+    model, train, val = context_free_model(0)
+    with torch.no_grad():
+        final = model(train, final=True).final_logits[:, :-1].argmax(-1).flatten()
+    common = torch.bincount(final, minlength=97).argsort(descending=True)
+    keep = torch.cat([common[:6], torch.tensor([i for i in range(97) if i not in common[:6].tolist()][:10])])
+    model.restrict_vocab(keep[torch.randperm(16, generator=torch.Generator().manual_seed(0))])
+    with torch.no_grad():
+        for k in model.exit_layers:  # OTHER wins at about half the positions
+            lg = model(train, return_hidden=False).exit_logits[k][..., :16]
+            model.head(k).other_bias.fill_(lg.amax(-1).median().item())
+
+    def manual(blocks):
+        with torch.no_grad():
+            out = model(blocks, final=True)
+        ref = out.final_logits[:, :-1].argmax(-1).flatten()
+        rows = {}
+        for k in model.exit_layers:
+            lg = out.exit_logits[k][:, :-1].reshape(-1, 17)
+            tok = model.head(k).tokens_of(lg.argmax(-1))
+            rows[k] = (tok == ref, tok >= 0, lg.softmax(-1).amax(-1), lg.argmax(-1) == ref)
+        return rows
+
+    s = train_gates(model, train, val, progress=False)
+    for k, (ok, can, _, naive) in manual(train).items():
+        assert 0.2 < can.float().mean() < 0.8 and ok.any()
+        assert not ok.equal(naive)  # class indices read as token ids would label other positions
+        assert s["fit"][str(k)]["label_rate"] == pytest.approx(ok.float().mean().item())
+    r = s["report"]
+    for k, (ok, can, conf, _) in manual(val).items():
+        e = r["exits"][str(k)]
+        assert e["agreement"] == pytest.approx(ok.float().mean().item())
+        for i, t in enumerate(r["thresholds"]):
+            hit = (conf >= t) & can
+            assert e["max_prob"]["count"][i] == int(hit.sum())
+            want = ok[hit].float().mean().item() if hit.any() else None
+            assert e["max_prob"]["precision"][i] == (pytest.approx(want) if want is not None else None)

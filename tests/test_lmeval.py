@@ -268,3 +268,80 @@ def test_cli_bad_model_args_one_line(world, monkeypatch, capsys):
     assert err[-1].startswith("eetune: error: lm-eval model_args: unknown bogus") and "Traceback" not in "".join(err)
     assert lmeval.main(args) == 2
     assert "eetune lm-eval: error: lm-eval model_args: unknown bogus" in capsys.readouterr().err
+
+
+# --- restricted-vocabulary exit heads (K tokens + OTHER) ---------------------------------------
+from conftest import V  # noqa: E402
+
+from eetune.measure.lmeval import exit_log_probs  # noqa: E402
+
+
+def _restricted_dir(world, tmp_path, ids):
+    """The mlp exits restricted to `ids`, with an OTHER row that wins at some positions."""
+    from eetune.model.early_exit import EarlyExitModel
+    model = EarlyExitModel.from_pretrained(world["mlp"])
+    model.restrict_vocab(ids)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for head in model.heads:
+            if head.has_other:
+                head.other_weight.copy_(torch.randn(head.other_weight.shape, generator=g))
+                head.other_bias.fill_(2.0)
+    out = tmp_path / "exits-k"
+    model.save_pretrained(out)
+    return out, model
+
+
+def test_exit_log_probs_is_a_distribution_over_the_vocabulary():
+    from eetune.model.early_exit import EarlyExitModel
+    from conftest import tiny_backbone
+    bb = tiny_backbone("llama")
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(0))[:30]
+    head = EarlyExitModel.convert(bb, [1], arch="norm", exit_vocab_ids=ids).head(1)
+    g = torch.Generator().manual_seed(1)
+    exit_logits, final_logits = 3 * torch.randn(2, 5, 31, generator=g), 3 * torch.randn(2, 5, V, generator=g)
+    lp = exit_log_probs(head, exit_logits, final_logits)
+    assert lp.shape == (2, 5, V)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(2, 5))
+    # by hand: a token of the K keeps its own probability; one outside gets OTHER's mass, shared as the final layer
+    pe, pf = exit_logits.double().softmax(-1), final_logits.double().softmax(-1)
+    outside = [t for t in range(V) if t not in ids.tolist()]
+    for t in (int(ids[0]), int(ids[29]), outside[0], outside[-1]):
+        want = pe[..., ids.tolist().index(t)] if t in ids.tolist() else \
+            pe[..., 30] * pf[..., t] / pf[..., outside].sum(-1)
+        torch.testing.assert_close(lp[..., t].exp().double(), want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(EETuneError, match="final layer"):
+        exit_log_probs(head, exit_logits)
+    # K = V (a permutation, no OTHER): the unrestricted log-softmax, back in token order
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(2))
+    phead = EarlyExitModel.convert(bb, [1], arch="norm", exit_vocab_ids=perm).head(1)
+    full = 3 * torch.randn(4, V, generator=g)
+    torch.testing.assert_close(exit_log_probs(phead, full[:, perm]), full.log_softmax(-1))
+    unrestricted = EarlyExitModel.convert(bb, [1], arch="norm").head(1)
+    torch.testing.assert_close(exit_log_probs(unrestricted, full), full.log_softmax(-1))
+
+
+def test_restricted_exit_scores_with_the_deeper_distribution(world, tmp_path):
+    """logits_from=K with a restricted exit: each continuation token scored by `exit_log_probs`
+    (the exit's own probability for its K tokens, OTHER's mass shared as the final layer ranks the
+    rest), computed here from our model's own forward."""
+    from lm_eval.api.instance import Instance
+
+    ids = torch.arange(0, V, 3)  # every third token id
+    d, model = _restricted_dir(world, tmp_path, ids)
+    lm = EETuneLM(exits=str(d), logits_from=1, device="cpu", batch_size=3)
+    assert lm.get_model_info()["eetune"]["exit_vocab"] == ids.numel()
+    reqs = [Instance("loglikelihood", {}, (q, " " + c), i) for i, (q, cs, _) in enumerate(QUESTIONS) for c in cs]
+    outside = 0
+    for (ll, greedy), r in zip(lm.loglikelihood(reqs), reqs):
+        ctx, cont = encode(world, r.args[0]), encode(world, r.args[1])
+        x = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            out = model(x, final=True)
+        lp = exit_log_probs(model.head(1), out.exit_logits[1][0], out.final_logits[0]).double()
+        n = len(ctx)
+        assert abs(ll - sum(float(lp[n - 1 + i, t]) for i, t in enumerate(cont))) < 1e-4
+        assert greedy == (lp[n - 1:n - 1 + len(cont)].argmax(-1).tolist() == cont)
+        outside += sum(t % 3 != 0 for t in cont)
+        torch.testing.assert_close(lp.exp().sum(-1), torch.ones(lp.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+    assert outside > 0  # some scored tokens lie outside the head's vocabulary

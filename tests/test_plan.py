@@ -15,7 +15,7 @@ from conftest import tiny_backbone, tiny_config
 from eetune.cli import main
 from eetune.errors import EETuneError
 from eetune.model.early_exit import EarlyExitModel
-from eetune.measure.plan import GIB, MIB, SMOLLM2_135M, model_shape, plan, plan_memory, read_config
+from eetune.measure.plan import GIB, MIB, SMOLLM2_135M, format_plan, model_shape, plan, plan_memory, read_config
 
 LLAMA2 = {  # the published shapes of Llama 2 (config.json of meta-llama/Llama-2-*-hf), and their sizes
     "7b": ({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -316,3 +316,51 @@ def test_plan_memory_is_pure_arithmetic():
     assert plan_memory(shape, distill=0.0, batch_size=4, seq_len=256).peak_bytes > a.peak_bytes
     assert plan_memory(shape, distill=0.0, batch_size=2, seq_len=512).peak_bytes > a.peak_bytes
     assert plan_memory(shape, distill=1.0, batch_size=2, seq_len=256).peak_bytes > a.peak_bytes
+
+
+# --- restricted-vocabulary heads (`--exit-vocab K`: K tokens + OTHER) ------------------------------
+@pytest.mark.parametrize("arch", ["embedding", "norm", "mlp"])
+@pytest.mark.parametrize("emb", ["copy", "shared"])
+def test_restricted_counts_match_convert(arch, emb):
+    import torch
+    from conftest import V
+    if arch == "embedding" and emb == "shared":
+        return
+    K = 30
+    shape = model_shape(tiny_config("llama").to_dict(), (1, 3), arch, emb, exit_vocab=K)
+    bb = tiny_backbone("llama")
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(0))[:K]
+    model = EarlyExitModel.convert(bb, (1, 3), arch=arch, output_embedding=emb, exit_vocab_ids=ids)
+    counts = model.parameter_counts()
+    assert shape.head_params == counts["per_exit"] and shape.head_total == counts["trainable"]
+    assert shape.head_largest == max(p.numel() for p in model.heads.parameters())
+    assert shape.exit_classes == K + 1 == model.head(1).num_classes
+    full = model_shape(tiny_config("llama").to_dict(), (1, 3), arch, emb)
+    H = shape.hidden_size
+    own = (V - K) * H if emb == "copy" else 0  # an own output embedding keeps K of its V rows
+    assert {k: full.head_params[k] - own + H + 1 for k in (1, 3)} == shape.head_params  # + OTHER's row and bias
+    # K = V: a permutation, no OTHER: the unrestricted counts
+    assert model_shape(tiny_config("llama").to_dict(), (1, 3), arch, emb, exit_vocab=V).head_params == full.head_params
+
+
+def test_plan_with_exit_vocab(tmp_path, capsys):
+    d = write_config(tmp_path / "smol", SMOLLM2_135M)
+    H, V = SMOLLM2_135M["hidden_size"], SMOLLM2_135M["vocab_size"]
+    full = plan(str(d), "10,20", arch="norm", output_embedding="copy")
+    k = plan(str(d), "10,20", arch="norm", output_embedding="copy", exit_vocab="4k")
+    assert k.exit_vocab == 4096 and full.exit_vocab is None
+    assert k.parameters["head_per_exit"] == {10: 4096 * H + H + 1 + H, 20: 4096 * H + H + 1 + H}  # rows, OTHER, norm
+    assert k.parameters["exit_classes"] == 4097 and "exit_classes" not in full.parameters
+    assert k.peak_bytes < full.peak_bytes and k.parts["head parameters"] < full.parts["head parameters"]
+    assert any("4,096 tokens + OTHER" in n for n in k.notes)
+    for chunk in (0, 256):  # every term is no larger than the unrestricted one's, with and without distillation
+        for alpha in (0.0, 1.0):
+            a = plan(str(d), "10,20", exit_vocab=512, loss_chunk=chunk, distill=alpha, batch_size=2, seq_len=64)
+            b = plan(str(d), "10,20", loss_chunk=chunk, distill=alpha, batch_size=2, seq_len=64)
+            assert all(a.parts[t] <= b.parts[t] for t in a.parts) and a.peak_bytes < b.peak_bytes
+    same = plan(str(d), "10,20", exit_vocab=V)  # K = V: the same heads (its folded target aside)
+    assert same.parameters["head_per_exit"] == full.parameters["head_per_exit"]
+    assert "exit vocabulary 4,096 tokens" in format_plan(k) and k.to_dict()["exit_vocab"] == 4096
+    for bad, match in (("0", "at least 1"), ("x", "not a number"), (str(V + 1), "larger than")):
+        with pytest.raises(EETuneError, match=match):
+            plan(str(d), "10,20", exit_vocab=bad)

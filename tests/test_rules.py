@@ -186,3 +186,54 @@ def test_acceptance_stops_at_the_first_rejection_among_several_drafts():
         assert speculative_accept(p, q, [1, 1, 2], torch.Generator().manual_seed(seed)) == expected, seed
         seen.add(len(expected))
     assert seen == {2, 3}
+
+
+# --- restricted-vocabulary heads ----------------------------------------------------------------
+
+def test_not_other_is_the_top1_not_being_the_other_class():
+    from eetune.decode.rules import not_other
+    logits = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [3.0, 1.0, 3.0], [0.0, 0.0, 0.0]])
+    # OTHER is class 2: it wins in row 0 only (a tie goes to the token, the first maximum)
+    assert not_other(logits, 2).tolist() == [False, True, True, True]
+    assert not_other(logits, None).tolist() == [True] * 4  # no OTHER class: every row has a token
+
+
+def test_sampling_over_a_restricted_vocabulary_is_zero_outside_it():
+    """The draft distribution of a K-head: its K tokens' logits at their ids, -inf elsewhere
+    (`ExitHead.to_vocab`). Temperature, top-k and top-p act as over the K tokens alone, and
+    every other token has probability 0."""
+    ids = torch.tensor([4, 1, 3])  # K = 3 of V = 6
+    k_logits = torch.tensor([2.0, 0.5, 1.0])
+    full = torch.full((6,), float("-inf")).index_copy_(0, ids, k_logits)
+    for kw in ({"temperature": 1.0}, {"temperature": 0.7, "top_k": 2}, {"temperature": 1.3, "top_p": 0.8},
+               {"temperature": 1.0, "top_k": 10}):
+        p = probs(full.tolist(), **kw)
+        want = torch.zeros(6).index_copy_(0, ids, probs(k_logits.tolist(), **kw))
+        close(p, want.tolist())
+        assert p[[0, 2, 5]].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_drafts_from_a_restricted_vocabulary_keep_the_target_distribution():
+    """Self-spec with a K-head: q is zero outside the K tokens, so drafts come from K only, and
+    the tokens outside K are reached through the residual max(0, p - q). Hand-computed: q = [1,
+    0, 0, 0], p = [.1, .1, .4, .4]: the draft (token 0) is kept with probability .1, else the
+    residual [0, .1, .4, .4] / .9 is drawn. Empirically, the emitted token follows p."""
+    p = t([0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25])
+    q = [torch.tensor([1.0, 0.0, 0.0, 0.0])]
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        r = torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
+        out = speculative_accept(p, q, [0], g)
+        assert (len(out) == 2) == (r < 0.1)
+        if len(out) == 1:
+            assert out[0] in (1, 2, 3)
+    # a K = 2 draft distribution against a target with mass outside K
+    g = torch.Generator().manual_seed(0)
+    p = t([0.3, 0.1, 0.35, 0.25], [0.25, 0.25, 0.25, 0.25])
+    q = torch.tensor([0.6, 0.4, 0.0, 0.0])
+    counts = torch.zeros(4)
+    n = 20000
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g))
+        counts[speculative_accept(p, [q], [d], g)[0]] += 1
+    assert (counts / n - p[0]).abs().max().item() < 0.015

@@ -11,6 +11,7 @@ from conftest import FAMILIES, L, V, save_peaky_model_dir, tiny_backbone
 
 from eetune.measure import scan as S
 from eetune.cli import main
+from eetune.errors import EETuneError
 
 
 @pytest.fixture(autouse=True)
@@ -199,12 +200,13 @@ def test_cli_scan_end_to_end(scan_model, tmp_path, capsys):
     assert main(["scan", str(model), "--data", str(data), "--tokens", "640", "--seq-len", "32", "--epochs", "1",
                  "--loss", "ce", "--json", str(out), "--plot", str(png), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "KV recomputation cost is ignored" in text and "\nsuggested: " in text
+    assert "KV recomputation counted: " in text and "\nsuggested: " in text
     r = json.loads(out.read_text())
     assert r["heads"]["loss"] == "ce" and r["num_layers"] == L and len(r["layers"]) == L
     assert r["layers"][-1]["agreement"] == 1.0
     assert r["tokens"] == {"fit": 5 * 31, "held_out": 15 * 31}
-    assert r["costs"]["measured"] and r["costs"]["head_layers"] > 0
+    assert r["costs"]["measured"] and r["costs"]["head_layers"] > 0 and 0 <= r["costs"]["recompute_per_layer"] <= 1
+    assert r["exit_vocab"] is None and r["heads"]["exit_vocab"] is None
     assert r["ranking"]["sets_simulated"] == {"1": 3, "2": 3, "3": 1}
     assert r["suggested"] is None or f"suggested: {r['suggested']['command']}" in text  # pays off? timing-dependent
     assert [e["threshold"] for e in r["ranking"]["by_threshold"]] == [0.5, 0.8, 0.9]
@@ -276,3 +278,155 @@ def test_cli_scan_bad_model_and_data(scan_model, tmp_path, capsys):
     _bad(["scan", str(bert), "--no-plot"], capsys, "unsupported architecture")
     _bad(["scan", str(tmp_path / "missing"), "--no-plot"], capsys, "model path not found")
     _bad(["scan", str(model), "--data", str(tmp_path / "none.jsonl"), "--no-plot"], capsys, "data not found")
+
+
+# --- restricted-vocabulary heads (`--exit-vocab K`: K tokens + OTHER) ---------------------------------
+def test_fold_teacher_sums_to_one_and_other_is_the_outside_mass():
+    bb = tiny_backbone("llama")
+    ids = torch.tensor([5, 0, 17])
+    heads = S.NormHeads(bb, ids)
+    probs = torch.softmax(torch.randn(4, V, generator=torch.Generator().manual_seed(0)), -1).double()
+    f = S.fold_teacher(probs, heads)
+    assert f.shape == (4, 4)
+    torch.testing.assert_close(f[:, :3], probs[:, [5, 0, 17]])
+    outside = [i for i in range(V) if i not in (5, 0, 17)]
+    torch.testing.assert_close(f[:, 3], probs[:, outside].sum(-1))
+    torch.testing.assert_close(f.sum(-1), torch.ones(4, dtype=torch.float64))
+    perm = S.NormHeads(bb, torch.randperm(V))  # K = V: no OTHER, a permutation
+    assert not perm.has_other and perm.num_classes == V
+    torch.testing.assert_close(S.fold_teacher(probs, perm), probs[:, perm.vocab_ids])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_restricted_measure_equals_per_token_reference(family):
+    """K-heads (K rows of the LM head + a learned OTHER row per layer), token by token in float64:
+    confidence over the K + 1 classes, the class's token id, and where OTHER wins no exit."""
+    bb = tiny_backbone(family)
+    blocks = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(0))
+    col = S.collect_hidden(bb, blocks, batch_size=2, hidden_dtype=torch.float32)
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:30]
+    heads = S.NormHeads(bb, ids)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        heads.other_weight.copy_(torch.randn(heads.other_weight.shape, generator=g))
+        heads.other_bias.fill_(1.0)
+    idx = torch.arange(col["targets"].numel())
+    conf, agree = S.measure_heads(bb, heads, col, idx, batch=7, max_elements=2 * 7 * 31)  # several layer groups
+    assert conf.shape == (L, idx.numel())
+    cap = bb.logit_softcap
+    others = 0
+    with torch.no_grad():
+        for n in range(idx.numel()):
+            for k in range(1, L):
+                z = heads.norms[k - 1](col["hidden"][k - 1, n]).double()
+                lg = torch.cat([z @ bb.lm_head.weight[ids].double().T,
+                                (z @ heads.other_weight[k - 1].double() + heads.other_bias[k - 1].double())[None]])
+                if cap is not None:
+                    lg = torch.tanh(lg / cap) * cap
+                p = lg.softmax(-1)
+                c = int(p.argmax())
+                if c == 30:
+                    others += 1
+                    assert conf[k - 1, n] == S.OTHER_CONF and not agree[k - 1, n]
+                else:
+                    assert conf[k - 1, n].item() == pytest.approx(p.max().item(), abs=1e-5)
+                    assert bool(agree[k - 1, n]) == (int(ids[c]) == int(col["final_top1"][n]))
+    assert 0 < others < (L - 1) * idx.numel()  # OTHER wins somewhere, not everywhere
+    assert bool(agree[L - 1].all()) and (conf[L - 1] > 0).all()  # the last row is the model itself
+    table = S.layer_table(conf, agree, [0.01])
+    assert all(r["confident"][0]["count"] == int((conf[r["layer"] - 1] >= 0.01).sum()) for r in table)
+    assert sum(r.get("other_share", 0.0) for r in table) * idx.numel() == pytest.approx(others)
+
+
+def test_exit_vocab_of_every_token_scans_as_unrestricted():
+    """K = V (a permutation of every id): the same fit, confidences and agreement."""
+    bb = tiny_backbone("llama")
+    blocks = torch.randint(0, V, (6, 16), generator=torch.Generator().manual_seed(4))
+    col = S.collect_hidden(bb, blocks, hidden_dtype=torch.float32)
+    idx = torch.arange(col["targets"].numel())
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(1))
+    out = []
+    for vocab in (None, perm):
+        heads = S.NormHeads(bb, vocab)
+        fit = S.fit_norm_heads(bb, heads, col, idx, list(range(1, L)), "kl", epochs=1, lr=1e-2, batch=16)
+        out.append((fit, *S.measure_heads(bb, heads, col, idx)))
+    (f1, c1, a1), (f2, c2, a2) = out
+    assert f1["loss"] == pytest.approx(f2["loss"], rel=1e-5)
+    torch.testing.assert_close(c1, c2, atol=1e-5, rtol=1e-5)
+    assert (a1 == a2).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("loss", ["kl", "ce"])
+def test_restricted_fitting_lowers_the_loss_and_learns_other(loss):
+    bb = tiny_backbone("llama")
+    blocks = torch.randint(0, V, (6, 16), generator=torch.Generator().manual_seed(4))
+    col = S.collect_hidden(bb, blocks, hidden_dtype=torch.float32)
+    from eetune.train.tune import rank_vocabulary
+    heads = S.NormHeads(bb, rank_vocabulary(blocks, V)[:20])
+    idx = torch.arange(col["targets"].numel())
+    first = S.fit_norm_heads(bb, heads, col, idx, list(range(1, L)), loss, epochs=1, lr=1e-2, batch=16)
+    later = S.fit_norm_heads(bb, heads, col, idx, list(range(1, L)), loss, epochs=3, lr=1e-2, batch=16)
+    assert sum(later["loss"].values()) < sum(first["loss"].values())
+    assert bool((heads.other_weight[:L - 1].abs().sum(-1) > 0).all()) and heads.other_bias[:L - 1].ne(0).all()
+    assert not heads.other_weight[L - 1].any()  # the last layer's head is the model: not trained
+
+
+def test_simulator_counts_kv_recomputation():
+    """Leaving at layer k also costs (L - k) * recompute: against the plain loop plus that term."""
+    g = torch.Generator().manual_seed(8)
+    layers, n = 7, 30
+    conf = torch.rand(layers, n, generator=g) ** 0.5
+    agree = torch.rand(layers, n, generator=g) < 0.7
+    sets = S.candidate_sets(layers, 2)
+    r = S.simulate(conf, agree, sets, 0.6, 0.4, 1.5, recompute=0.25)
+    for i, exits in enumerate(sets.tolist()):
+        total = 0.0
+        for t in range(n):
+            for j, k in enumerate(exits):
+                if conf[k - 1, t] >= 0.6:
+                    total += k + (j + 1) * 0.4 + (layers - k) * 0.25
+                    break
+            else:
+                total += layers + 2 * 0.4 + 1.5
+        assert r["mean_cost"][i].item() == pytest.approx(total / n, rel=1e-12)
+        at = S.simulate(conf, agree, sets[i:i + 1], 0.6, r["break_even_head_cost"][i].item(), 1.5, recompute=0.25)
+        assert at["speedup"].item() == pytest.approx(1.0, rel=1e-9)
+
+
+def test_run_scan_with_exit_vocab(monkeypatch):
+    """`ScanConfig(exit_vocab=K)`: heads of the K most frequent fitting tokens + OTHER, their own
+    measured cost, the suggestion carries --exit-vocab K; bad K in one line."""
+    bb = tiny_backbone("llama")
+    with torch.no_grad():
+        bb.lm_head.weight.mul_(6.0)
+    g = torch.Generator().manual_seed(3)
+    fit, held = torch.randint(0, 40, (4, 32), generator=g), torch.randint(0, 40, (8, 32), generator=g)
+    seen = {}
+    real = S.measured_costs
+
+    def spy(bb_, vocab_ids=None):
+        seen["ids"] = vocab_ids
+        return real(bb_, vocab_ids)
+
+    monkeypatch.setattr(S, "measured_costs", spy)
+    cfg = S.ScanConfig(data="given", epochs=1, threshold=0.5, target_agreement=0.0, exit_vocab="16", progress=False)
+    r = S.run_scan(bb, None, cfg, fit, held)
+    from eetune.train.tune import rank_vocabulary
+    assert torch.equal(seen["ids"], rank_vocabulary(fit, V)[:16])
+    assert r["exit_vocab"]["k"] == 16 and r["heads"]["exit_vocab"] == 16 and r["costs"]["exit_vocab"] == 16
+    assert 0 < r["exit_vocab"]["coverage"] <= 1 and r["costs"]["measured"] and r["exit_vocab"]["seen"] == 16
+    assert any("other_share" in row for row in r["layers"][:-1])
+    s = S.suggestion(r, "m")
+    assert s is not None and "--exit-vocab 16 " in s["command"]
+    text = S.format_report(r, model_arg="m")
+    assert "16 most frequent tokens" in text and "one exit head (16 tokens + OTHER)" in text
+    many = S.run_scan(bb, None, S.ScanConfig(data="given", epochs=0, head_cost=1.0, exit_vocab=60, progress=False),
+                      fit, held)  # more tokens than the fitting blocks hold (ids 0..39)
+    assert many["exit_vocab"]["seen"] == len(set(fit.reshape(-1).tolist())) < 60
+    assert "unseen ids" in S.format_report(many, model_arg="m")
+    for bad, match in (("0", "at least 1"), ("x", "not a number")):
+        with pytest.raises(EETuneError, match=match):
+            S.ScanConfig(exit_vocab=bad).validate()
+    with pytest.raises(EETuneError, match="larger than the model's vocabulary"):
+        S.run_scan(bb, None, S.ScanConfig(data="given", epochs=0, head_cost=1.0, exit_vocab=V + 1, progress=False),
+                   fit, held)

@@ -23,19 +23,41 @@ from eetune.train.tune import TuneConfig
 
 # --- convert -------------------------------------------------------------------------------
 def add_convert(sub):
-    p = sub.add_parser("convert", help="attach exit heads to a pretrained causal LM (stage 1 of EE-Tuning)",
+    p = sub.add_parser("convert", help="attach exit heads to a pretrained causal LM (stage 1 of EE-Tuning), or "
+                                       "restrict an exits directory's heads to K tokens",
                        description="Attach exit heads after chosen layers of a pretrained causal LM and write "
-                                   "an exits directory (exit_config.json + exit_heads.safetensors).")
-    p.add_argument("--model", required=True,
-                   help="local HF directory, .gguf file, hub id, or an embedded model: 'smollm2-135m' (the default) or 'gemma3-270m'")
-    p.add_argument("--exits", required=True,
-                   help="exit positions: 1-based layers ('after layer k', e.g. 10,20) or fractions of depth (0.33,0.67)")
-    p.add_argument("--arch", default="norm", choices=["embedding", "norm", "mlp", "layer"],
+                                   "an exits directory (exit_config.json + exit_heads.safetensors). With "
+                                   "--exit-vocab K each head projects onto the K token ids most frequent in "
+                                   "--vocab-data plus one OTHER class for the rest of the vocabulary (its "
+                                   "projection costs about K/V of the LM head's). With --from-exits DIR instead "
+                                   "of --model, the heads of an existing exits directory (tuned or not) are "
+                                   "restricted that way: the K rows of each head's projection and a fresh OTHER "
+                                   "row, its transform kept; tune them briefly after (`eetune tune`).")
+    p.add_argument("--model", default=None,
+                   help="local HF directory, .gguf file, hub id, or an embedded model: 'smollm2-135m' (the default) "
+                        "or 'gemma3-270m' (required unless --from-exits)")
+    p.add_argument("--from-exits", metavar="DIR", default=None,
+                   help="instead of attaching new heads to --model, restrict the heads of this exits directory (tuned "
+                        "or not) to --exit-vocab K tokens + OTHER and write them to --out (--exits, --arch, --init, "
+                        "--output-embedding and --revision are its own)")
+    p.add_argument("--exits", default=None,
+                   help="exit positions: 1-based layers ('after layer k', e.g. 10,20) or fractions of depth "
+                        "(0.33,0.67); required with --model")
+    p.add_argument("--arch", default=None, choices=["embedding", "norm", "mlp", "layer"],
                    help="exit head architecture (default: norm)")
-    p.add_argument("--init", default="copy", choices=["copy", "random"],
+    p.add_argument("--init", default=None, choices=["copy", "random"],
                    help="initialise heads by copying backbone modules (default) or at random")
-    p.add_argument("--output-embedding", default="copy", choices=["copy", "shared"],
+    p.add_argument("--output-embedding", default=None, choices=["copy", "shared"],
                    help="own trainable LM-head copy per exit (default) or share the frozen backbone head")
+    p.add_argument("--exit-vocab", metavar="K", default=None,
+                   help="restricted-vocabulary heads: each projects onto the K token ids most frequent in "
+                        "--vocab-data plus one OTHER class standing for the rest (a token count such as 4096 or 4k, "
+                        "1 to the vocabulary size; K = the vocabulary size permutes the full head; `all`: the full "
+                        "vocabulary, the default)")
+    p.add_argument("--vocab-data", metavar="SPEC", default=None,
+                   help="data whose training blocks rank the token ids for --exit-vocab, as `eetune tune --data` takes "
+                        "it (default: default, the data tune uses by default); generated:N ranks the model's own "
+                        "samples (all its layers are loaded), a mixture such as default:0.5,generated:200000:0.5 both")
     p.add_argument("--revision", default=None, help="hub revision of --model")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype (default fp32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
@@ -46,6 +68,37 @@ def add_convert(sub):
     p.set_defaults(func=cmd_convert)
 
 
+def _config_vocab_size(config) -> int | None:
+    """The vocabulary size an HF config names (a multimodal config's text part), or None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    v = getattr(text, "vocab_size", None)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _check_exit_vocab(args, vocab_size: int | None) -> int | None:
+    """--exit-vocab / --vocab-data before anything loads: K, or None for the full vocabulary."""
+    from eetune.model.heads import parse_exit_vocab
+
+    if args.exit_vocab is None:
+        if args.vocab_data is not None:
+            raise EETuneError("--vocab-data ranks the token ids of restricted heads: give --exit-vocab K with it")
+        return None
+    return parse_exit_vocab(args.exit_vocab, vocab_size or 2 ** 62)
+
+
+def _needs_whole_model(spec: str | None) -> bool:
+    """Whether ranking the vocabulary on `spec` samples from the model (generated:N): all its layers."""
+    from eetune.train.data import parse_data_spec
+
+    return spec is not None and any(p.generated is not None for p in parse_data_spec(spec) if p.weight > 0)
+
+
+def _restricted_line(model) -> str:
+    src = model.config.exit_vocab_source or {}
+    return (f"restricted to the {model.exit_vocab:,} of {model.backbone.vocab_size:,} token ids most frequent in "
+            f"{src.get('tokens', 0):,} tokens of {src.get('data', '?')} ({src.get('ranked_by', '?')}) plus OTHER")
+
+
 def cmd_convert(args):
     from pathlib import Path
 
@@ -53,9 +106,19 @@ def cmd_convert(args):
     from eetune.model.config import ExitConfig, parse_exit_layers
     from eetune.model.early_exit import EarlyExitModel, check_output_dir
 
+    if args.from_exits is not None:
+        return _convert_from_exits(args)
+    if args.model is None or args.exits is None:
+        raise EETuneError("give --model and --exits (new exit heads), or --from-exits DIR --exit-vocab K (restrict "
+                          "the heads of an exits directory)")
+    args.arch, args.init = args.arch or "norm", args.init or "copy"
+    args.output_embedding = args.output_embedding or "copy"
     check_output_dir(Path(args.out))  # refuse before the (slow) model load
     check_writable(args.out, "write --out", kind="dir")
     config = model_config(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    K = _check_exit_vocab(args, _config_vocab_size(config))
+    if K is not None:
+        _needs_whole_model(args.vocab_data)  # refuses a malformed spec before loading
     depth = config.num_hidden_layers
     layers = parse_exit_layers(args.exits, depth)
     ExitConfig(exit_layers=layers, num_layers=depth, arch=args.arch)  # validates the layers before loading
@@ -65,16 +128,82 @@ def cmd_convert(args):
               file=sys.stderr)
     # Partial loading: the layers up to the deepest exit (and the last one, which `layer` exits copy).
     also = (depth - 1,) if args.arch == "layer" and args.init == "copy" else ()
+    # Ranking the vocabulary on generated data samples from the whole model.
+    whole = K is not None and _needs_whole_model(args.vocab_data)
     backbone = load_backbone(args.model, dtype=args.dtype, revision=args.revision,
                              trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                             up_to_layer=max(layers), also_layers=also)
+                             up_to_layer=None if whole else max(layers), also_layers=also)
     model = EarlyExitModel.convert(backbone, layers, arch=args.arch, init=args.init,
                                    output_embedding=args.output_embedding)
+    restricted = _restrict_heads(model, args, K)
     model.save_pretrained(args.out)
     c = model.parameter_counts()
     print(f"wrote {args.out}: {args.arch} exits after layers {list(layers)} of {backbone.num_layers} "
           f"({c['trainable']:,} trainable head parameters; {c['frozen_backbone']:,} frozen backbone parameters "
-          f"loaded, {backbone.num_layers - backbone.released_count()} of {backbone.num_layers} layers)")
+          f"loaded, {backbone.num_layers - backbone.released_count()} of {backbone.num_layers} layers)"
+          + (f"; heads {restricted}" if restricted else ""))
+
+
+def _restrict_heads(model, args, K: int | None) -> str | None:
+    """Restrict the model's heads to the K ids most frequent in --vocab-data's training blocks
+    (the blocks `eetune tune --data SPEC` trains on); a line saying so, or None without K."""
+    from eetune.model.heads import parse_exit_vocab
+    from eetune.train.tune import TuneConfig, rank_exit_vocab
+
+    if K is None:
+        return None
+    K = parse_exit_vocab(args.exit_vocab, model.backbone.vocab_size)  # the loaded model's own vocabulary
+    ids, source = rank_exit_vocab(model, args.vocab_data or TuneConfig.data, K, progress=sys.stderr.isatty())
+    model.restrict_vocab(ids, source)
+    return _restricted_line(model)
+
+
+def _convert_from_exits(args):
+    """`convert --from-exits DIR --exit-vocab K --out OUT`: DIR's heads, tuned or not, restricted
+    to K token ids + OTHER (each head's K rows, a fresh OTHER row, its transform kept), written to
+    OUT with DIR's configuration and training record (its calibration and gates, which described
+    the old heads, dropped)."""
+    from pathlib import Path
+
+    from eetune.model.backbone import load_backbone, model_config
+    from eetune.model.config import ExitConfig
+    from eetune.model.early_exit import EarlyExitModel, check_output_dir
+
+    own = [flag for flag, v in (("--model", args.model), ("--exits", args.exits), ("--arch", args.arch),
+                                ("--init", args.init), ("--output-embedding", args.output_embedding),
+                                ("--revision", args.revision), ("--trust-remote-code", args.trust_remote_code or None))
+           if v is not None]
+    if own:
+        raise EETuneError(f"--from-exits restricts the heads of an exits directory as they are: {', '.join(own)} "
+                          f"{'is' if len(own) == 1 else 'are'} its own; drop {'it' if len(own) == 1 else 'them'}")
+    if args.exit_vocab is None:
+        raise EETuneError("--from-exits DIR restricts the heads of DIR to K tokens: give --exit-vocab K")
+    src = Path(args.from_exits)
+    config = ExitConfig.load(src)  # refuses a directory that is not an exits directory
+    if Path(args.out).resolve() == src.resolve():
+        raise EETuneError(f"--out {args.out} is --from-exits itself: write the restricted heads to another directory")
+    check_output_dir(Path(args.out))
+    check_writable(args.out, "write --out", kind="dir")
+    vocab = _config_vocab_size(model_config(config.base_model, revision=config.revision)) if config.base_model         else None
+    K = _check_exit_vocab(args, vocab)
+    if config.exit_vocab is not None:
+        raise EETuneError(f"the heads of {src} are restricted to {config.exit_vocab:,} tokens already: convert "
+                          f"from the model (--model ... --exit-vocab K) to choose another vocabulary")
+    if K is None:
+        raise EETuneError(f"--exit-vocab {args.exit_vocab}: the heads of {src} have the full vocabulary already; "
+                          f"give a token count K to restrict them")
+    whole = _needs_whole_model(args.vocab_data)
+    backbone = None
+    if config.base_model:
+        covered = config.num_layers if config.fingerprint_layers is None else config.fingerprint_layers
+        backbone = load_backbone(config.base_model, dtype=args.dtype, revision=config.revision,
+                                 allow_pickle=args.allow_pickle,
+                                 up_to_layer=None if whole else max(max(config.exit_layers), covered))
+    model = EarlyExitModel.from_pretrained(src, backbone=backbone, dtype=args.dtype)
+    line = _restrict_heads(model, args, K)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out}: the {config.arch} exits of {src} after layers {list(config.exit_layers)}, heads {line} "
+          f"(tune them: `eetune tune {args.out} --out OUT`)")
 
 
 # --- info ----------------------------------------------------------------------------------
@@ -103,6 +232,10 @@ def cmd_info(args):
     for key in ("base_model", "model_type", "num_layers", "exit_layers", "arch", "init", "output_embedding",
                 "backbone_fingerprint", "eetune_version"):
         print(f"  {key:<22} {cfg[key]}")
+    ev, src = cfg.get("exit_vocab"), cfg.get("exit_vocab_source") or {}
+    print(f"  {'exit vocabulary':<22} " + (f"{ev:,} of {model.backbone.vocab_size:,} token ids + OTHER (ranked by "
+                                          f"{src.get('ranked_by', '?')}: {src.get('tokens', 0):,} tokens of "
+                                          f"{src.get('data', '?')})" if ev else "the whole vocabulary"))
     total = counts["frozen_backbone"] + counts["trainable"]
     print(f"  {'trainable (heads)':<22} {counts['trainable']:,} ({counts['trainable'] / total:.1%} of all)")
     print(f"  {'frozen (backbone)':<22} {counts['frozen_backbone']:,}")
@@ -212,6 +345,8 @@ def cmd_evaluate(args):
         metrics["gates"] = gate_report(model, blocks, batch_size=args.batch_size, progress=sys.stderr.isatty())
     profile = metrics["profile"]
     profile["costs"] = exit_costs(model)
+    from eetune.measure.evaluate import profile_speedups
+    profile["speedup"] = profile_speedups(profile)
     source = args.data
     if Path(source).exists():  # a path as tune records it: relative to the working directory when inside it
         try:
@@ -260,6 +395,8 @@ def add_tune(sub):
     add_fields(p.add_argument_group("generated data (--data generated:N: continuations sampled from the model, "
                                     "cached)"), TuneConfig,
                ["gen_temperature", "gen_top_p", "gen_max_new_tokens", "gen_batch_size"])
+    add_fields(p.add_argument_group("restricted-vocabulary heads (K token ids + OTHER)"), TuneConfig, ["exit_vocab"],
+               metavars={"exit_vocab": "K"})
     g = p.add_argument_group("gates (learned exit decisions: a logistic probe per exit on its input hidden state)")
     add_fields(g.add_mutually_exclusive_group(), TuneConfig, ["gates", "gates_only"])
     add_fields(g, TuneConfig, ["gate_tokens"], metavars={"gate_tokens": "N"})
@@ -491,6 +628,9 @@ def add_scan(sub):
                    help="rank only exit sets whose predicted agreement with the full model reaches this (default 0.95)")
     p.add_argument("--head-cost", type=float, default=None, metavar="LAYERS",
                    help="cost of one exit head and of the LM head in decoder-layer equivalents (default: measured)")
+    p.add_argument("--exit-vocab", default=None, metavar="K",
+                   help="fit restricted-vocabulary heads: the K most frequent tokens of the fitting blocks plus OTHER "
+                        "(4096, 4k; all = the whole vocabulary, the default), and cost them as such")
     p.add_argument("--max-exits", type=int, default=3, choices=[1, 2, 3], help="largest exit set (default 3)")
     p.add_argument("--top", type=int, default=5, help="exit sets to print (default 5)")
     p.add_argument("--seed", type=int, default=0, help="document order and fitting seed (default 0)")
@@ -525,7 +665,8 @@ def cmd_scan(args):
                      holdout=args.holdout, loss=args.loss, epochs=args.epochs, lr=args.lr, fit_batch=args.fit_batch,
                      hidden_dtype=args.hidden_dtype, thresholds=thresholds, threshold=args.threshold,
                      target_agreement=args.target_agreement, head_cost=args.head_cost, max_exits=args.max_exits,
-                     top=args.top, seed=args.seed, progress=not args.no_progress and sys.stderr.isatty())
+                     top=args.top, seed=args.seed, progress=not args.no_progress and sys.stderr.isatty(),
+                     exit_vocab=args.exit_vocab)
     cfg.validate()  # before the (slow) model load
     check_device(args.device)
     plot = None if args.no_plot else args.plot
@@ -590,6 +731,9 @@ def add_plan(sub):
     p.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
                    help="tune: tokens per chunk of the exit losses, as `eetune tune --loss-chunk` (default: tune's, "
                         "256; 0 = whole logits)")
+    p.add_argument("--exit-vocab", default=None, metavar="K",
+                   help="restricted-vocabulary heads: K token rows + OTHER per exit (4096, 4k; all = the whole "
+                        "vocabulary, the default)")
     p.add_argument("--prompt-len", type=int, default=128, help="decode: prompt tokens (default 128)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="decode: new tokens (default 128)")
     p.add_argument("--ranks", type=int, default=1, help="tune: processes under torchrun, FSDP (default 1)")
@@ -606,7 +750,7 @@ def cmd_plan(args):
     result = plan(args.model, args.exits, mode=args.mode, arch=args.arch, output_embedding=args.output_embedding,
                   dtype=args.dtype, distill=args.distill, batch_size=args.batch_size, seq_len=args.seq_len,
                   ranks=args.ranks, mem_per_rank_gib=args.mem_per_rank, prompt_len=args.prompt_len,
-                  max_new_tokens=args.max_new_tokens, loss_chunk=args.loss_chunk)
+                  max_new_tokens=args.max_new_tokens, loss_chunk=args.loss_chunk, exit_vocab=args.exit_vocab)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eetune.decode.engine import run as engine_run
-from eetune.decode.policy import DraftPolicy, measure_costs
+from eetune.decode.policy import DraftPolicy, measure_costs, policy_candidates
 from eetune.decode.rules import CONFIDENCES
 from eetune.errors import EETuneError
 from eetune.model.early_exit import calibrated_thresholds, eval_mode
@@ -103,9 +103,21 @@ class DecodeOptions:
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
                 raise EETuneError(f"{flag} {k} is outside 1..{V} (the vocabulary size): "
                                   f"give e.g. 4096, or leave it out to use the whole vocabulary")
+            restricted = [h for h in _draft_heads(model, self.draft_exit) if h.restricted]
+            if restricted:
+                raise EETuneError(f"{flag} {k}: the draft exit's head is already restricted to "
+                                  f"{restricted[0].vocab_ids.numel()} tokens (the exits' --exit-vocab): drop {flag}")
             if model.vocab_by_frequency is None:
                 raise EETuneError(f"{flag} needs the token frequencies of the tuning data, which these exits "
                                   "do not record: re-run `eetune tune` (or `eetune tune DIR --out OUT --gates-only`)")
+
+
+def _draft_heads(model, draft_exit) -> list:
+    """The heads a self-spec decode may draft with: the given exit's, the deepest (None), or the
+    `auto` policy's candidates."""
+    if draft_exit == "auto":
+        return [model.head(k) for k in policy_candidates(model)]
+    return [model.head(draft_exit if draft_exit is not None else max(model.exit_layers))]
 
 
 DEFAULT_THRESHOLD = 0.9  # the threshold when none is given and no calibration applies

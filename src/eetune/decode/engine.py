@@ -34,6 +34,17 @@ obvious reference that the tests hold it against lives in `tests/reference.py`.
   for reuse across requests, at most `MAX_STATES` geometries (batch size, capacity bucket),
   (`model.decode_state`), least recently used dropped first; `model.free_decode_state()` drops
   them all (also done when layers are released or tuning starts).
+- **Restricted-vocabulary heads** (`head.restricted`: K token ids + OTHER, `--exit-vocab K`):
+  a row takes exit k only when the head's top-1 is not OTHER and its confidence (max-prob over
+  all K + 1 classes, or the gate's) clears the threshold; in gate mode such a head's logits are
+  computed in the decision too (they are cheap) for the OTHER test. A row that takes the exit
+  chooses from `head.to_vocab(logits)` (the K tokens at their ids) and never pays the LM head.
+  A restricted draft head proposes only while OTHER does not win; its greedy draft is
+  `vocab_ids[argmax]`, its sampling distribution is over the vocabulary (zero outside K).
+  Every exit head is projected with `head.projection()` (weight and bias); on static shapes a
+  restricted head's projection is read from copies in the state (`DecodeState.proj`), whose
+  addresses stay for the graphs and whose contents are refreshed per request when the head
+  changed (as the `--draft-vocab` rows are).
 - **The draft policy** (`draft_exit="auto"`, `eetune.decode.policy`) picks the draft exit and
   length of each round; `run` asks it and reports each round's outcome back.
 """
@@ -47,7 +58,7 @@ from collections import OrderedDict
 
 import torch
 
-from eetune.decode.rules import choose, confidence, sampling_probs, speculative_accept
+from eetune.decode.rules import choose, confidence, not_other, sampling_probs, speculative_accept
 from eetune.model.backbone import LayerContext
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # token counts segments are recorded for (GPU)
@@ -160,6 +171,9 @@ class DecodeState:
         self.graphs: dict = {}
         self.rows: dict = {}  # (exit, K) -> output rows of the K most frequent tokens, refreshed per request
         self.vocab: torch.Tensor | None = None  # the model's vocab_by_frequency, copied in per request
+        # exit -> a restricted head's projection as the graphs read it: {"w", "b", "ids"} (static copies, refreshed
+        # in place per request) and "src" (what they were copied from, with its version: unchanged heads copy nothing)
+        self.proj: dict = {}
 
     def buffer(self, name, shape, dtype, device) -> torch.Tensor:
         t = self.inputs.get((name, shape))
@@ -397,39 +411,88 @@ class Engine:
         gs, head = self.gs, self.model.head(k)
         if kind == "draft":
             return self._draft(k, h_last, z)
-        if kind == "gate":
-            conf = self.model.gate(k)(h_last)
-            out = {}
-        else:
+        out, logits = {}, None
+        if kind == "head" or head.has_other:  # a gate's decision needs a restricted head's logits too (OTHER)
             if z is None:
                 z = head.transform(h_last)
-            logits = self.bb.logits(z, head.out_weight())
-            conf = confidence(logits, self.opts.confidence)
-            out = {"logits": logits}
+            w, b, _ = self._proj(k)
+            logits = out["logits"] = self.bb.logits(z, w, b)  # (B, C): the head's classes
+        conf = self.model.gate(k)(h_last) if kind == "gate" else confidence(logits, self.opts.confidence)
         take = ~gs.decided & (conf >= gs.thr[k])
+        if head.has_other:  # a row leaves only with a token: where OTHER wins it goes deeper
+            take = take & not_other(logits, head.num_classes - 1)
         take = torch.where(gs.force >= 0, ~gs.decided & (gs.force == k), take)
         out.update(conf=conf, take=take, flags=torch.stack([take.any(), (gs.decided | take).all()]))
         return out
 
     def _draft(self, d: int, h_last, z) -> dict:
-        """A self-spec draft at exit d: proposing rows, the greedy draft and the logits."""
+        """A self-spec draft at exit d: proposing rows, the greedy draft and the logits (the
+        head's classes, or the draft vocabulary's K tokens). A restricted head proposes only
+        where OTHER does not win; its greedy draft is its best token (vocab_ids[argmax] over
+        the K tokens: rows that stop proposing still feed a real token to the next draft)."""
         gs, opts, head = self.gs, self.opts, self.model.head(d)
         if z is None:
             z = head.transform(h_last)
-        w, b = (head.out_weight(), "head") if not opts.draft_vocab else self._static_rows(d, opts.draft_vocab)
+        if opts.draft_vocab:  # an unrestricted head (api refuses --draft-vocab with a restricted one)
+            w, b = self._static_rows(d, opts.draft_vocab)
+            ids = gs.vocab[:opts.draft_vocab]
+        else:
+            w, b, ids = self._proj(d)
         logits = self.bb.logits(z, w, b)
         conf = self.model.gate(d)(h_last) if self.gate_mode else confidence(logits, opts.confidence,
                                                                              self.bb.vocab_size)
         propose = ~gs.decided & (conf >= gs.thr[d])  # gs.decided: rows that stopped proposing
-        nxt = logits.argmax(-1)
-        if opts.draft_vocab:
-            nxt = self.gs.vocab[:opts.draft_vocab][nxt]
+        if head.has_other:
+            propose = propose & not_other(logits, head.num_classes - 1)
+        nxt = (logits[:, :-1] if head.has_other else logits).argmax(-1)
+        if ids is not None:
+            nxt = ids[nxt]
         return {"logits": logits, "propose": propose, "next": nxt, "flags": propose.any()[None]}
+
+    def _proj(self, k: int) -> tuple:
+        """(W (C, H), bias (C,) or None, vocab_ids (K,) or None) of exit k's projection as a
+        segment reads it: an unrestricted head's are parameters (the head's copy or the LM head,
+        whose addresses stay); a restricted head's are built from its rows and OTHER row, so on
+        static shapes (recorded graphs read addresses) they are the state's copies."""
+        head = self.model.head(k)
+        if not head.restricted:
+            w, b = head.projection()
+            return w, b, None
+        if not self.static:
+            w, b = head.projection()
+            return w, b, head.vocab_ids
+        e = self.gs.proj[k]
+        return e["w"], e["b"], e["ids"]
+
+    def _refresh_proj(self) -> None:
+        """Static shapes: every restricted head's projection copied into tensors whose addresses
+        stay (made once per state), rewritten in place when the head changed since (a tensor it
+        is built from replaced or written in place: `projection()` returns a new tensor then)."""
+        if not self.static:
+            return
+        for head in self.model.heads:
+            if not head.restricted:
+                continue
+            w, b = head.projection()
+            src = tuple(None if t is None else (t, t._version) for t in (w, b, head.vocab_ids))
+            e = self.gs.proj.get(head.layer)
+            if e is None:
+                self.gs.proj[head.layer] = {"w": w.detach().clone(), "b": None if b is None else b.detach().clone(),
+                                            "ids": head.vocab_ids.clone(), "src": src}
+                continue
+            same = all((a is None and c is None) or (a is not None and c is not None and a[0] is c[0] and a[1] == c[1])
+                       for a, c in zip(e["src"], src))
+            if not same:
+                e["w"].copy_(w)
+                if b is not None:
+                    e["b"].copy_(b)
+                e["ids"].copy_(head.vocab_ids)
+                e["src"] = src
 
     def _rows_now(self, k: int, K: int) -> tuple:
         ids = self.model.vocab_by_frequency[:K]
-        b = getattr(self.bb.lm_head, "bias", None)
-        return self.model.head(k).out_weight()[ids], None if b is None else b[ids]
+        w, b = self.model.head(k).projection()
+        return w[ids], None if b is None else b[ids]
 
     def _static_rows(self, k: int, K: int) -> tuple:
         """Exit k's output rows of the K most frequent tokens, in tensors whose address stays (graphs
@@ -440,6 +503,7 @@ class Engine:
 
     def _refresh_vocab(self) -> None:
         """The token ranking or the heads may have changed since the state was made."""
+        self._refresh_proj()
         gs, ranking = self.gs, self.model.vocab_by_frequency
         if ranking is None:
             return
@@ -459,7 +523,8 @@ class Engine:
         is given: a `layer` exit's normed block output) and projection, recorded on a GPU."""
         gs, head = self.gs, self.model.head(k)
         if not self.static:
-            return self.bb.logits(h_last if z_given else head.transform(h_last), head.out_weight())
+            w, b, _ = self._proj(k)
+            return self.bb.logits(h_last if z_given else head.transform(h_last), w, b)
         buf = gs.buffer(("head-in", k, z_given), (self.B, self.H), h_last.dtype, h_last.device)
         buf.copy_(h_last)
         key = ("head", k, z_given, self.variant)
@@ -467,7 +532,8 @@ class Engine:
         if g is None:
             def fn():
                 z = buf if z_given else head.transform(buf)
-                return {"logits": self.bb.logits(z, head.out_weight())}
+                w, b, _ = self._proj(k)
+                return {"logits": self.bb.logits(z, w, b)}
             g = gs.graphs[key] = Graph(fn, self.capture)
             self.record_seconds += g.seconds
         return g()["logits"]
@@ -478,17 +544,17 @@ class Engine:
         st["conf"] = torch.where(take, conf.float(), st["conf"])
 
     def decide(self, k: int, out: dict, st: dict) -> bool:
-        """Read exit k's decision (one host read); rows that take it get its logits. Returns
-        True when every row has decided."""
+        """Read exit k's decision (one host read); rows that take it get its logits over the
+        vocabulary (`to_vocab`: a restricted head's K tokens at their ids). Returns True when
+        every row has decided."""
         any_take, all_done = out["flags"].tolist()
         if any_take:
             take = out["take"]
-            if self.gate_mode:
+            logits = out.get("logits")  # head mode, or a restricted head's logits in gate mode
+            if logits is None:  # a gate fired: now the head's logits
                 z = out.get("z")
                 logits = self._head_logits(k, z is not None, z if z is not None else out["h_last"])
-            else:
-                logits = out["logits"]
-            self._take(st, take, logits, k, out["conf"])
+            self._take(st, take, self.model.head(k).to_vocab(logits), k, out["conf"])
             self.gs.decided |= take
         return bool(all_done)
 
@@ -643,7 +709,7 @@ class Engine:
             if opts.temperature == 0:
                 nxt = out["next"].clone()
             else:
-                q = sampling_probs(out["logits"], opts)
+                q = sampling_probs(head.to_vocab(out["logits"]), opts)  # a restricted head: 0 outside K
                 if draft_ids is not None:  # back to vocabulary order (0 outside the draft vocabulary)
                     q = torch.zeros(B, self.bb.vocab_size, dtype=q.dtype, device=q.device).scatter_(
                         1, draft_ids.expand(B, -1), q)

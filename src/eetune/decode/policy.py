@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from eetune.decode.engine import Engine
+from eetune.decode.engine import Engine, Graph
 
 
 def measure_costs(model, opts) -> dict:
@@ -20,11 +20,24 @@ def measure_costs(model, opts) -> dict:
     they cost while decoding with this engine: the layer cost is a whole trunk pass (every
     layer's weights streamed from memory, as in a real step) divided by the number of layers,
     the LM head cost a whole step minus the trunk. Also a 5-token block (verification), each
-    exit's transform, and its projection. Measured once per model (cached on it) on a 64-token
-    context, best of 5 (on a GPU the segments are recorded first, outside the timing)."""
+    exit's transform, and its projection: the head's own (what `head.project` computes on its
+    transform's output: K + 1 rows for a restricted-vocabulary head, the whole vocabulary
+    otherwise), timed as the engine's decisions run it (its weights as the engine reads them,
+    recorded on a GPU), never assumed to be the LM head's. Measured once per model (cached on it) on a
+    64-token context, best of 5 (on a GPU the segments are recorded first, outside the timing).
+
+    Returns {"layer", "layer_x5", "final", "final_x5" (seconds), "num_layers", "heads": {exit:
+    {"transform", "projection" (seconds), "classes" (the head's output width C: V, or K + 1)}}}."""
     cached = getattr(model, "_eetune_costs", None)
     if cached is not None:
         return cached
+    with torch.no_grad():
+        costs = _measure(model, opts)
+    model._eetune_costs = costs
+    return costs
+
+
+def _measure(model, opts) -> dict:
     bb = model.backbone
     dev = next(bb.model.parameters()).device
     L, T = bb.num_layers, 64
@@ -55,9 +68,19 @@ def measure_costs(model, opts) -> dict:
     for head in model.heads:
         # a `layer` exit's block costs about one decoder layer; the others are timed
         branch = costs["layer"] if head.arch == "layer" else timeit(lambda: head.transform(x1))
-        costs["heads"][head.layer] = {"transform": branch, "projection": costs["final"]}
-    model._eetune_costs = costs
+        z = head.norm(x1) if head.arch == "layer" else head.transform(x1)  # what the projection reads
+        costs["heads"][head.layer] = {"transform": branch, "projection": _projection_seconds(eng, head, z, timeit),
+                                      "classes": head.num_classes}
     return costs
+
+
+def _projection_seconds(eng, head, z, timeit) -> float:
+    """Seconds of exit `head`'s projection of one token's `z`, as the engine's decisions run it
+    (the projection the engine reads, recorded as a CUDA graph on a GPU)."""
+    buf = z.detach().clone()
+    graph = Graph(lambda: {"logits": eng.bb.logits(buf, *eng._proj(head.layer)[:2])}, eng.capture)
+    eng.record_seconds += graph.seconds
+    return timeit(graph)
 
 
 def _sync(device) -> None:
@@ -80,13 +103,19 @@ class DraftPolicy:
     d+1..L and the LM head. With a per-draft acceptance rate a (drafts are accepted in order,
     the first rejection ends the round), the round emits 1 + a + a^2 + ... + a^n tokens. So:
 
-        cost(d, n)    = (n + 1) * d * c_layer + n * c_head(d) + (L - d) * c_layer(n + 1) + c_final(n + 1)
+        cost(d, n)    = (n + 1) * d * c_layer + n * c_head(d) + c_block(d)
+                        + (L - d) * c_layer(n + 1) + c_final(n + 1)
         emitted(d, n) = (1 - a_d^(n + 1)) / (1 - a_d)
         pick (d, n) maximising emitted / (cost * s[n > 0]), n in 0..draft_len (n = 0: a full step)
 
     s[drafting] and s[full step] calibrate the model against the clock: each is a running mean
     (weight 0.2) of measured ÷ modelled seconds of the rounds of that kind so far.
 
+    c_head(d) is exit d's transform and its projection as measured (`measure_costs`: a
+    restricted-vocabulary head's own K + 1 rows; with `--draft-vocab K` an unrestricted
+    head's measured projection scaled by K / V), paid once per draft; c_block(d) is a `layer`
+    exit's block once more, for the round's last token (its cache must hold it; 0 for the
+    other architectures).
     c_layer(q) and c_final(q) for a block of q tokens are interpolated between the measured
     costs of 1 and 5 tokens. a_d starts from a prior worth 8 drafts (the exit's held-out top-1
     agreement with the final layer when `tune --gates` reported it, else 0.2 + 0.4 d / L), then
@@ -106,10 +135,12 @@ class DraftPolicy:
         L = costs["num_layers"]
         self.L = L
         V = model.backbone.vocab_size
-        self.head_cost = {}
+        self.head_cost, self.block_cost = {}, {}
         for k, c in costs["heads"].items():
             proj = c["projection"] * ((draft_vocab / V) if draft_vocab else 1.0)
             self.head_cost[k] = c["transform"] + proj
+            # a `layer` exit's block also takes the round's last token (its cache must hold it)
+            self.block_cost[k] = c["transform"] if model.head(k).arch == "layer" else 0.0
         report = ((model.config.gates or {}).get("report") or {}).get("exits", {})
         self.prior = {k: float(report.get(str(k), {}).get("agreement", 0.2 + 0.4 * k / L))
                       for k in policy_candidates(model)}
@@ -129,7 +160,7 @@ class DraftPolicy:
 
     def cost(self, d: int, n: int) -> float:
         c = self.costs
-        return ((n + 1) * d * c["layer"] + n * self.head_cost[d]
+        return ((n + 1) * d * c["layer"] + n * self.head_cost[d] + self.block_cost[d]
                 + (self.L - d) * self._block(c["layer"], c["layer_x5"], n + 1)
                 + self._block(c["final"], c["final_x5"], n + 1))
 

@@ -1,7 +1,9 @@
 """Decision rules: how a token is chosen and whether an exit or a draft is trusted.
 
 - `confidence`: an exit's max softmax probability (the paper's rule); `gate` confidences come
-  from the exits' gates (`eetune.model.gates`), computed by the engine.
+  from the exits' gates (`eetune.model.gates`), computed by the engine. A restricted-vocabulary
+  head's (K tokens + OTHER) confidence is its max-prob over all K + 1 classes, and a token
+  leaves there only where OTHER does not win (`not_other`).
 - `sampling_probs`: the distribution a token is drawn from (temperature, then top-k, then top-p);
   `choose`: greedy argmax or a draw from it.
 - `speculative_accept`: the speculative-sampling acceptance rule of self-speculation.
@@ -19,13 +21,23 @@ CONFIDENCES = ("max-prob", "gate")
 
 
 def confidence(logits: torch.Tensor, kind: str = "max-prob", vocab_size: int | None = None) -> torch.Tensor:
-    """Per-row max softmax probability of a (B, V) logits tensor (the paper's confidence; `gate`
-    confidences come from the exits' gates, not from logits). `vocab_size` is accepted for
-    restricted-vocabulary logits and changes nothing: max-prob over K tokens is the max-prob of
-    logits masked to -inf outside them."""
+    """Per-row max softmax probability of a (B, C) logits tensor (the paper's confidence; `gate`
+    confidences come from the exits' gates, not from logits). For a restricted head C = K + 1
+    and the max is over every class, OTHER included. `vocab_size` is accepted for draft-vocabulary
+    logits and changes nothing: max-prob over K tokens is the max-prob of logits masked to -inf
+    outside them."""
     if kind != "max-prob":
         raise EETuneError(f"confidence {kind!r} is not computed from logits: use max-prob")
     return logits.float().softmax(-1).amax(-1)
+
+
+def not_other(logits: torch.Tensor, other: int | None) -> torch.Tensor:
+    """Rows (...,) of a restricted head's logits (..., C) whose top-1 is a token, not the OTHER
+    class at index `other` (None: the head has no OTHER, every row qualifies). A tie with OTHER
+    goes to the token (argmax takes the first maximum; OTHER is the last class)."""
+    if other is None:
+        return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    return logits.argmax(-1) != other
 
 
 def sampling_probs(logits: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:

@@ -14,19 +14,27 @@ code; this module does it for eetune's exits, behind `eetune calibrate DIR --tar
    probability) and whether the exit's top-1 equals the final layer's top-1.
 2. **The engine's decision rule, simulated** (`outcomes`, `simulate`): the first exit, shallowest
    first, whose confidence >= its threshold emits its own top-1; otherwise the final layer's.
+   A restricted-vocabulary head (`convert --exit-vocab K`: K tokens + OTHER) takes a token only
+   where OTHER does not win: `token_table` gives those positions a confidence of -1, so they
+   never count as exiting at any threshold, and its top-1 is its mapped token id.
    On a teacher-forced prefix this is exactly what the decoding engines decide given that
    prefix: KV recomputation keeps every hidden state equal to that of a cache-free pass. Token
    agreement = share of tokens whose emitted token is the final layer's top-1.
 3. **Cost model** (`cost_model`), in decoder-layer equivalents measured on this machine by
-   `eetune.measure.evaluate.exit_costs` (each figure the median of 3 measurements): a token that leaves
-   at exit k costs k layers plus every exit head evaluated on the way (max-prob: each exit
-   passed costs its transform and vocabulary projection; gate: a passed exit
+   `eetune.measure.evaluate.exit_costs` (each figure the median of 3 measurements), checked
+   against what `Engine.early_exit_step` runs: a token that leaves at exit k costs k layers plus
+   every exit head evaluated on the way (max-prob: each exit passed costs its transform and its
+   own projection, K + OTHER rows for a restricted head, timed as it is; gate: a passed exit
    costs nothing but its block for `layer` exits, since the head runs only when the gate fires,
-   and the gate's dot product is counted as free); a token that leaves nowhere costs all L
-   layers, those heads and the final norm + LM head. Full depth costs L + the LM head; predicted speedup = full cost / mean cost. As in `eetune
-   scan`, the tokens that climb the skipped layers later (KV recomputation, batched with the next
-   token that goes deeper) are not counted: the prediction is optimistic by that much. With
-   max-prob the costs do not change which single threshold is chosen (a lower
+   and the gate's dot product is counted as free; a restricted head with OTHER runs its cheap
+   projection in the decision, so it costs its whole head), never the final LM head, plus the
+   KV recomputation of the L - k layers it skipped: those climb later in one block with the
+   next token that goes deeper, one token more in that block, which costs
+   (layer on 5 tokens - layer) / 4 per layer (`evaluate.recompute_layers`, from the measured
+   `layer_x5_layers`). A token that leaves nowhere costs all L layers, those heads and the
+   final norm + LM head. Full depth costs L + the LM head; predicted speedup = full cost / mean
+   cost. Left out: per-exit host reads and step set-up (the prediction is optimistic by that
+   much). With max-prob the costs do not change which single threshold is chosen (a lower
    threshold only ever moves a token to a shallower, cheaper outcome, so the fastest threshold
    meeting the target is the lowest one); they decide per-exit and gate thresholds and the
    predicted speedup.
@@ -67,6 +75,7 @@ from eetune.errors import EETuneError
 from eetune.model.early_exit import calibrated_thresholds, heads_digest  # noqa: F401 (the stored calibration is read there)
 
 NEVER = 1.01  # a threshold no confidence reaches: never exit early
+OTHER_CONF = -1.0  # the confidence `token_table` gives a position whose restricted head's OTHER wins: never exits
 GRID = tuple(float(x) for x in np.round(np.concatenate([
     np.arange(0, 90) / 100, np.arange(900, 990) / 1000, np.arange(9900, 10000) / 10000, [1.0, NEVER]]), 6))
 
@@ -113,7 +122,10 @@ def token_table(model, blocks: torch.Tensor, confidence: str = "max-prob", batch
     """Teacher-forced over `blocks` (N, T), every position but each block's last: per exit
     (rows, shallowest first) and token, the confidence (E, n) float32 (`gate`: the gate's
     probability on the exit's input hidden state) and whether the exit's top-1 equals the final
-    layer's top-1 (E, n) bool."""
+    layer's top-1 (E, n) bool. A restricted-vocabulary head's top-1 is its token
+    (`ExitHead.predict`); where its OTHER class wins, the token cannot leave there (the engine
+    requires OTHER not to win) and never agrees: its confidence is set to `OTHER_CONF` (-1), below
+    every threshold, so no threshold counts it as exiting."""
     from eetune.decode.rules import confidence as conf_of
     from eetune.train.gates import _exit_batches
 
@@ -127,8 +139,11 @@ def token_table(model, blocks: torch.Tensor, confidence: str = "max-prob", batch
         c, a = [], []
         for k in layers:
             h, lg = per_exit[k]
-            c.append((model.gate(k)(h) if confidence == "gate" else conf_of(lg, confidence)).float().cpu())
-            a.append((lg.argmax(-1) == final_top1).cpu())
+            head = model.head(k)
+            cf = (model.gate(k)(h) if confidence == "gate" else conf_of(lg, confidence)).float()
+            top = head.predict(lg)[1]  # token ids; -1 where OTHER wins
+            c.append(torch.where(top >= 0, cf, torch.full_like(cf, OTHER_CONF)).cpu())
+            a.append((top == final_top1).cpu())
         confs.append(torch.stack(c))
         agrees.append(torch.stack(a))
     return torch.cat(confs, 1), torch.cat(agrees, 1)
@@ -136,34 +151,52 @@ def token_table(model, blocks: torch.Tensor, confidence: str = "max-prob", batch
 
 # --- 2. the decision rule and 3. its cost -------------------------------------------------------
 def cost_model(model, confidence: str = "max-prob", costs: dict | None = None) -> dict:
-    """Costs in decoder-layer equivalents of the decisions `simulate` counts. `costs`: what
-    `eetune.measure.evaluate.exit_costs(model)` returns (when None: `measured_costs`, its median of 3
-    measurements). Returns {"num_layers",
-    "exit_layers", "lm_head_layers", "full_layers" (L + LM head), "leave" and "pass" (per exit,
-    shallowest first: what the exit costs when a token leaves there / when it goes on),
-    "outcome" (per exit, then the final layer: a token's whole cost when it is emitted there),
-    "measured" (the costs used)}."""
+    """Costs in decoder-layer equivalents of the decisions `simulate` counts, as the engine
+    (`eetune.decode.engine.Engine.early_exit_step`) spends them. `costs`: what
+    `eetune.measure.evaluate.exit_costs(model)` returns (when None: `measured_costs`, its median
+    of 3 measurements). An exit asked costs its transform and its own projection (K + OTHER rows
+    for a restricted head, as measured); a token that leaves at exit k pays layers 1..k and the
+    heads it asked on the way, never the final LM head, plus the recomputation of the L - k layers
+    it skipped (`recompute`: its keys and values climb later in one block with the next token that
+    goes deeper, one token more in that block: `evaluate.recompute_layers` per layer, 0 when the
+    costs do not have `layer_x5_layers`); a token that leaves nowhere pays all L layers, every
+    head and the final norm + LM head. With `gate` a passed exit costs nothing (its head runs only
+    when the gate fires; the gate's dot product is counted as free), but a `layer` exit's block
+    always runs (its cache), and a head with an OTHER class runs its projection in the decision
+    (the token leaves only where OTHER does not win), so it costs its whole head.
+    Returns {"num_layers", "exit_layers", "lm_head_layers", "full_layers" (L + LM head), "leave"
+    and "pass" (per exit, shallowest first: what the exit costs when a token leaves there / when
+    it goes on), "recompute" (per exit: the recomputation a token leaving there costs),
+    "recompute_per_layer", "outcome" (per exit, then the final layer: a token's whole cost when it
+    is emitted there), "exit_vocab" (K or None) and "measured" (the costs used)}."""
+    from eetune.measure.evaluate import recompute_layers
+
     c = measured_costs(model) if costs is None else costs
     L, lm = int(c["num_layers"]), c.get("lm_head_layers")
-    leave, passing = [], []
+    delta = recompute_layers(c)
+    leave, passing, recompute = [], [], []
     for k in model.exit_layers:
         e = (c.get("exits") or {}).get(str(k)) or {}
         whole, transform = e.get("layers"), e.get("transform_layers")
         if whole is None or lm is None or not all(math.isfinite(x) for x in (whole, lm)):
             raise EETuneError(f"the cost of exit {k} or of the LM head could not be measured on this machine: "
                               f"calibration needs them (see `eetune evaluate`)")
+        head = model.head(k)
         leave.append(float(whole))
-        if confidence != "gate":
+        recompute.append(max(0, L - k) * delta)
+        if confidence != "gate" or getattr(head, "has_other", False):
             passing.append(float(whole))
         else:  # the head runs only when the gate fires; a `layer` exit's block always runs (its cache)
-            passing.append(float(transform or 0.0) if model.head(k).arch == "layer" else 0.0)
+            passing.append(float(transform or 0.0) if head.arch == "layer" else 0.0)
     outcome, climbed = [], 0.0
     for j, k in enumerate(model.exit_layers):
-        outcome.append(k + climbed + leave[j])
+        outcome.append(k + climbed + leave[j] + recompute[j])
         climbed += passing[j]
     outcome.append(L + climbed + float(lm))
     return {"num_layers": L, "exit_layers": list(model.exit_layers), "lm_head_layers": float(lm),
-            "full_layers": L + float(lm), "leave": leave, "pass": passing, "outcome": outcome, "measured": c}
+            "full_layers": L + float(lm), "leave": leave, "pass": passing, "recompute": recompute,
+            "recompute_per_layer": delta, "outcome": outcome, "exit_vocab": getattr(model, "exit_vocab", None),
+            "measured": c}
 
 
 def measured_costs(model, repeats: int = 3) -> dict:
@@ -188,6 +221,8 @@ def measured_costs(model, repeats: int = 3) -> dict:
 
     out = {**runs[-1], "layer_s": median([r["layer_s"] for r in runs]),
            "lm_head_layers": median([r["lm_head_layers"] for r in runs]), "repeats": repeats, "exits": {}}
+    if "layer_x5_layers" in runs[-1]:
+        out["layer_x5_layers"] = median([r.get("layer_x5_layers") for r in runs])
     for k in runs[-1]["exits"]:
         tr = median([r["exits"][k]["transform_layers"] for r in runs])
         pr = median([r["exits"][k]["projection_layers"] for r in runs])
@@ -356,9 +391,14 @@ def format_calibration(cal: dict, directory: str | None = None) -> str:
         lines.append(f"  {name + ':':<18} agreement {part['agreement']:.3f} (target {cal['target_agreement']:g}), "
                      f"exit early: {shares(part)}; predicted speedup {part['speedup']:.2f}x")
     m = cm.get("measured") or {}
+    K = cm.get("exit_vocab")
     lines.append(f"  cost model: decoder-layer equivalents measured on {m.get('device', '?')} {m.get('dtype', '')}: "
                  + ", ".join(f"exit {k} {c:.2f}" for k, c in zip(cm["exit_layers"], cm["leave"]))
-                 + f", LM head {cm['lm_head_layers']:.2f}; full depth {cm['full_layers']:.2f} per token")
+                 + (f" (heads of {K:,} tokens + OTHER)" if K else "")
+                 + f", LM head {cm['lm_head_layers']:.2f} (never paid by a token that exits early); full depth "
+                 f"{cm['full_layers']:.2f} per token"
+                 + (f"; KV recomputation {cm['recompute_per_layer']:.3f} per skipped layer"
+                    if cm.get("recompute_per_layer") else ""))
     if cal["never_exits"]:
         lines.append("  no threshold below 1 meets the target on the calibration part: only never exiting (threshold "
                      f"{NEVER:g}) does, which is slower than --mode full; lower the target or tune better exits")

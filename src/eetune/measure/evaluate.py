@@ -7,18 +7,32 @@ early exit would have emitted the full model's token). The final layer's cross-e
 reported alongside as the floor. `format_gate_report` prints the held-out report of learned
 exit gates (`eetune.train.gates.gate_report`) beside the max-prob confidence.
 
+**Restricted-vocabulary heads** (`convert --exit-vocab K`: logits over K tokens + OTHER) are
+read through the head itself (`ExitHead.predict`): an exit's top-1 is its argmax class mapped to
+its token id, and where OTHER wins the exit has no token (it never agrees with the final layer,
+and the token never leaves there). Its confidence is the max softmax probability over all its
+classes, OTHER included. Its cross-entropy is over its own classes, the labels outside its K
+tokens mapped to OTHER (`ce_over` says which, per exit; not comparable with the final layer's
+CE over the whole vocabulary), and `other_share` is the share of positions where OTHER wins.
+
 The same single pass also yields each exit's *exit profile* (`metrics["profile"]`): for every
-threshold t of `PROFILE_THRESHOLDS`, the share of tokens whose max-prob is >= t (the tokens that
-would leave at that exit) and the top-1 agreement with the final layer among them (None where
-no token would leave). This curve, with what an exit costs, decides early-exit speed and
-quality. `exit_costs` measures that cost on the model's device with
-`eetune.decode.policy.measure_costs`, in layer-equivalents (an exit's transform + projection divided
-by one decoder layer; the LM head likewise). `format_profile` prints the profile, `plot_profile`
-draws it (matplotlib, optional), and `store_profile` records it in the exits directory's
-exit_config.json as `training["exit_profile"]`, replacing the file atomically:
+threshold t of `PROFILE_THRESHOLDS`, the share of tokens that would leave at that exit (max-prob
+>= t and, for a restricted head, OTHER not winning) and the top-1 agreement with the final layer
+among them (None where no token would leave). This curve, with what an exit costs, decides
+early-exit speed and quality. `exit_costs` measures that cost on the model's device with
+`eetune.decode.policy.measure_costs`, in layer-equivalents (an exit's transform + its own
+projection, timed as it is: K + 1 rows for a restricted head, divided by one decoder layer; the
+LM head likewise). `profile_speedups` turns both into the predicted speedup of early exit with
+each exit alone: a token that leaves at exit k pays layers 1..k and the exit's head, never the
+final LM head (plus the KV recomputation of the layers it skipped, which climbs later with the
+next token: `recompute_layers`), a token that does not pays the whole model and the exit's head.
+`format_profile` prints the profile, `plot_profile` draws it (matplotlib, optional), and
+`store_profile` records it in the exits directory's exit_config.json as
+`training["exit_profile"]`, replacing the file atomically:
 
     metrics = exit_metrics(model, blocks)            # metrics["profile"]: the curves
     profile = {**metrics["profile"], "costs": exit_costs(model), "measured_on": {...}}
+    profile["speedup"] = profile_speedups(profile)  # optional: format_profile computes it too
     print(format_profile(profile)); plot_profile(profile, "exit_profile.png")
     store_profile("runs/exits", profile)             # ExitConfig.load(...).training["exit_profile"]
 """
@@ -50,20 +64,33 @@ def _check_thresholds(thresholds) -> list[float]:
     return ts
 
 
+def ce_classes(head) -> str:
+    """What an exit's cross-entropy is over: `vocabulary` (V classes), or for a restricted head
+    `K tokens + OTHER` (labels outside them mapped to OTHER; K = V: `K tokens`, a permutation)."""
+    if not getattr(head, "restricted", False):
+        return "vocabulary"
+    K = int(head.vocab_ids.numel())
+    return f"{K} tokens + OTHER" if head.has_other else f"{K} tokens"
+
+
 @torch.no_grad()
 def exit_metrics(model, blocks: torch.Tensor, batch_size: int = 8, confident: float = 0.9,
                  progress: bool = True, thresholds=PROFILE_THRESHOLDS) -> dict:
     """Per-exit metrics over `blocks` (N, T) of token ids, in one teacher-forced pass. Returns
-    {"exits": {k: {"ce", "agreement", "confident_share", "confident_agreement"}}, "final_ce", "tokens",
-    "confident_threshold", "profile"}; "profile" is {"thresholds" (ascending), "tokens", "exits":
-    {str(k): {"share", "agreement", "count"}}}, lists following the thresholds: the share of tokens
-    whose max-softmax probability is >= t, the top-1 agreement with the final layer among them
-    (None where there are none) and their number."""
+    {"exits": {k: {"ce", "ce_over", "agreement", "other_share", "confident_share",
+    "confident_agreement"}}, "final_ce", "tokens", "confident_threshold", "exit_vocab", "profile"};
+    "profile" is {"thresholds" (ascending), "tokens", "exit_vocab", "exits": {str(k): {"share",
+    "agreement", "count", "other_share"}}}, lists following the thresholds: the share of tokens
+    that would leave at the exit (max-softmax probability >= t, and OTHER not the top-1 of a
+    restricted head), the top-1 agreement with the final layer among them (None where there are
+    none) and their number. A restricted head's top-1 is its token (`ExitHead.predict`); OTHER
+    never agrees. `ce` of a restricted head is over its classes (`ce_over`)."""
     ts = _check_thresholds(thresholds)
     t_vec = torch.tensor(ts, dtype=torch.float32)
     dev = next(model.backbone.model.parameters()).device
-    sums = {k: {"ce": 0.0, "agree": 0, "conf": 0, "conf_agree": 0, "n": torch.zeros(len(ts), dtype=torch.long),
-                "ok": torch.zeros(len(ts), dtype=torch.long)} for k in model.exit_layers}
+    sums = {k: {"ce": 0.0, "agree": 0, "other": 0, "conf": 0, "conf_agree": 0,
+                "n": torch.zeros(len(ts), dtype=torch.long), "ok": torch.zeros(len(ts), dtype=torch.long)}
+            for k in model.exit_layers}
     final_ce, tokens = 0.0, 0
     batches = range(0, blocks.shape[0], batch_size)
     for a in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
@@ -75,37 +102,45 @@ def exit_metrics(model, blocks: torch.Tensor, batch_size: int = 8, confident: fl
         final_pred = final.argmax(-1)
         tokens += targets.numel()
         for k, logits in out.exit_logits.items():
+            head = model.head(k)
             lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             s = sums[k]
-            s["ce"] += F.cross_entropy(lg, targets, reduction="sum").item()
-            agree = lg.argmax(-1) == final_pred
-            max_prob = lg.softmax(-1).amax(-1)
+            s["ce"] += F.cross_entropy(lg, head.classes_of(targets), reduction="sum").item()
+            max_prob, top = head.predict(lg)  # top: the token id, -1 where OTHER wins
+            agree = top == final_pred
+            known = top >= 0
             s["agree"] += agree.sum().item()
-            conf = max_prob >= confident
+            s["other"] += (~known).sum().item()
+            conf = (max_prob >= confident) & known
             s["conf"] += conf.sum().item()
             s["conf_agree"] += (agree & conf).sum().item()
-            hit = max_prob.cpu()[None, :] >= t_vec[:, None]  # (thresholds, tokens)
+            hit = (max_prob.cpu()[None, :] >= t_vec[:, None]) & known.cpu()[None, :]  # (thresholds, tokens)
             s["n"] += hit.sum(1)
             s["ok"] += (hit & agree.cpu()[None, :]).sum(1)
     exits, profile = {}, {}
     for k, s in sums.items():
-        exits[k] = {"ce": s["ce"] / tokens, "agreement": s["agree"] / tokens,
-                    "confident_share": s["conf"] / tokens,
+        exits[k] = {"ce": s["ce"] / tokens, "ce_over": ce_classes(model.head(k)), "agreement": s["agree"] / tokens,
+                    "other_share": s["other"] / tokens, "confident_share": s["conf"] / tokens,
                     "confident_agreement": (s["conf_agree"] / s["conf"]) if s["conf"] else float("nan")}
         n, ok = s["n"].tolist(), s["ok"].tolist()
         profile[str(k)] = {"share": [c / tokens for c in n], "agreement": [g / c if c else None for g, c in zip(ok, n)],
-                           "count": n}
+                           "count": n, "other_share": s["other"] / tokens}
+    vocab = getattr(model, "exit_vocab", None)
     return {"exits": exits, "final_ce": final_ce / tokens, "tokens": tokens, "confident_threshold": confident,
-            "profile": {"thresholds": ts, "tokens": tokens, "exits": profile}}
+            "exit_vocab": vocab,
+            "profile": {"thresholds": ts, "tokens": tokens, "exit_vocab": vocab, "exits": profile}}
 
 
 def exit_costs(model, opts=None) -> dict:
     """What each exit costs, measured on the model's device by `eetune.decode.policy.measure_costs`
     (one token on a 64-token context, best of 5; cached on the model) and expressed in
-    layer-equivalents: per exit, `transform_layers` (its transform: norm / MLP / block) and
-    `projection_layers` (its vocabulary projection, timed as the final norm + LM head) divided
-    by the cost of one decoder layer, and `layers`, their sum: the price of asking the exit.
-    `lm_head_layers` is the final norm + LM head in layers, `layer_s` one layer in seconds."""
+    layer-equivalents: per exit, `transform_layers` (its transform: norm / MLP / block),
+    `projection_layers` (its own output projection as the engine runs it: V rows, or K + OTHER
+    for a restricted head) divided by the cost of one decoder layer, `layers`, their sum: the
+    price of asking the exit. `lm_head_layers` is the final norm + LM head in layers, `layer_s`
+    one layer in seconds, `layer_x5_layers` one layer on a block of 5 tokens in single-token
+    layers (what the KV recomputation of skipped layers costs: `recompute_layers`);
+    `exit_vocab` the heads' K (None: the whole vocabulary) and `vocab_size` V."""
     from eetune.decode.api import DecodeOptions
     from eetune.decode.policy import measure_costs
 
@@ -121,8 +156,49 @@ def exit_costs(model, opts=None) -> dict:
         exits[str(k)] = {"transform_layers": tr, "projection_layers": pr,
                          "layers": None if tr is None or pr is None else tr + pr}
     p = next(model.backbone.model.parameters())
+    x5 = c.get("layer_x5")
     return {"layer_s": layer, "lm_head_layers": in_layers(c["final"]), "num_layers": int(c["num_layers"]),
+            "layer_x5_layers": None if x5 is None else in_layers(x5),
+            "exit_vocab": getattr(model, "exit_vocab", None), "vocab_size": int(model.backbone.vocab_size),
             "device": str(p.device), "dtype": str(p.dtype).replace("torch.", ""), "exits": exits}
+
+
+def recompute_layers(costs: dict) -> float:
+    """What one skipped layer costs a token that left early, in layer-equivalents: its keys and
+    values are recomputed later, batched with the next token that climbs past that exit, so it
+    costs what one more token adds to a layer's block: (layer on 5 tokens - layer) / 4, from the
+    measured `layer_x5_layers` (0 when it was not measured), held to [0, 1] (one token more never
+    costs more than a whole layer: beyond that the timing was disturbed)."""
+    x5 = costs.get("layer_x5_layers")
+    if x5 is None or not math.isfinite(x5):
+        return 0.0
+    return min(1.0, max(0.0, (float(x5) - 1.0) / 4.0))
+
+
+def profile_speedups(profile: dict) -> dict | None:
+    """The predicted speedup of early exit with one exit alone, per exit and threshold, from the
+    profile's shares and its measured `costs` (None without them): full depth costs L layers +
+    the LM head; a token that leaves at exit k costs k layers + the exit's head (transform +
+    its own projection) + the recomputation of the L - k layers it skipped (`recompute_layers`),
+    never the final LM head; a token that does not leave costs L layers + the exit's head + the
+    LM head. Returns {str(k): [speedup per threshold]} (None where a cost is unknown)."""
+    costs = profile.get("costs") or {}
+    lm, L = costs.get("lm_head_layers"), costs.get("num_layers")
+    if lm is None or L is None or not math.isfinite(lm):
+        return None
+    delta = recompute_layers(costs)
+    full = L + lm
+    out = {}
+    for k, e in profile["exits"].items():
+        head = ((costs.get("exits") or {}).get(k) or {}).get("layers")
+        if head is None or not math.isfinite(head):
+            out[k] = [None] * len(e["share"])
+            continue
+        kk = int(k)
+        leave = kk + head + max(0, L - kk) * delta
+        stay = L + head + lm
+        out[k] = [full / (s * leave + (1 - s) * stay) for s in e["share"]]
+    return out
 
 
 def format_metrics(metrics: dict) -> str:
@@ -135,6 +211,14 @@ def format_metrics(metrics: dict) -> str:
     lines.append(f"{'final':>8} {metrics['final_ce']:7.3f} {1.0:7.3f}")
     lines.append(f"({metrics['tokens']} held-out tokens; CE = next-token cross-entropy in nats; agree = top-1 "
                  f"agreement with the final layer)")
+    restricted = {k: m for k, m in metrics["exits"].items() if m.get("ce_over", "vocabulary") != "vocabulary"}
+    if restricted:
+        over = sorted({m["ce_over"] for m in restricted.values()})
+        lines.append(f"(restricted exit heads: their CE is over their own classes ({'; '.join(over)}; labels outside "
+                     f"the tokens count as OTHER), not comparable with the final layer's; their top-1 is a token only "
+                     f"where OTHER does not win, which it does at "
+                     + ", ".join(f"layer {k} {m.get('other_share', 0.0):.1%}" for k, m in restricted.items())
+                     + " of the tokens: there the exit never agrees and no token leaves)")
     return "\n".join(lines)
 
 
@@ -168,8 +252,10 @@ def format_profile(profile: dict, per_table: int = 4) -> str:
     def layers(x):
         return f"{x:.2f}" if x is not None else "?"
 
+    K = profile.get("exit_vocab") or costs.get("exit_vocab")
     lines = [f"exit profile on {profile['tokens']:,} held-out tokens: share = tokens whose max-prob is >= t (they "
-             f"would exit),", "agree = top-1 agreement with the final layer among them"]
+             f"would exit)" + (f" and whose top-1 is not OTHER (heads restricted to {K:,} tokens + OTHER)" if K else "")
+             + ",", "agree = top-1 agreement with the final layer among them"]
     keys = list(profile["exits"])
     for g in range(0, len(keys), per_table):
         group = keys[g:g + per_table]
@@ -182,10 +268,26 @@ def format_profile(profile: dict, per_table: int = 4) -> str:
             lines.append(f"{'cost':>6}" + "".join(
                 f"  {layers(costs['exits'].get(k, {}).get('layers')) + ' layers':>15}" for k in group))
     if costs:
-        lines.append("cost = the exit's transform + projection in decoder-layer equivalents, measured on "
-                     f"{costs.get('device', '?')} {costs.get('dtype', '')}:")
+        lines.append("cost = the exit's transform + its own projection" + (f" ({K:,} tokens + OTHER)" if K else "")
+                     + f" in decoder-layer equivalents, measured on {costs.get('device', '?')} "
+                     f"{costs.get('dtype', '')}:")
         lines.append(f"one layer = {costs['layer_s'] * 1e3:.3g} ms per token; the final norm + LM head = "
                      f"{layers(costs.get('lm_head_layers'))} layers")
+    speed = profile.get("speedup") or profile_speedups(profile)
+    if speed:
+        def times(x):
+            return f"{x:.2f}x" if x is not None else "-"
+
+        lines.append("predicted speedup of early exit with one exit alone (a token leaving at exit k pays layers "
+                     "1..k, its head" + (f" and {recompute_layers(costs):.3f} layers per skipped layer of KV "
+                                         f"recomputation" if recompute_layers(costs) else "")
+                     + ", never the LM head; the others pay the whole model and the head):")
+        for g in range(0, len(keys), per_table):
+            group = keys[g:g + per_table]
+            lines.append(f"{'t':>6}" + "".join(f"  {'layer ' + k:>15}" for k in group))
+            for i, t in enumerate(ts):
+                lines.append(f"{t:>6g}" + "".join(f"  {times((speed.get(k) or [None] * len(ts))[i]):>15}"
+                                                  for k in group))
     return "\n".join(lines)
 
 
@@ -246,7 +348,8 @@ def profile_figure(profile: dict, title: str | None = None):
         labels += [(f"{t:g}", (s, a), line.get_color()) for s, a, t in pts if t in label_at]
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("share of tokens exiting (max-prob >= t)")
+    ax.set_xlabel("share of tokens exiting (max-prob >= t" + (", top-1 not OTHER)" if profile.get("exit_vocab")
+                                                             else ")"))
     ax.set_ylabel("top-1 agreement with the final layer among them")
     ax.set_title(title or f"exit profile ({profile['tokens']:,} tokens)", fontsize=9)
     ax.grid(alpha=0.3)

@@ -18,7 +18,11 @@ Requests (lm-eval's conventions, as its `HFLM` follows them, so the figures are 
 
 - `loglikelihood` / `loglikelihood_rolling`: teacher-forced log-probabilities of the
   continuation tokens from the final layer (`logits_from=final`, the default) or from one exit
-  (`logits_from=K`). Context and continuation are tokenised together and split where the
+  (`logits_from=K`). An exit restricted to K tokens + OTHER (`convert --exit-vocab K`) scores
+  with a distribution over the whole vocabulary (`exit_log_probs`): its own probability for
+  its K tokens, and OTHER's mass spread over the rest as the final layer ranks them (a token
+  outside K goes deeper, where the final layer decides), so such an exit runs the whole trunk.
+  Context and continuation are tokenised together and split where the
   context's own tokens end (trailing context spaces move to the continuation); an empty
   context is replaced by the BOS token (EOS without one); over-long inputs are cut from the
   left; rolling windows as `lm_eval.utils.get_rolling_token_windows`. `is_greedy`: every
@@ -113,6 +117,28 @@ def _as_float(name, v) -> float:
     if math.isnan(f) or f < 0:
         raise _bad(f"{name}={v!r} must be a number >= 0")
     return f
+
+
+def exit_log_probs(head, exit_logits: torch.Tensor, final_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities over the whole vocabulary (..., V), fp32, of an exit's logits (..., C).
+    An unrestricted head: its log-softmax. A restricted head (K tokens + OTHER, `convert
+    --exit-vocab K`) as early exit uses it: a token of its K gets the head's own probability;
+    OTHER's mass goes deeper, where the final layer decides among the rest, so a token t outside
+    the K gets p_exit(OTHER) * p_final(t) / sum_{u not in K} p_final(u) (`final_logits`
+    (..., V): the final layer's logits at the same positions). This sums to 1 over V. With K = V
+    (no OTHER) the head is a permutation of a full one and `final_logits` is not needed."""
+    lp = F.log_softmax(exit_logits.float(), -1)
+    if not getattr(head, "restricted", False):
+        return lp
+    ids = head.vocab_ids.to(lp.device)
+    K, V = ids.numel(), head.adapter.vocab_size
+    if not head.has_other:
+        return lp.new_empty(*lp.shape[:-1], V).index_copy_(-1, ids, lp)
+    if final_logits is None:
+        raise EETuneError(f"exit {head.layer} is restricted to {K} tokens + OTHER: scoring through it needs the final "
+                          f"layer's logits (OTHER's mass goes to the tokens outside, as the final layer ranks them)")
+    rest = F.log_softmax(final_logits.float().index_fill(-1, ids, float("-inf")), -1)  # over the tokens outside K
+    return (rest + lp[..., K:K + 1]).index_copy_(-1, ids, lp[..., :K])
 
 
 class EETuneLM(TemplateLM):
@@ -279,6 +305,7 @@ class EETuneLM(TemplateLM):
         n = s["new_tokens"]
         info = {"exits": self.exits, "base_model": cfg.base_model, "exit_layers": list(cfg.exit_layers),
                 "num_layers": cfg.num_layers, "arch": cfg.arch, "backbone_fingerprint": cfg.backbone_fingerprint,
+                "exit_vocab": getattr(self.model, "exit_vocab", None),
                 "logits_from": "final" if self.logits_from is None else self.logits_from,
                 "dtype": str(self.dtype).replace("torch.", ""), **self.decode_settings,
                 "generate_requests": s["requests"], "new_tokens": n,
@@ -307,8 +334,10 @@ class EETuneLM(TemplateLM):
     # --- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) logits of the final layer or of exit `logits_from`; the trunk runs no
-        deeper than it must and no other exit head runs."""
+        """(B, T, V) log-probabilities (fp32) of the final layer or of exit `logits_from`
+        (`exit_log_probs`); the trunk runs no deeper than it must (a restricted head with OTHER
+        needs the final layer: it decides among the tokens outside the head's) and no other exit
+        head runs."""
         from eetune.model.early_exit import positions_from_mask
 
         bb = self.model.backbone
@@ -316,9 +345,15 @@ class EETuneLM(TemplateLM):
         h = bb.embed(ids, positions)
         ctx = bb.context(h, positions)
         if self.logits_from is None:
-            return bb.logits(bb.final_norm(bb.run_layers(h, 0, bb.num_layers, ctx)))
+            return F.log_softmax(bb.logits(bb.final_norm(bb.run_layers(h, 0, bb.num_layers, ctx))).float(), -1)
         k = self.logits_from
-        return self.model.head(k)(bb.run_layers(h, 0, k, ctx), ctx)
+        head = self.model.head(k)
+        h = bb.run_layers(h, 0, k, ctx)
+        exit_logits = head(h, ctx)
+        final = None
+        if head.has_other:
+            final = bb.logits(bb.final_norm(bb.run_layers(h, k, bb.num_layers, ctx)))
+        return exit_log_probs(head, exit_logits, final)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """`requests`: ((context, continuation) or None, context ids, continuation ids)."""
@@ -348,7 +383,7 @@ class EETuneLM(TemplateLM):
             logits = self._logits(ids, mask)
             for (req_str, ctx_ids, cont_ids), row, lg in zip(chunk, rows, logits):
                 n = len(cont_ids)
-                lp = F.log_softmax(lg[len(row) - n:len(row)].float(), dim=-1).unsqueeze(0)  # (1, n, V)
+                lp = lg[len(row) - n:len(row)].unsqueeze(0)  # (1, n, V) log-probabilities
                 greedy = lp.argmax(-1)
                 for rs, cont, lpc in re_ord.get_cache(req_str=req_str, cxt_toks=ctx_ids, cont_toks=cont_ids,
                                                       logits=lp):

@@ -3,6 +3,7 @@
     eetune plan smollm2-135m --exits 10,20 --arch mlp --output-embedding shared
     eetune plan llama-2-70b/ --exits 20 --dtype bf16 --distill 0 --ranks 4 --mem-per-rank 80
     eetune plan smollm2-135m --exits 10,20 --mode decode --batch-size 1 --prompt-len 512 --json
+    eetune plan gemma3-270m --exits 12,15 --exit-vocab 8k      # heads of 8,192 tokens + OTHER
 
     from eetune.measure.plan import plan, format_plan
     print(format_plan(plan("model_dir", "20", dtype="bf16", distill=0.0, ranks=4, mem_per_rank_gib=80)))
@@ -10,7 +11,8 @@
 Everything comes from the model's `config.json` alone; no weight is read. The model is built on
 PyTorch's meta device (shapes without storage), so parameter counts are exact for every family the
 backbone adapters support, and the exit heads are counted by building `eetune.model.heads.ExitHead` on
-it, exactly as `convert` builds them.
+it, exactly as `convert` builds them (with `exit_vocab` K, restricted to K tokens + OTHER: K rows
+of an own output embedding, OTHER's row and bias; their logits and loss buffers are K + 1 wide).
 
 What a tune step holds per rank (`plan_memory` spells out each term):
 - the frozen trunk: decoder layers 1..k, k the deepest exit (all of them when distillation or
@@ -191,6 +193,14 @@ class ModelShape:
     # tensor of a parameter group at once (tune's groups: matrices, decayed; vectors)
     head_step_temp: int = 0
     logit_softcap: float | None = None  # final-logit soft-capping (Gemma 2): the chunked loss's gradient needs more
+    exit_vocab: int | None = None  # K of restricted-vocabulary heads (None: the whole vocabulary)
+
+    @property
+    def exit_classes(self) -> int:
+        """Width of an exit head's logits: V, or K (+ 1 for OTHER when K < V)."""
+        if self.exit_vocab is None:
+            return self.vocab_size
+        return self.exit_vocab + int(self.exit_vocab < self.vocab_size)
 
     @property
     def backbone_params(self) -> int:
@@ -202,9 +212,12 @@ class ModelShape:
 
 
 def model_shape(config: dict, exit_layers, arch: str = "norm", output_embedding: str = "copy",
-                name: str = "") -> ModelShape:
+                name: str = "", exit_vocab: int | None = None) -> ModelShape:
     """Count the parameters of the model `config` describes and of its exit heads, by building both
-    on the meta device (no memory, no weights) with transformers and `eetune.model.heads.ExitHead`."""
+    on the meta device (no memory, no weights) with transformers and `eetune.model.heads.ExitHead`
+    (`exit_vocab` K: heads restricted to K tokens + OTHER, as `convert --exit-vocab K` builds
+    them: K rows of an own output embedding plus OTHER's row and bias; which K ids does not
+    change the counts)."""
     import torch
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -237,7 +250,11 @@ def model_shape(config: dict, exit_layers, arch: str = "norm", output_embedding:
         raise EETuneError("an `embedding` exit with a shared output embedding has no trainable parameters (it is "
                           "the frozen LM head on the raw hidden state): use --output-embedding copy, or --arch "
                           "norm, mlp or layer")
-    heads = {k: ExitHead(bb, k, arch, "copy", output_embedding) for k in exit_config.exit_layers}
+    if exit_vocab is not None and not (isinstance(exit_vocab, int) and 1 <= exit_vocab <= bb.vocab_size):
+        raise EETuneError(f"--exit-vocab {exit_vocab!r}: give a token count from 1 to the model's vocabulary of "
+                          f"{bb.vocab_size}, or `all`")
+    vocab_ids = None if exit_vocab is None else torch.arange(exit_vocab)
+    heads = {k: ExitHead(bb, k, arch, "copy", output_embedding, vocab_ids=vocab_ids) for k in exit_config.exit_layers}
     step_temp = 0
     for group in (True, False):  # tune's AdamW groups, in its order: matrices (decayed), then vectors
         sizes = [p.numel() for k in exit_config.exit_layers for p in heads[k].parameters()
@@ -258,7 +275,7 @@ def model_shape(config: dict, exit_layers, arch: str = "norm", output_embedding:
         exit_layers=exit_config.exit_layers, arch=arch, output_embedding=output_embedding,
         head_params={k: sum(p.numel() for p in h.parameters()) for k, h in heads.items()},
         head_largest=max((p.numel() for h in heads.values() for p in h.parameters()), default=0),
-        head_step_temp=step_temp, logit_softcap=bb.logit_softcap)
+        head_step_temp=step_temp, logit_softcap=bb.logit_softcap, exit_vocab=exit_vocab)
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -289,6 +306,7 @@ class MemoryPlan:
     load_peak_bytes: int  # loading: the layers load_backbone reads (partial loading for tune --distill 0)
     parameters: dict[str, int | dict]
     mem_per_rank_bytes: int | None = None
+    exit_vocab: int | None = None  # K of restricted-vocabulary heads (None: the whole vocabulary)
     fits: bool | None = None
     min_ranks: int | None = None  # smallest number of ranks that fits mem_per_rank
     load_fits: bool | None = None
@@ -332,8 +350,18 @@ def _tune_activations(s: ModelShape, dtype: str, alpha: float, b: int, T: int, r
     the final layer's; the loss's shifted fp32 copy (none for fp32 at batch 1) and its
     log-softmax, saved for backward (with distillation also the exit's second log-softmax and
     exp(target) of the KL), while its own work peaks at seven buffers; backward adds two buffers
-    (one with distillation), then the weight gradient."""
+    (one with distillation), then the weight gradient.
+
+    Restricted-vocabulary heads (`s.exit_vocab` K: logits over C = K + OTHER classes): every
+    exit-side buffer and output weight above is C wide instead of V; with distillation the
+    final layer's log-probs and probs stay V wide (two buffers), and the target folded onto the
+    C classes is one more C-wide buffer; a head with OTHER concatenates its (C, hidden)
+    projection once per loss. With K = V everything reduces to the unrestricted counts (but the
+    folded target)."""
     V, H, I = s.vocab_size, s.hidden_size, s.intermediate_size
+    Ve = s.exit_classes  # an exit's logits: V, or K (+ OTHER) for restricted heads; the final layer's stay V wide
+    restricted = s.exit_vocab is not None
+    other = restricted and s.exit_vocab < V
     hq, hkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     cb = DTYPE_BYTES[dtype]
     n = len(s.exit_layers)
@@ -352,33 +380,40 @@ def _tune_activations(s: ModelShape, dtype: str, alpha: float, b: int, T: int, r
     opt_tmp = math.ceil(s.head_step_temp / ranks) * 4
     save = s.head_total * 4 * (2 if ranks > 1 else 1)  # the bytes written (and the gathered copy under FSDP)
     phases = {"trunk": hidden + final_h + max(layer_work, 3 * bt * H * 4)}
+    # a restricted head with OTHER builds its (C, hidden) projection (K rows + OTHER's) once per loss
+    cat_w = Ve * H * (4 if own else cb) if other else 0
     if chunk == 0:
-        u, ul = bt * V * 4, bt * V * cb
+        u, ul = bt * Ve * 4, bt * Ve * cb  # the exit's buffers
+        uf, ulf = bt * V * 4, bt * V * cb  # the final layer's
         copy = 0 if (dtype == "fp32" and b == 1) else 1
         keep = 1 if alpha == 0 else 3  # fp32 buffers each exit's loss keeps for backward
         work = (1 if alpha == 0 else 6) + copy  # the loss's own working buffers at its peak
+        folded = 2 if (alpha > 0 and restricted) else 0  # of them, V wide: the final layer's, before folding
         bwd = 2 if alpha == 0 else 1
-        final = ul if alpha > 0 else 0  # the final layer's logits (distillation)
+        final = ulf if alpha > 0 else 0  # the final layer's logits (distillation)
         if dtype == "bf16":  # autocast keeps a bf16 copy of every (gathered) head matrix for backward
             per_head += s.head_total * 2
         base = hidden + final_h + per_head
-        phases["loss"] = base + final + ul + ((n - 1) * keep + work) * u
+        phases["loss"] = base + final + ul + ((n - 1) * keep + work - folded) * u + folded * uf + cat_w
         phases["backward"] = base + max((n * keep + bwd) * u, (keep + bwd) * u + grads * (n - 1) // n, u + grads)
         phases["validation"] = hidden + final_h + ul + (1 + copy) * u
     else:
         c = min(chunk, N)
-        u = c * V * 4
-        weight = V * H * 4  # one exit's output weight in fp32 (gathered under FSDP)
+        u, uf = c * Ve * 4, c * V * 4  # one fp32 chunk buffer of an exit's classes / of the vocabulary
+        weight = Ve * H * 4  # one exit's output weight in fp32 (gathered under FSDP)
         rows = N * H * 4  # one exit's flattened input, or its saved gradient
         work = 8 if alpha > 0 else (5 if s.logit_softcap else 3)
         cast = weight // 2 if (own and cb == 2) else 0  # an own head's weight cast to bf16, once per exit
-        chunk_peak = work * u  # the weight gradient accumulates in place (addmm_): no (vocab, hidden) temporary
-        w32 = weight if (not own and cb == 2) else 0  # the frozen bf16 LM head cast to fp32, per exit
+        if alpha > 0 and restricted:  # the final layer's log-probs and probs stay V wide; + the folded target
+            chunk_peak = 2 * uf + (work - 2 + 1) * u
+        else:
+            chunk_peak = work * u  # the weight gradient accumulates in place (addmm_): no (vocab, hidden) temporary
+        w32 = weight if (not own and cb == 2) else 0  # the frozen bf16 LM head (its rows) cast to fp32, per exit
         if dtype == "bf16":  # autocast's bf16 copies of the head matrices other than the output embedding
-            per_head += (s.head_total - (n * V * H if own else 0)) * 2
+            per_head += (s.head_total - (n * Ve * H if own else 0)) * 2
         base = hidden + final_h + per_head
         phases["loss"] = (base + (N * H * cb if alpha > 0 else 0) + (n + 1) * rows + (n * weight if own else 0)
-                          + w32 + cast + chunk_peak)
+                          + w32 + cast + chunk_peak + cat_w)
         phases["backward"] = base + n * rows + 2 * bt * H * 4 + grads + (weight if own else 0)
         phases["validation"] = hidden + final_h + bt * H * 4 + rows + 2 * u + (weight // 2 if own and cb == 2 else 0)
     phases["optimizer step"] = hidden + final_h + grads + opt_tmp
@@ -499,7 +534,15 @@ def plan_memory(s: ModelShape, mode: str = "tune", dtype: str = "fp32", distill:
                     "layers_all": sum(s.layer_params), "embeddings": s.embedding_params,
                     "final_norm": s.final_norm_params, "lm_head": s.lm_head_params, "heads": P,
                     "head_per_exit": dict(s.head_params)},
-        mem_per_rank_bytes=mem_per_rank_bytes, notes=notes)
+        mem_per_rank_bytes=mem_per_rank_bytes, exit_vocab=s.exit_vocab, notes=notes)
+    if s.exit_vocab is not None:
+        C = s.exit_classes
+        plan.parameters["exit_classes"] = C
+        notes.append(f"exit heads restricted to {s.exit_vocab:,} tokens" + (" + OTHER" if C > s.exit_vocab else "")
+                     + f": each projects onto {C:,} rows instead of {s.vocab_size:,} (its parameters"
+                     + (", output weight" if s.output_embedding == "copy" else "")
+                     + f" and logits ~{C / s.vocab_size:.1%} of a full head's; the projection costs about as much "
+                       f"less to run)")
     if mem_per_rank_bytes is not None:
         plan.fits = plan.peak_bytes <= mem_per_rank_bytes
         plan.load_fits = load_peak <= mem_per_rank_bytes
@@ -569,11 +612,12 @@ def _check_settings(mode, dtype, distill, batch_size, seq_len, ranks, mem, promp
 def plan(model: str, exits, mode: str = "tune", arch: str = "norm", output_embedding: str = "copy",
          dtype: str = "fp32", distill: float | None = None, batch_size: int | None = None, seq_len: int = 512,
          ranks: int = 1, mem_per_rank_gib: float | None = None, prompt_len: int = 128,
-         max_new_tokens: int = 128, loss_chunk: int | None = None) -> MemoryPlan:
+         max_new_tokens: int = 128, loss_chunk: int | None = None, exit_vocab: int | str | None = None) -> MemoryPlan:
     """`eetune plan`: read `model`'s config, place the exits (`"10,20"`, fractions, or a list of
     layers), count, and plan. `distill=None` is tune's default as `TuneConfig` resolves it;
     `batch_size=None` is 8 blocks per rank for tune (tune's default), 1 prompt for decoding;
-    `loss_chunk=None` is tune's (256 tokens; 0: whole logits)."""
+    `loss_chunk=None` is tune's (256 tokens; 0: whole logits); `exit_vocab`: heads restricted to
+    K tokens + OTHER (`convert --exit-vocab K`; an int, `4k`, or None / `all`: the whole vocabulary)."""
     from eetune.model.config import parse_exit_layers
     from eetune.train.tune import TuneConfig, resolve_defaults
 
@@ -590,7 +634,10 @@ def plan(model: str, exits, mode: str = "tune", arch: str = "norm", output_embed
     config, name = read_config(model)
     num_layers = config.get("num_hidden_layers", config.get("n_layer"))
     layers = parse_exit_layers(exits, num_layers) if isinstance(exits, str) else tuple(exits)
-    shape = model_shape(config, layers, arch, output_embedding, name=name)
+    if exit_vocab is not None:
+        from eetune.model.heads import parse_exit_vocab
+        exit_vocab = parse_exit_vocab(exit_vocab, config["vocab_size"])
+    shape = model_shape(config, layers, arch, output_embedding, name=name, exit_vocab=exit_vocab)
     return plan_memory(shape, mode=mode, dtype=dtype, distill=distill, batch_size=batch_size, seq_len=seq_len,
                        ranks=ranks, mem_per_rank_bytes=mem, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                        loss_chunk=loss_chunk)
@@ -609,7 +656,8 @@ def format_plan(p: MemoryPlan) -> str:
     cb = p.dtype
     lines = [f"eetune plan: {p.model} ({p.model_type}, {p.num_layers} layers), {p.mode}: {p.arch} exit"
              f"{'s' if len(p.exit_layers) > 1 else ''} after layer{'s' if len(p.exit_layers) > 1 else ''} {exits}, "
-             f"output embedding {p.output_embedding}"]
+             f"output embedding {p.output_embedding}"
+             + (f", exit vocabulary {p.exit_vocab:,} tokens" if p.exit_vocab is not None else "")]
     if p.mode == "tune":
         lines.append(f"  {cb} backbone, fp32 heads, batch {p.batch_size} x {p.seq_len} tokens per rank, distill "
                      f"{p.distill:g}, " + (f"loss chunk {p.loss_chunk}" if p.loss_chunk else "whole-logit losses")

@@ -31,6 +31,10 @@ class ExitConfig:
     arch: str = "norm"  # embedding | norm | mlp | layer (the paper's names)
     init: str = "copy"  # copy (from the backbone, the paper's default) | random
     output_embedding: str = "copy"  # copy: own trainable LM head per exit | shared: the frozen one
+    exit_vocab: int | None = None  # restricted-vocabulary heads: K token ids + OTHER (None: the whole vocabulary);
+    #                                the ids are in exit_heads.safetensors (each head's `vocab_ids`)
+    exit_vocab_source: dict | None = None  # how the K ids were ranked: {"ranked_by": "data" | "generated" |
+    #                                        "mixture", "data": the data description, "tokens": tokens counted}
     base_model: str = ""  # what load_backbone was given: alias, hub id or absolute path
     revision: str | None = None  # hub revision of the base model, if any
     model_type: str = ""  # HF model_type of the backbone (llama, gpt2, ...)
@@ -69,6 +73,12 @@ class ExitConfig:
         if self.calibration is not None and not isinstance(self.calibration, dict):
             raise EETuneError(f"calibration is a {type(self.calibration).__name__}, not an object: run `eetune "
                               f"calibrate` again or remove it from exit_config.json")
+        ev = self.exit_vocab
+        if ev is not None and (isinstance(ev, bool) or not isinstance(ev, int) or ev < 1):
+            raise EETuneError(f"exit_vocab {ev!r} is not a token count: re-create the exits with --exit-vocab K")
+        if self.exit_vocab_source is not None and not isinstance(self.exit_vocab_source, dict):
+            raise EETuneError(f"exit_vocab_source is a {type(self.exit_vocab_source).__name__}, not an object: "
+                              f"re-create the exits with --exit-vocab K")
         if self.init not in INITS:
             raise EETuneError(f"unknown init {self.init!r}: use one of {', '.join(INITS)}")
         if self.output_embedding not in OUTPUT_EMBEDDINGS:

@@ -32,12 +32,13 @@ from torch import nn
 from eetune.model.backbone import Adapter, ReleasedLayer, fingerprint, load_backbone  # noqa: F401 (ReleasedLayer re-exported)
 from eetune.model.config import CONFIG_NAME, WEIGHTS_NAME, ExitConfig
 from eetune.errors import EETuneError
-from eetune.model.heads import ExitHead
+from eetune.model.heads import ExitHead, check_vocab_ids
 
 
 @dataclass
 class ExitOutput:
-    exit_logits: dict[int, torch.Tensor]  # exit layer (1-based) -> (B, T, V)
+    exit_logits: dict[int, torch.Tensor]  # exit layer (1-based) -> (B, T, C): C = V, or K (+ OTHER) for a
+    #                                        restricted head (ExitHead.predict / to_vocab read them)
     final_logits: torch.Tensor | None = None  # full-depth logits when asked for
     exit_hidden: dict[int, torch.Tensor] | None = None  # trunk hidden states at each exit
 
@@ -81,8 +82,10 @@ class EarlyExitModel(nn.Module):
     # --- construction ------------------------------------------------------------------------
     @classmethod
     def convert(cls, backbone: Adapter, exit_layers, arch: str = "norm", init: str = "copy",
-                output_embedding: str = "copy") -> "EarlyExitModel":
-        """Attach fresh exit heads (architecture augmentation, stage 1 of EE-Tuning)."""
+                output_embedding: str = "copy", exit_vocab_ids: torch.Tensor | None = None,
+                exit_vocab_source: dict | None = None) -> "EarlyExitModel":
+        """Attach fresh exit heads (architecture augmentation, stage 1 of EE-Tuning).
+        `exit_vocab_ids`: restrict every head to these K token ids plus OTHER (`restrict_vocab`)."""
         if arch == "embedding" and output_embedding == "shared":
             raise EETuneError("an `embedding` exit with a shared output embedding has no trainable parameters (it is "
                               "the frozen LM head on the raw hidden state): use --output-embedding copy, or --arch "
@@ -94,7 +97,27 @@ class EarlyExitModel(nn.Module):
             revision=getattr(backbone, "revision", None), model_type=backbone.config.model_type,
             backbone_fingerprint=fingerprint(backbone.model, layers=deepest), fingerprint_layers=deepest)
         heads = nn.ModuleList(ExitHead(backbone, k, arch, init, output_embedding) for k in config.exit_layers)
-        return cls(backbone, config, heads)
+        model = cls(backbone, config, heads)
+        if exit_vocab_ids is not None:
+            model.restrict_vocab(exit_vocab_ids, exit_vocab_source)
+        return model
+
+    def restrict_vocab(self, ids: torch.Tensor, source: dict | None = None) -> None:
+        """Restrict every exit head to the token ids `ids` (K of them, most useful first) plus
+        OTHER (`ExitHead.restrict_vocab`: the K rows of each head's projection, a fresh OTHER row;
+        the transforms are kept) and record K and `source` (how the ids were ranked) in the config.
+        The heads' stored calibration and gates no longer describe them and are dropped."""
+        for head in self.heads:
+            head.restrict_vocab(ids)
+        self.config = self.config.replace(exit_vocab=int(torch.as_tensor(ids).numel()), exit_vocab_source=source,
+                                          calibration=None, gates=None)
+        self.gates = nn.ModuleDict()
+        self.free_decode_state()
+
+    @property
+    def exit_vocab(self) -> int | None:
+        """K of restricted-vocabulary heads, or None (every head projects onto the whole vocabulary)."""
+        return self.config.exit_vocab
 
     @property
     def exit_layers(self) -> tuple[int, ...]:
@@ -237,10 +260,22 @@ class EarlyExitModel(nn.Module):
         if config.backbone_fingerprint and fp != config.backbone_fingerprint:
             raise EETuneError(f"backbone weights do not match the exits in {directory} (fingerprint {fp} != "
                               f"{config.backbone_fingerprint}): load them on their base model {config.base_model!r}")
-        heads = nn.ModuleList(ExitHead(backbone, k, config.arch, "copy", config.output_embedding, structure_only=True)
-                              for k in config.exit_layers)
         state = read_heads(weights)
         extra = {k: state.pop(k) for k in list(state) if k.startswith(GATE_PREFIX) or k == VOCAB_KEY}
+        heads = nn.ModuleList()
+        for i, k in enumerate(config.exit_layers):
+            ids = state.get(f"{i}.vocab_ids")
+            if (ids is None) != (config.exit_vocab is None) or ids is not None and ids.numel() != config.exit_vocab:
+                raise EETuneError(f"{weights} does not match its config (exit_vocab {config.exit_vocab}, exit {k} has "
+                                  f"{'no' if ids is None else ids.numel()} vocabulary ids): re-create the exits "
+                                  f"directory")
+            if ids is not None:
+                try:
+                    check_vocab_ids(ids, backbone.vocab_size)
+                except EETuneError as e:
+                    raise EETuneError(f"{directory}: {e}") from None
+            heads.append(ExitHead(backbone, k, config.arch, "copy", config.output_embedding, structure_only=True,
+                                  vocab_ids=ids))
         expected = heads.state_dict()
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]

@@ -1,7 +1,9 @@
 """Fitting gates: learned exit decisions (CALM's "early-exit classifier", for decoder LMs).
 
 A gate is a linear probe on an exit's *input* hidden state (the trunk's hidden state after
-layer k) that predicts whether the exit's top-1 token equals the final layer's top-1 token.
+layer k) that predicts whether the exit's top-1 token equals the final layer's top-1 token. For a
+restricted-vocabulary head (K token ids + OTHER) the top-1 is mapped back to a token id
+(`ExitHead.predict`): where OTHER wins the exit knows no token, and the position is a negative.
 Decoding with `--confidence gate` evaluates the gate first and runs the exit's head (its MLP and
 its vocabulary projection) only when the gate fires, so a token that does not leave pays one
 dot product at that exit instead of a 49,152-row matrix product.
@@ -55,8 +57,9 @@ def _progress(total: int, desc: str, unit: str, progress: bool, lines: bool):
 
 def _exit_batches(model, blocks: torch.Tensor, batch_size: int, desc: str, progress: bool, lines: bool = False):
     """Teacher-forced full-depth passes over `blocks`, one batch at a time. Yields, per batch,
-    {exit layer: (input hidden state (n, H), exit logits (n, V))} and the final layer's top-1
-    (n,), for every position but the last of each block (n = batch * (T - 1))."""
+    {exit layer: (input hidden state (n, H), exit logits (n, C))} and the final layer's top-1
+    (n,), for every position but the last of each block (n = batch * (T - 1)). C is the head's
+    class count (V, or K + OTHER for a restricted head: `model.head(k).predict` reads them)."""
     dev = next(model.backbone.model.parameters()).device
     starts = range(0, blocks.shape[0], batch_size)
     bar = _progress(len(starts), desc, "batch", progress, lines)
@@ -128,7 +131,8 @@ def train_gates(model, blocks: torch.Tensor, val_blocks: torch.Tensor, batch_siz
         for per_exit, final_top1 in _exit_batches(model, blocks, batch_size, "gate features", progress, lines):
             for k, (h, lg) in per_exit.items():
                 feats[k].append(ExitGate.features(h).cpu())
-                labels[k].append((lg.argmax(-1) == final_top1).cpu())
+                # the head's top-1 token (a restricted head's mapped id; -1 where OTHER wins: a negative)
+                labels[k].append((model.head(k).predict(lg)[1] == final_top1).cpu())
         collect_s = time.time() - t0
         dev = next(model.backbone.model.parameters()).device
         gates, fits = {}, {}
@@ -163,7 +167,8 @@ def gate_report(model, blocks: torch.Tensor, thresholds=THRESHOLDS, batch_size: 
     layer, against the max-softmax confidence of the exit itself, on held-out `blocks` (the
     last position of each block is left out). Per exit and threshold t: `coverage`, the share
     of tokens whose gate probability (max-prob) is >= t, and `precision`, the top-1 agreement
-    with the final layer among them (None where no token is covered). Lists follow
+    with the final layer among them (None where no token is covered). A restricted head's token
+    never leaves where OTHER wins (its top-1 is no token), whatever the confidence. Lists follow
     `thresholds`; `agreement` is the exit's overall agreement rate, `tokens` the token count.
     The heads run in eval mode, the model's previous mode put back after."""
     from eetune.model.early_exit import eval_mode
@@ -183,13 +188,15 @@ def _gate_report(model, blocks: torch.Tensor, thresholds, batch_size: int, progr
         for k, (h, lg) in per_exit.items():
             c = counts[k]
             lg = lg.float()
-            ok = (lg.argmax(-1) == final_top1).cpu()
-            max_prob = torch.exp(lg.amax(-1) - torch.logsumexp(lg, -1)).cpu()
+            top1 = model.head(k).tokens_of(lg.argmax(-1))  # a restricted head's token id; OTHER -> -1
+            ok = (top1 == final_top1).cpu()
+            can = (top1 >= 0).cpu()  # OTHER did not win: the token may leave here
+            max_prob = torch.exp(lg.amax(-1) - torch.logsumexp(lg, -1)).cpu()  # over every class, OTHER too
             gate = model.gate(k)
             gate_prob = gate(h).cpu() if gate is not None else torch.zeros_like(max_prob)
             c["agree"] += int(ok.sum())
             for name, p in (("gate", gate_prob), ("prob", max_prob)):
-                hit = p[None, :] >= t[:, None]  # (thresholds, n)
+                hit = (p[None, :] >= t[:, None]) & can[None, :]  # (thresholds, n)
                 c[f"{name}_n"] += hit.sum(1)
                 c[f"{name}_ok"] += (hit & ok[None, :]).sum(1)
     exits = {}

@@ -37,6 +37,14 @@ agreement with the final layer on the held-out blocks, both logged. `--select ag
 default) or `ce` writes the heads of the best validation rather than the last step's (kept in
 memory and in checkpoints, so a resumed run selects alike); the summary records both.
 
+Restricted-vocabulary heads (eetune.model.heads: K token ids + OTHER) tune like full ones: the
+targets are mapped to the heads' classes (outside K: OTHER), distillation folds the final
+layer's distribution onto them (eetune.train.losses), and validation's agreement maps the exit's
+top-1 back to a token id (OTHER never agrees). `--exit-vocab K` restricts heads that are not
+restricted yet, before the first step, to the K ids most frequent in the training blocks
+(`restrict_exit_vocab`; deterministic, so a resumed run restricts alike); heads restricted to
+another K are refused (convert again).
+
 Gates (eetune.train.gates): `--gates` fits a gate per exit to the heads just tuned, `--gates-only`
 (`tune_gates`) to the heads of the input directory without training them; both on
 `--gate-tokens` tokens of the training blocks, reported on the held-out blocks. Every written
@@ -59,7 +67,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -134,6 +141,11 @@ class TuneConfig:
     gen_batch_size: int = 16  # generated data: prompts decoded together
     gate_tokens: int = 16384  # training tokens for the gates, whole blocks of --seq-len (16384: about a minute
     #                           on a 2-core CPU for SmolLM2-135M: full forward + 3 vocabulary projections)
+    exit_vocab: str | None = None  # K: restrict full-vocabulary heads, before the first step, to the K token ids
+    #                                most frequent in the training blocks plus one OTHER class for the rest (the
+    #                                K rows of each head's projection, a fresh OTHER row; e.g. 4096 or 4k, `all`:
+    #                                no restriction); heads restricted already must have this K (convert again for
+    #                                another)
 
     # Values a string setting may take (also the flags' choices).
     CHOICES = {"decay": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16"),
@@ -142,7 +154,7 @@ class TuneConfig:
     # Settings that only head training uses (refused with gates_only).
     HEAD_ONLY = ("steps", "tokens", "grad_accum", "lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "betas",
                  "clip", "select", "loss_weights", "loss_weights_start", "loss_weights_warmup", "loss_chunk", "dynamic_weights",
-                 "distill",
+                 "distill", "exit_vocab",
                  "eval_every", "save_every", "resume", "train_dir", "cache_hidden", "cache_dtype", "fsdp")
 
     # Settings that must match for --resume to continue the same trajectory.
@@ -190,23 +202,20 @@ def block_indices(step: int, micro: int, rank: int, world: int, cfg: TuneConfig,
 
 
 def exit_loss(logits: torch.Tensor, ids: torch.Tensor, dynamic: bool, final_logits: torch.Tensor | None,
-              alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to back-propagate, plain mean next-token CE) of one exit on one micro-batch."""
+              alpha: float, fold_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to back-propagate, plain mean next-token CE) of one exit on one micro-batch: its
+    logits (B, T, C), the blocks `ids` (B, T) as its classes (a restricted head's: `classes_of`),
+    the final layer's logits (B, T, V) for distillation, folded onto the classes of a head
+    restricted to `fold_ids` (eetune.train.losses.fold_log_probs). `dynamic`: the paper's
+    token-wise weighting by the exit's own detached confidence."""
+    from eetune.train.losses import fold_log_probs, logits_loss
+
     lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     targets = ids[:, 1:].reshape(-1)
-    ce = F.cross_entropy(lg, targets, reduction="none")
-    plain = ce.mean()
-    if dynamic:  # the paper's token-wise weighting: the exit's own detached confidence
-        with torch.no_grad():
-            conf = torch.exp(lg.amax(-1) - torch.logsumexp(lg, -1))
-        loss = (conf * ce).mean()
-    else:
-        loss = plain
+    ref = None
     if alpha > 0:
-        ref = F.log_softmax(final_logits[:, :-1].float().reshape(-1, lg.shape[-1]), -1)
-        kl = F.kl_div(F.log_softmax(lg, -1), ref, log_target=True, reduction="sum") / lg.shape[0]
-        loss = (1 - alpha) * loss + alpha * kl
-    return loss, plain.detach()
+        ref = fold_log_probs(final_logits[:, :-1].float().reshape(-1, final_logits.shape[-1]), fold_ids)
+    return logits_loss(lg, targets, ref, alpha, dynamic)
 
 
 class _Heads(nn.Module):
@@ -231,30 +240,36 @@ class _Heads(nn.Module):
         from eetune.train.losses import chunked_eval, chunked_exit_loss
 
         adapter = self.heads[0].adapter
-        bias, softcap = getattr(adapter.lm_head, "bias", None), adapter.logit_softcap
-        targets = ids[:, 1:].reshape(-1)
+        final_bias, softcap = getattr(adapter.lm_head, "bias", None), adapter.logit_softcap
+        n_targets = ids[:, 1:].numel()
         if self.chunk == 0:
             final_logits = adapter.logits(final_h) if final_h is not None and alpha > 0 else None
         else:
             flat_final = final_h[:, :-1].reshape(-1, final_h.shape[-1]) if final_h is not None else None
         out = []
         for head, h in zip(self.heads, hiddens):
+            # A restricted head (K ids + OTHER): its classes as targets, the final distribution
+            # folded onto them, its own projection and bias (head.projection(): OTHER's is trained).
+            classes, fold = head.classes_of(ids), head.vocab_ids
             if self.chunk == 0:
                 lg = head(h, ctx)
                 if evaluate:
-                    agree = (lg[:, :-1].argmax(-1) == final_top1).sum().item() if final_top1 is not None else 0
-                    out.append((exit_loss(lg, ids, False, None, 0.0)[1].item() * targets.numel(), agree))
+                    agree = ((head.tokens_of(lg[:, :-1].argmax(-1)) == final_top1).sum().item()
+                             if final_top1 is not None else 0)
+                    out.append((exit_loss(lg, classes, False, None, 0.0)[1].item() * n_targets, agree))
                 else:
-                    out.append(exit_loss(lg, ids, dynamic, final_logits, alpha))
+                    out.append(exit_loss(lg, classes, dynamic, final_logits, alpha, fold))
                 continue
             x = head.transform(h, ctx)[:, :-1]
             x = x.reshape(-1, x.shape[-1])
+            w, b = head.projection()
+            targets = classes[:, 1:].reshape(-1)
             if evaluate:
                 ref = final_top1.reshape(-1) if final_top1 is not None else None
-                out.append(chunked_eval(x, head.out_weight(), bias, targets, ref, softcap, self.chunk, self.dtype))
+                out.append(chunked_eval(x, w, b, targets, ref, softcap, self.chunk, self.dtype, fold))
             else:
-                out.append(chunked_exit_loss(x, head.out_weight(), bias, targets, flat_final, adapter.lm_head.weight,
-                                             bias, softcap, alpha, dynamic, self.chunk, self.dtype))
+                out.append(chunked_exit_loss(x, w, b, targets, flat_final, adapter.lm_head.weight, final_bias,
+                                             softcap, alpha, dynamic, self.chunk, self.dtype, fold))
         return out
 
 
@@ -567,6 +582,110 @@ def rank_vocabulary(blocks: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.sort(-counts, stable=True).indices  # descending count; a stable sort keeps ties by id
 
 
+def vocab_source(spec: str, data_info: dict, train: torch.Tensor) -> dict:
+    """How a restricted vocabulary was ranked, as exit_config.json records it (`exit_vocab_source`):
+    by "data" (text), "generated" (the model's own samples, `generated:N`) or a "mixture" of both,
+    the data description and the number of training tokens counted."""
+    from eetune.train.data import parse_data_spec
+
+    gen = [p.generated is not None for p in parse_data_spec(spec) if p.weight > 0]
+    ranked_by = "generated" if gen and all(gen) else "mixture" if any(gen) else "data"
+    return {"ranked_by": ranked_by, "data": data_info.get("source", spec), "tokens": int(train.numel())}
+
+
+def check_exit_vocab(spec, exit_config: ExitConfig, backbone=None) -> int | None:
+    """`--exit-vocab SPEC` against the exits before anything loads: K (None: the full vocabulary,
+    or no --exit-vocab), or a one-line refusal of a K that is not a token count of the model's
+    vocabulary, or of heads already restricted to another K (convert again for that)."""
+    from eetune.model.heads import parse_exit_vocab
+
+    if spec is None:
+        return None
+    if backbone is not None:
+        V = backbone.vocab_size
+    elif exit_config.base_model:
+        from eetune.model.backbone import model_config
+        V = getattr(model_config(exit_config.base_model, revision=exit_config.revision), "vocab_size", None)
+    else:
+        V = None
+    K = parse_exit_vocab(spec, V if isinstance(V, int) else 2 ** 62)
+    have = exit_config.exit_vocab
+    if have is not None and K != have:
+        raise EETuneError(f"--exit-vocab {spec}: these heads are restricted to {have} tokens already; convert "
+                          f"again (`eetune convert ... --exit-vocab K`, or --from-exits on full-vocabulary exits) to "
+                          f"choose another vocabulary")
+    return K
+
+
+def restrict_exit_vocab(model, exit_config: ExitConfig, cfg: TuneConfig, train: torch.Tensor, data_info: dict,
+                        rank: int = 0) -> ExitConfig:
+    """`tune --exit-vocab K`: restrict the model's full-vocabulary heads to the K ids most frequent
+    in the training blocks `train` plus OTHER (`EarlyExitModel.restrict_vocab`), with the ranking's
+    source recorded. Heads restricted to K already stay as they are; to another K, refused.
+    Returns the exits' configuration to write (K and its source; calibration dropped)."""
+    from eetune.model.heads import parse_exit_vocab
+
+    if cfg.exit_vocab is None:
+        return exit_config
+    V = model.backbone.vocab_size
+    K = parse_exit_vocab(cfg.exit_vocab, V)
+    if model.exit_vocab is not None or K is None:
+        check_exit_vocab(cfg.exit_vocab, exit_config, model.backbone)  # same K (or `all` on full heads): nothing to do
+        return exit_config
+    ids = rank_vocabulary(train, V)[:K]
+    # The heads train in fp32 whatever the backbone's dtype: restriction builds the new rows in the
+    # LM head's dtype, so they are put back from the fp32 copies they were taken from.
+    rows = {i: h.out.weight.detach().clone() for i, h in enumerate(model.heads) if h.output_embedding == "copy"}
+    model.restrict_vocab(ids, vocab_source(cfg.data, data_info, train))
+    model.heads.float()
+    with torch.no_grad():
+        for i, w in rows.items():
+            model.heads[i].out.weight.copy_(w[ids.to(w.device)])
+    if rank == 0:
+        print(f"note: exit heads restricted to the {K} most frequent of {V} token ids of the training data plus "
+              f"OTHER", file=sys.stderr, flush=True)
+    return exit_config.replace(exit_vocab=model.config.exit_vocab, exit_vocab_source=model.config.exit_vocab_source,
+                               calibration=None)
+
+
+def rank_exit_vocab(model, spec: str, K: int, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """(the K token ids most frequent in the training blocks of data `spec`, their source): the
+    blocks `eetune tune --data SPEC` would train on with its default --seq-len, --val-blocks and
+    generation settings (`convert --exit-vocab K --vocab-data SPEC`)."""
+    from eetune.model.backbone import load_tokenizer
+    from eetune.train.data import train_val_blocks
+    from eetune.train.selfdata import generated_source
+
+    d = TuneConfig(data=spec)
+    train, _, info = train_val_blocks(spec, load_tokenizer(model.backbone), d.seq_len, d.val_blocks, d.max_blocks,
+                                      seed=0, generated=generated_source(model, generation_settings(d)),
+                                      progress=progress)
+    model.free_decode_state()
+    return rank_vocabulary(train, model.backbone.vocab_size)[:K], vocab_source(spec, info, train)
+
+
+def _vocab_digest(model) -> str | None:
+    """A digest of the heads' restricted vocabularies (None: every head has the full one)."""
+    import hashlib
+
+    if all(h.vocab_ids is None for h in model.heads):
+        return None
+    digest = hashlib.sha256()
+    for h in model.heads:
+        digest.update(b"-" if h.vocab_ids is None else h.vocab_ids.detach().cpu().to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _persistent_buffers(module: nn.Module) -> dict:
+    """The persistent buffers of `module` by state_dict name (a restricted head's vocab_ids), on the CPU."""
+    out = {}
+    for prefix, sub in module.named_modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf.detach().cpu().contiguous()
+    return out
+
+
 def gate_training_blocks(train: torch.Tensor, cfg: TuneConfig) -> torch.Tensor:
     """The training blocks the gates are fit on: `ceil(gate_tokens / seq_len)` of them (all if
     fewer), chosen by a permutation seeded with `cfg.seed`."""
@@ -739,6 +858,7 @@ def _check_run(exits_dir: Path, out: Path, cfg: TuneConfig, backbone=None) -> tu
     exit_config = ExitConfig.load(exits_dir)  # refuses a directory that is not an exits directory
     _check_config(cfg, exit_config.exit_layers)
     check_seq_len(cfg.seq_len, exit_config, backbone)
+    check_exit_vocab(cfg.exit_vocab, exit_config, backbone)
     check_output_dir(out)
     return cfg, exit_config, Path(cfg.train_dir) if cfg.train_dir else out.with_name(out.name + ".train")
 
@@ -797,12 +917,17 @@ def _setup(model, exits_dir: Path, out: Path, train_dir: Path, exit_config: Exit
         else:
             model.release_unused_layers()
     held = sum(not isinstance(layer, ReleasedLayer) for layer in bb.layers)
+    # --exit-vocab K on full-vocabulary heads: restricted now, before the optimizer exists (every
+    # rank alike, and a resumed run as its first part: the ranking is a function of the data).
+    exit_config = restrict_exit_vocab(model, exit_config, cfg, train, data_info, rank)
     heads_core, heads_train = _wrap_parallel(model, cfg, world, device)
     named, opt = _optimizer(model, cfg)
     run_settings = {k: (list(v) if isinstance(v, tuple) else v)
                     for k, v in dataclasses.asdict(cfg).items() if k in TuneConfig.TRAJECTORY}
     run_settings.update(world_size=world, exit_layers=list(layers), arch=exit_config.arch,
-                        cache_hidden=bool(cfg.cache_hidden))  # cached inputs are rounded: another trajectory
+                        cache_hidden=bool(cfg.cache_hidden),  # cached inputs are rounded: another trajectory
+                        # the heads' vocabulary (None: full): a checkpoint holds the parameters, not the ids
+                        exit_vocab=model.exit_vocab, exit_vocab_ids=_vocab_digest(model))
     return TuneRun(cfg=cfg, exits_dir=exits_dir, out=out, train_dir=train_dir, exit_config=exit_config, world=world,
                    rank=rank, device=device, model=model, train=train, val=val, data_info=data_info,
                    val_final=val_final, cache=cache, heads_core=heads_core, heads_train=heads_train, named=named,
@@ -1058,6 +1183,7 @@ def _finish(run: TuneRun) -> dict:
     if run.exit_config.training:
         summary["previous"] = run.exit_config.training
     state = {name: _full(p) for name, p in run.named}  # every rank joins the gathers
+    state.update(_persistent_buffers(run.model.heads))  # a restricted head's vocab_ids
     gates = None
     if run.rank == 0:
         run.model.vocab_by_frequency = rank_vocabulary(run.train, bb.vocab_size)
@@ -1200,10 +1326,12 @@ def _wrap_parallel(model, cfg: TuneConfig, world: int, device) -> tuple[nn.Modul
 
 
 def _optimizer(model, cfg: TuneConfig) -> tuple[list, torch.optim.Optimizer]:
-    """(named head parameters, AdamW over them: weight decay on matrices only)."""
+    """(named head parameters, AdamW over them: weight decay on matrices (and OTHER rows) only)."""
     named = list(model.heads.named_parameters())
-    decay = [p for n, p in named if p.ndim >= 2]
-    no_decay = [p for n, p in named if p.ndim < 2]
+    # A restricted head's OTHER row (other_weight, 1-D) is a row of its projection: decayed like the others.
+    is_matrix = {n: p.ndim >= 2 or n.endswith("other_weight") for n, p in named}
+    decay = [p for n, p in named if is_matrix[n]]
+    no_decay = [p for n, p in named if not is_matrix[n]]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
     return named, opt
