@@ -112,9 +112,18 @@ def gated(model, seed=0, bias=0.0):
     return model
 
 
+# Families whose geometry the static shape builds differently: rotary (llama), sliding windows
+# (mistral; gemma2's alternate layers with soft-capping; gemma3's pattern with a local rotary) and
+# learned positions (gpt2). qwen2, qwen3 and gemma differ from llama only inside their layers, which
+# the static shape runs alike: they run eager only (every family still runs every mode).
+STATIC_FAMILIES = ["llama", "mistral", "gemma2", "gemma3", "gpt2"]
+EVERY_FAMILY_SOME_SHAPE = ([(f, "eager") for f in FAMILIES] +
+                           [(f, "static") for f in STATIC_FAMILIES])
+
+
 # --- the engine equals the reference ---------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,shape", EVERY_FAMILY_SOME_SHAPE, indirect=["shape"])
 def test_engine_equals_reference_every_mode(family, device, shape):
     model = model_on(family, device=device)
     thr = mixing_threshold(model, PROMPTS[0])
@@ -310,7 +319,13 @@ def exit_predictions(model, prompt, ids):
     return preds
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# K-heads: every family once, both shapes on llama (rotary) and gemma2 (soft-capped logits, windows);
+# the other static-shape geometries (mistral, gemma3, gpt2) run static only.
+K_FAMILY_SHAPES = ([(f, "eager") for f in ("llama", "qwen2", "qwen3", "gemma", "gemma2")] +
+                   [(f, "static") for f in ("llama", "mistral", "gemma2", "gemma3", "gpt2")])
+
+
+@pytest.mark.parametrize("family,shape", K_FAMILY_SHAPES, indirect=["shape"])
 def test_restricted_heads_engine_equals_reference(family, shape):
     """K-heads in every family, batch 1 and a left-padded batch: full, early exit and self-spec
     equal the reference; tokens that leave early or are drafted are among the K ids; self-spec
@@ -484,8 +499,10 @@ def test_costs_time_each_heads_own_projection(monkeypatch):
     costs = policy.measure_costs(model, DecodeOptions())
     assert {"layer", "layer_x5", "final", "final_x5", "num_layers", "heads"} <= set(costs)
     assert {k: h["classes"] for k, h in costs["heads"].items()} == {1: 11, 2: 11}
-    assert widths.count(11) == 2 * 6  # each head: a warm-up and 5 timed projections of its 11 rows
-    assert all(h["projection"] > 0 for h in costs["heads"].values())
+    # each head: its 11 rows projected alone (a warm-up and 5 timings), then in place, in the segment
+    # ending in its decision (a warm-up and 9 timings); never the LM head's rows for an exit
+    assert widths.count(11) == 2 * (6 + 10)
+    assert all(h["projection"] >= h["projection_alone"] > 0 for h in costs["heads"].values())
     pol = policy.DraftPolicy(model, costs, 4, None)
     h = costs["heads"][1]
     assert pol.head_cost[1] == h["transform"] + h["projection"]

@@ -198,6 +198,8 @@ def test_a_bad_exit_vocab_is_one_line_with_code_2_and_writes_nothing(world, tmp_
     bad(["tune", world["norm"], "--data", world["docs"], *BASE, "--steps", "1", "--exit-vocab", spec, "--out", out],
         capsys, match)
     assert list(tmp_path.iterdir()) == []
+    if "larger" not in match:
+        return  # every bad K is the same EETuneError through main(): the console script is run for one of them
     # and the console script exits with 2 (one line on stderr)
     done = subprocess.run([sys.executable, "-m", "eetune.cli", "convert", "--model", str(world["model"]), "--exits",
                            "1", "--exit-vocab", spec, "--out", str(out)], capture_output=True, text=True, env=ENV)

@@ -122,9 +122,10 @@ def cmd_convert(args):
     depth = config.num_hidden_layers
     layers = parse_exit_layers(args.exits, depth)
     ExitConfig(exit_layers=layers, num_layers=depth, arch=args.arch)  # validates the layers before loading
-    if depth in layers:
+    if depth in layers and K is None:  # a restricted exit there is a cheap LM head: a token leaving skips the full one
         print(f"eetune: warning: the exit after layer {depth} is after the model's last layer: it reproduces the "
-              f"final layer's logits and can never save compute (exits that can go after layers 1..{depth - 1})",
+              f"final layer's logits and can never save compute (exits that can go after layers 1..{depth - 1}, or "
+              f"a restricted vocabulary with --exit-vocab K, whose tokens then skip the full LM head)",
               file=sys.stderr)
     # Partial loading: the layers up to the deepest exit (and the last one, which `layer` exits copy).
     also = (depth - 1,) if args.arch == "layer" and args.init == "copy" else ()

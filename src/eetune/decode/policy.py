@@ -26,8 +26,13 @@ def measure_costs(model, opts) -> dict:
     recorded on a GPU), never assumed to be the LM head's. Measured once per model (cached on it) on a
     64-token context, best of 5 (on a GPU the segments are recorded first, outside the timing).
 
+    The projection is timed in place too (a segment ending in the exit's decision against the same
+    segment without it): a small head that stays in the caches when timed alone is read from memory
+    in a real step, after the layers' weights have passed through the caches.
+
     Returns {"layer", "layer_x5", "final", "final_x5" (seconds), "num_layers", "heads": {exit:
-    {"transform", "projection" (seconds), "classes" (the head's output width C: V, or K + 1)}}}."""
+    {"transform", "projection", "projection_alone" (seconds), "classes" (the head's output width C:
+    V, or K + 1)}}}."""
     cached = getattr(model, "_eetune_costs", None)
     if cached is not None:
         return cached
@@ -69,8 +74,22 @@ def _measure(model, opts) -> dict:
         # a `layer` exit's block costs about one decoder layer; the others are timed
         branch = costs["layer"] if head.arch == "layer" else timeit(lambda: head.transform(x1))
         z = head.norm(x1) if head.arch == "layer" else head.transform(x1)  # what the projection reads
-        costs["heads"][head.layer] = {"transform": branch, "projection": _projection_seconds(eng, head, z, timeit),
-                                      "classes": head.num_classes}
+        alone = _projection_seconds(eng, head, z, timeit)
+        k = head.layer
+        if k < L and head.arch != "layer":
+            # In place, as a decode step meets it: the layers before it have just streamed their weights
+            # through the caches, so a head small enough to stay cached when timed alone (a restricted
+            # one) is read from memory here. The exit's whole decision (transform, projection,
+            # confidence) is the segment with the decision minus the segment without; the projection
+            # is that less the transform, and never less than when timed alone.
+            x = ids[:, -1:]
+            with_dec = timeit(lambda: eng.segment(0, k, x, T + 1, dec=("head", k), exact=True), reps=9)
+            plain = timeit(lambda: eng.segment(0, k, x, T + 1, exact=True), reps=9)
+            projection = max(alone, with_dec - plain - branch)
+        else:
+            projection = alone
+        costs["heads"][k] = {"transform": branch, "projection": projection, "projection_alone": alone,
+                             "classes": head.num_classes}
     return costs
 
 
