@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench,eval]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench,eval,serve]"
 	touch $@
 
 # The whole pipeline on the embedded default (SmolLM2-135M-Instruct), in about 7.5 minutes of a 2-core CPU:

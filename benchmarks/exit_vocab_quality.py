@@ -13,6 +13,10 @@ forced, per exit:
 
 - top-1 agreement with the final layer (OTHER never agrees) and its difference from the `all`
   heads with a paired 95% bootstrap interval (resampling held-out blocks);
+- the ceiling: the share of held-out tokens whose final top-1 lies among the K ids, and the
+  full-vocabulary heads' agreement counted on those tokens only (the most a K-head could keep);
+- the head's best token among its K with OTHER left out (`top1_among_k`): agreement, paired
+  difference from `all`, coverage at >= 0.95;
 - coverage at >= 0.95 agreement: the largest share of tokens that can leave at that exit (OTHER
   not winning, max-prob at or above a threshold) while those that leave agree with the final
   layer at least 95% of the time;
@@ -82,9 +86,15 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--distill", type=float, default=1.0)
+    ap.add_argument("--distill", type=float, default=None,
+                    help="distillation weight (default: 1, or 0 with --cache: a cached run never computes the final "
+                         "layer)")
+    ap.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="tune every K on one cache of the trunk's hidden states at the exits (LM loss; the trunk runs "
+                         "once for all K, so the full-vocabulary heads' projection is the only large cost)")
     ap.add_argument("--eval-blocks", type=int, default=32, help="held-out BoolQ dev blocks of --seq-len")
-    ap.add_argument("--repeats", type=int, default=3, help="cost measurements per K (median)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="cost measurements per K (median; 0: skip, e.g. on a busy machine: exit_cost.py measures it)")
     ap.add_argument("--keep", default=None, help="directory to keep each K's tuned exits in (default: temporary)")
     args = ap.parse_args(argv)
 
@@ -101,8 +111,10 @@ def main(argv=None):
                                        output_embedding="shared")
         start_desc = f"fresh {args.arch} exits at {args.exits}, shared LM head, copy init"
     exits = list(start.exit_layers)
+    distill = args.distill if args.distill is not None else (0.0 if args.cache else 1.0)
     cfg = TuneConfig(data="default", steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                     warmup=max(1, args.steps // 10), distill=args.distill, val_blocks=4, progress=False, seed=0)
+                     warmup=max(1, args.steps // 10), distill=distill, val_blocks=4, progress=True, seed=0,
+                     cache_hidden=str(work / "hidden-cache") if args.cache else None)
     train, _, info = train_val_blocks("default", tok, args.seq_len, val_blocks=cfg.val_blocks, progress=False)
     ranking = rank_vocabulary(train, V)
     dev, _, dev_info = train_val_blocks("default-dev", tok, args.seq_len, val_blocks=0, progress=False)
@@ -159,16 +171,37 @@ def main(argv=None):
                 else:
                     d, lo, hi = paired_ci(agree, agree_all[k], blocks)
                     ex["agreement_minus_all"] = {"mean": round(d, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+                    # what no K-head can match: the full heads' agreements on tokens whose final
+                    # top-1 lies outside the K ids (OTHER never agrees)
+                    inside = torch.isin(final_top1, head.vocab_ids.to(final_top1.device))
+                    ex["final_top1_in_k"] = round(float(inside.float().mean()), 4)
+                    ex["all_heads_agreement_in_k"] = round(float((agree_all[k] & inside).float().mean()), 4)
+                    # the head's best token with OTHER left out (softmax over the K tokens): how well
+                    # it ranks tokens, apart from how often OTHER wins
+                    kc, kp = [], []
+                    for a in range(0, h.shape[0], 1024):
+                        pk = head(h[a:a + 1024]).float()[..., :K].softmax(-1)
+                        c, i = pk.max(-1)
+                        kc.append(c)
+                        kp.append(head.vocab_ids[i])
+                    agree_k = torch.cat(kp) == final_top1
+                    d, lo, hi = paired_ci(agree_k, agree_all[k], blocks)
+                    ex["top1_among_k"] = {"agreement": round(float(agree_k.float().mean()), 4),
+                                          "minus_all": {"mean": round(d, 4), "ci95": [round(lo, 4), round(hi, 4)]},
+                                          "coverage_at_0.95": round(coverage_at(torch.cat(kc), agree_k,
+                                                                                torch.ones_like(agree_k))[0], 4)}
                 row["exits"][str(k)] = ex
-        with torch.no_grad():
-            row["cost"] = cost_in_layers(tuned, exits, args.repeats)
+        if args.repeats > 0:
+            with torch.no_grad():
+                row["cost"] = cost_in_layers(tuned, exits, args.repeats)
         rows[spec] = row
         print(json.dumps({spec: row}), file=sys.stderr)
         del fresh, tuned
     import transformers
     out = {"model": args.model, "num_layers": L, "vocab_size": V, "exit_layers": exits, "start": start_desc,
            "tune": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
-                    "distill": args.distill, "data": info.get("source"), "seed": 0},
+                    "distill": distill, "cached_hidden_states": args.cache, "data": info.get("source"), "seed": 0,
+                    "tokens_per_k": args.steps * args.batch_size * args.seq_len},
            "ranked_by": "data", "held_out": dev_info.get("source"), "held_out_blocks": blocks,
            "held_out_tokens": int(final_top1.numel()), "by_k": rows,
            "device": "cpu", "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",

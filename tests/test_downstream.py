@@ -111,6 +111,24 @@ def test_parsing_refuses_in_one_line():
         assert "\n" not in str(e.value)
 
 
+def test_calibrated_thresholds_are_a_setting_of_their_own():
+    """`--thresholds 0.9,calibrated` evaluates the stored per-exit calibration next to a fixed
+    threshold; without a calibration of these heads it is refused in one line, not replaced by a
+    default threshold."""
+    assert parse_thresholds("0.9, Calibrated,0.9") == (0.9, "calibrated")
+    settings = settings_for(parse_thresholds("0.9,calibrated"), calibrated={1: 0.7, 3: 0.95})
+    assert [s.name for s in settings] == ["full", "early-exit@0.9", "early-exit@calibrated", "self-spec"]
+    assert settings[2].options == {"mode": "early-exit", "confidence": "max-prob", "exit_thresholds": {1: 0.7, 3: 0.95}}
+    with pytest.raises(EETuneError, match="eetune calibrate") as e:
+        settings_for(("calibrated",), calibrated=None)
+    assert "\n" not in str(e.value)
+    # the options make a decode at exactly those thresholds
+    from eetune.decode.api import DecodeOptions, resolve_thresholds
+    model = EarlyExitModel.convert(peaky_backbone("llama"), (1, 3), arch="norm")
+    opts, source = resolve_thresholds(DecodeOptions(**settings[2].options), model)
+    assert opts.exit_thresholds == {1: 0.7, 3: 0.95} and source == "given"
+
+
 # --- speed ----------------------------------------------------------------------------------------
 def test_speed_is_warmed_up_then_measured_over_enough_decode_tokens(monkeypatch):
     import eetune.decode.api as decode

@@ -775,7 +775,8 @@ def add_eval(sub):
     p.add_argument("--out", required=True, help="results directory to write (replaced whole when it exists): "
                                                 "results.json, results.csv, a PNG per task and report.html")
     p.add_argument("--thresholds", default="1,0.9,0.8,0.6,0.4,0.2",
-                   help="early-exit thresholds (default 1,0.9,0.8,0.6,0.4,0.2)")
+                   help="early-exit thresholds (default 1,0.9,0.8,0.6,0.4,0.2); `calibrated`: the per-exit "
+                        "thresholds `eetune calibrate` stored in DIR, e.g. --thresholds 0.9,calibrated")
     p.add_argument("--confidence", default="max-prob", choices=["max-prob", "gate"],
                    help="early-exit confidence measure (default max-prob)")
     p.add_argument("--limit", type=int, default=200, help="quality items per task (default 200)")
@@ -978,6 +979,109 @@ def cmd_calibrate(args):
               f"--confidence {args.confidence} when no --threshold is given", file=out)
 
 
+# --- export --------------------------------------------------------------------------------
+def add_export(sub):
+    p = sub.add_parser("export", help="write one exit as a standalone draft model (HF directory or GGUF) for vLLM, "
+                                      "SGLang, llama.cpp or transformers' assistant_model",
+                       description="Write the backbone's first k layers plus exit k's transform, norm and output "
+                                   "projection as an ordinary model of the backbone's family (no custom code): a "
+                                   "Hugging Face directory (config.json, model.safetensors, generation_config.json, "
+                                   "tokenizer files) or, with --format gguf, one GGUF file. Its logits are the exit's. "
+                                   "See docs/export.md.")
+    p.add_argument("dir", help="exits directory")
+    p.add_argument("--exit", type=int, required=True, metavar="K", help="the exit to export (its layer, 1-based)")
+    p.add_argument("--out", required=True,
+                   help="directory to write (--format hf), or .gguf file (--format gguf); must not exist unless --force")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="Hugging Face directory (default) or GGUF")
+    p.add_argument("--gguf-type", default="f32", choices=["f32", "f16"], help="GGUF tensor type (default f32)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weights dtype of an HF export (default fp32)")
+    p.add_argument("--other-rows", action="store_true",
+                   help="export a restricted-vocabulary head (K tokens + OTHER) anyway: every non-K row of the "
+                        "full-vocabulary LM head is the OTHER row (drafting stays lossless, acceptance drops)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args):
+    from eetune.serve.export import export
+
+    result = export(args.dir, args.exit, args.out, format=args.format, force=args.force, other_rows=args.other_rows,
+                    dtype=args.dtype, gguf_type=args.gguf_type)
+    print(result.line())
+
+
+# --- serve ---------------------------------------------------------------------------------
+def add_serve(sub):
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching; full, early-exit, "
+                                     "self-spec or auto per request)",
+                       description="Serve an exits directory over HTTP with the OpenAI API (/v1/completions, "
+                                   "/v1/chat/completions, /v1/models, /health, /metrics), streaming as Server-Sent "
+                                   "Events. Requests join a running batch at the next step (continuous batching, "
+                                   "chunked prefill). Per request, extra_body={\"eetune\": {\"mode\": ..., "
+                                   "\"threshold\": ...}} picks the decoding. Needs `pip install eetune[serve]`. "
+                                   "See docs/serving.md.")
+    p.add_argument("dir", help="exits directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model-name", default=None, help="the model id clients pass (default: the directory's name)")
+    p.add_argument("--mode", default="auto", choices=["full", "early-exit", "self-spec", "auto"],
+                   help="decoding of requests that do not choose one (default auto: --auto-mode while at most "
+                        "--ee-max-batch rows run, batched full above)")
+    p.add_argument("--auto-mode", default="self-spec", choices=["self-spec", "early-exit"],
+                   help="what auto uses at small batch (default self-spec: lossless)")
+    p.add_argument("--ee-max-batch", type=int, default=1,
+                   help="auto: most running rows at which early exit / self-spec is used (default 1)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="default exit / draft threshold (default: the exits directory's calibration for early exit, "
+                        "else 0.9)")
+    p.add_argument("--draft-len", type=int, default=4, help="self-spec: most tokens drafted per round (default 4)")
+    p.add_argument("--draft-exit", type=_draft_exit, default=None, metavar="LAYER|auto",
+                   help="self-spec: the exit that drafts (default: the deepest)")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests decoding at once (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting for a row; more are refused with 503 and Retry-After (default 64)")
+    p.add_argument("--max-context", type=int, default=2048,
+                   help="cache positions per row: prompt + max_tokens must fit (default 2048, at most the model's)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens read per scheduler step, between decode steps (default 256)")
+    p.add_argument("--max-tokens", type=int, default=256, help="max_tokens of requests that give none (default 256)")
+    p.add_argument("--drain-s", type=float, default=30.0,
+                   help="on SIGTERM: seconds to let running requests finish before exiting (default 30)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="backbone weights dtype (default fp32)")
+    p.add_argument("--step-delay", type=float, default=0.0,
+                   help="seconds to sleep after each scheduler step (tests and demonstrations: makes a tiny model "
+                        "slow enough to watch queueing, disconnects and draining; default 0)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args):
+    try:
+        from eetune.serve.server import serve
+    except ImportError as e:
+        raise EETuneError(f"`eetune serve` needs the serve extra ({e.name} is missing): pip install 'eetune[serve]'") \
+            from None
+    for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                        ("--ee-max-batch", args.ee_max_batch, 0), ("--max-context", args.max_context, 2),
+                        ("--prefill-chunk", args.prefill_chunk, 1), ("--max-tokens", args.max_tokens, 1),
+                        ("--draft-len", args.draft_len, 1)):
+        if v < lo:
+            raise EETuneError(f"{flag} must be at least {lo} (got {v})")
+    if not 0 <= args.port <= 65535:
+        raise EETuneError(f"--port {args.port} is not a port (0..65535)")
+    check_device(args.device)
+    code = serve(args.dir, args.host, args.port, device=args.device, dtype=args.dtype, drain_s=args.drain_s,
+                 settings={"mode": args.mode, "threshold": args.threshold, "draft_len": args.draft_len,
+                           "draft_exit": args.draft_exit, "max_tokens": args.max_tokens,
+                           **({"model_name": args.model_name} if args.model_name else {})},
+                 scheduler={"max_batch": args.max_batch, "max_queue": args.max_queue,
+                            "ee_max_batch": args.ee_max_batch, "auto_mode": args.auto_mode,
+                            "prefill_chunk": args.prefill_chunk, "capacity": args.max_context,
+                            "step_delay": args.step_delay})
+    if code:
+        raise SystemExit(code)
+
 # --- entry point ---------------------------------------------------------------------------
 def check_device(value: str) -> None:
     """Refuse, in one line, a --device that is not a torch device or names CUDA on a machine without."""
@@ -1028,7 +1132,7 @@ def check_writable(path, what: str, fix: str = "give a path in a folder you may 
 
 
 VERBS = [add_convert, add_info, add_evaluate, add_tune, add_generate, add_scan, add_plan, add_eval, add_report, add_lm_eval,
-         add_calibrate]
+         add_calibrate, add_export, add_serve]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,7 +16,7 @@ Prompting is zero-shot: each item becomes one user turn of the tokenizer's chat 
 has one (instruct models expect it), plain text otherwise; passages and articles are cut to
 `--max-context` tokens. The prompts and answer-extraction rules are the `TASKS` below. Every
 setting decodes greedily: `full`, `early-exit` at each of `--thresholds` (max-prob confidence by
-default) and `self-spec` (lossless: its quality must equal `full`'s, item for item). Every setting's
+default; `calibrated`: the per-exit thresholds `eetune calibrate` stored) and `self-spec` (lossless: its quality must equal `full`'s, item for item). Every setting's
 reply is cut by the same rule (`cut_reply`): leading white space is dropped, then the reply ends
 before the task's first stop string, so "\\nThe answer...\\nMore" is scored as "The answer..." and a
 reply of white space only as "".
@@ -199,21 +199,37 @@ class Setting:
     options: dict  # DecodeOptions fields
 
 
-def settings_for(thresholds, confidence: str = "max-prob", self_spec: bool = True) -> list[Setting]:
+def settings_for(thresholds, confidence: str = "max-prob", self_spec: bool = True,
+                 calibrated: dict | None = None) -> list[Setting]:
+    """full, early exit at each threshold (the entry "calibrated": at the per-exit thresholds
+    `calibrated` {exit layer: t}, the stored calibration's) and self-spec."""
     out = [Setting("full", {"mode": "full"})]
-    out += [Setting(f"early-exit@{t:g}", {"mode": "early-exit", "threshold": float(t), "confidence": confidence})
-            for t in thresholds]
+    for t in thresholds:
+        if t == "calibrated":
+            if calibrated is None:
+                raise EETuneError("--thresholds calibrated: these exits hold no calibration for these heads and this "
+                                  "confidence: run `eetune calibrate DIR` first, or give numbers")
+            out.append(Setting("early-exit@calibrated", {"mode": "early-exit", "confidence": confidence,
+                                                         "exit_thresholds": dict(calibrated)}))
+        else:
+            out.append(Setting(f"early-exit@{t:g}", {"mode": "early-exit", "threshold": float(t),
+                                                     "confidence": confidence}))
     if self_spec:
         out.append(Setting("self-spec", {"mode": "self-spec"}))
     return out
 
 
-def parse_thresholds(spec: str) -> tuple[float, ...]:
+def parse_thresholds(spec: str) -> tuple:
+    """Comma-separated thresholds; the word `calibrated` stands for the exits directory's stored
+    calibration (its per-exit thresholds)."""
     try:
-        ts = tuple(float(x) for x in spec.split(",") if x.strip())
+        ts = tuple("calibrated" if x.strip().lower() == "calibrated" else float(x) for x in spec.split(",")
+                   if x.strip())
     except ValueError:
-        raise EETuneError(f"--thresholds {spec!r}: give comma-separated numbers, e.g. 1,0.9,0.8") from None
-    if not ts or any(not (t >= 0) or math.isinf(t) for t in ts):
+        raise EETuneError(f"--thresholds {spec!r}: give comma-separated numbers or `calibrated`, e.g. "
+                          f"1,0.9,calibrated") from None
+    ts = tuple(dict.fromkeys(ts))
+    if not ts or any(t != "calibrated" and (not (t >= 0) or math.isinf(t)) for t in ts):
         raise EETuneError(f"--thresholds {spec!r}: give non-negative finite numbers, e.g. 1,0.9,0.8")
     return ts
 
@@ -465,7 +481,11 @@ def run_eval(model, tok, cfg: EvalConfig) -> dict:
     """Every task of `cfg`: the results dict that `write_outputs` writes."""
     cfg.validate()
     chat = getattr(tok, "chat_template", None) is not None
-    settings = settings_for(cfg.thresholds, cfg.confidence, cfg.self_spec)
+    calibrated = None
+    if "calibrated" in cfg.thresholds:
+        from eetune.model.early_exit import calibrated_thresholds
+        calibrated, _ = calibrated_thresholds(model, cfg.confidence)
+    settings = settings_for(cfg.thresholds, cfg.confidence, cfg.self_spec, calibrated)
     results = {"tasks": {}, "settings": [s.name for s in settings], "chat_template": chat}
     mid = [s for s in settings if s.options.get("mode") == "early-exit"]
     pick = mid[len(mid) // 2] if mid else settings[0]  # the sample's setting
