@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The whole pipeline on the embedded default (SmolLM2-135M-Instruct); timed at 19 min 20 s on a 2-core CPU (2026-12-07):
 # convert (`layer` exits after layers 10 and 20 sharing the frozen LM head), show each exit's held-out
-# cross-entropy and agreement with the final layer (BoolQ dev), tune the heads for ~3 minutes on BoolQ
+# cross-entropy and agreement with the final layer (BoolQ dev), tune the heads for 60 steps (30k tokens) on BoolQ
 # training passages with the default recipe (distillation from the final layer; the best heads of 3
 # validations kept) and fit their gates, the exit profile, calibrate the threshold that keeps 90% token
 # agreement with the full model, evaluate on BoolQ and XSum with small limits (n=16: only large differences
@@ -64,8 +64,8 @@ demo: setup
 	$(EETUNE) generate $(KEXITS_GEMMA) --prompt "$(GEMMA_PROMPT)" --mode early-exit --show-exits --max-new-tokens 64
 	$(EETUNE) generate $(KEXITS_GEMMA) --prompt "$(GEMMA_PROMPT)" --mode self-spec --draft-exit 17 --threshold 0.5 \
 		--max-new-tokens 64
-	@echo "== summary: this run's exits (3 CPU minutes of tuning), then the committed GPU-tuned exits =="
-	@echo "   (18M tokens on an H100, evaluated on this CPU: 3 CPU minutes of tuning cannot give"
+	@echo "== summary: this run's exits (60 CPU steps of tuning, 30k tokens), then the committed GPU-tuned exits =="
+	@echo "   (18M tokens on an H100, evaluated on this CPU: 30k CPU tokens of tuning cannot give"
 	@echo "   exits that agree as often, so the second table is the one that shows what tuned exits do)"
 	$(EETUNE) report $(DEMO)/eval $(GPU_EVAL)
 
