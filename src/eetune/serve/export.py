@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -429,10 +427,9 @@ def _export_gguf(model, layer: int, out: Path, other_rows: bool, gguf_type: str,
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    from eetune.fsio import atomic_write
+
+    def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name("eetune draft")
         w.add_file_type(gguf.LlamaFileType.ALL_F32 if gguf_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
@@ -484,14 +481,8 @@ def _export_gguf(model, layer: int, out: Path, other_rows: bool, gguf_type: str,
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        from eetune.fsio import fsync_dir, fsync_file
-        fsync_file(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)  # a temporary sibling, fsynced, renamed into place
     head = model.head(layer)
     notes = [gguf_type.upper()]
     return ExportResult(str(out), "gguf", layer, head.arch, config.num_hidden_layers, tied, notes)

@@ -302,26 +302,40 @@ def build_app(model, tokenizer, scheduler: Scheduler, settings: ServeSettings, m
             return {"prompt_tokens": len(ids), "completion_tokens": len(job.ids),
                     "total_tokens": len(ids) + len(job.ids)}
 
+        async def next_event():
+            """The job's next (kind, data) event; None once the client has gone (the job is then
+            cancelled: its row leaves at the next step)."""
+            while True:
+                try:
+                    return await asyncio.wait_for(queue.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancel()
+                        return None
+
+        def failure() -> APIError | None:
+            """The error a job that ended without a reply answers with, else None."""
+            if job.finished_by == "error":
+                return APIError(500, f"decoding failed: {job.error}", "server_error", None, "internal_error")
+            if job.finished_by == "cancelled":
+                return APIError(503, "the request was cancelled (the server is shutting down)", "server_error",
+                                None, "cancelled")
+            return None
+
         if not stream:
             try:
                 while True:
-                    try:
-                        kind, data = await asyncio.wait_for(queue.get(), timeout=0.25)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            job.cancel()
-                            return Response(status_code=499)
-                        continue
-                    if kind == "done":
+                    event = await next_event()
+                    if event is None:
+                        return Response(status_code=499)
+                    if event[0] == "done":
                         break
             finally:
                 if not job.finished:
                     job.cancel()
-            if job.finished_by == "error":
-                raise APIError(500, f"decoding failed: {job.error}", "server_error", None, "internal_error")
-            if job.finished_by == "cancelled":
-                raise APIError(503, "the request was cancelled (the server is shutting down)", "server_error", None,
-                               "cancelled")
+            err = failure()
+            if err is not None:
+                raise err
             choice = {"index": 0, "finish_reason": job.finish_reason, "logprobs": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": job.text}
@@ -348,22 +362,16 @@ def build_app(model, tokenizer, scheduler: Scheduler, settings: ServeSettings, m
                 if chat:
                     yield chunk(None, None, first=True)
                 while True:
-                    try:
-                        kind, data = await asyncio.wait_for(queue.get(), timeout=0.25)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            job.cancel()
-                            return
-                        continue
+                    event = await next_event()
+                    if event is None:
+                        return
+                    kind, data = event
                     if kind == "text":
                         yield chunk(data, None)
                     elif kind == "done":
                         break
-                if job.finished_by in ("error", "cancelled"):
-                    err = APIError(500 if job.finished_by == "error" else 503,
-                                   f"decoding failed: {job.error}" if job.finished_by == "error" else
-                                   "the request was cancelled (the server is shutting down)", "server_error",
-                                   None, "internal_error" if job.finished_by == "error" else "cancelled")
+                err = failure()
+                if err is not None:
                     yield f"data: {json.dumps(err.body())}\n\n"
                 else:
                     yield chunk(None, job.finish_reason, extra={"eetune": job.info()})
