@@ -33,6 +33,7 @@ DEMO_PROMPT ?= Explain in two sentences why the sky is blue.
 GEMMA_PROMPT ?= The Amazon rainforest is the largest tropical rainforest in the world. It
 KEXITS_SMOL := benchmarks/exits/smollm2-mlp-10-20-k4k
 KEXITS_GEMMA := benchmarks/exits/gemma3-norm-13-17-18-k4k
+KDRAFT_GEMMA := benchmarks/exits/gemma3-draft-18-k16k
 GPU_EVAL := benchmarks/results/eval-smollm2-mlp-10-20-h100-cpu-boolq benchmarks/results/eval-smollm2-mlp-10-20-h100-cpu-xsum
 demo: setup
 	$(EETUNE) convert --model smollm2-135m --exits 10,20 --arch layer --output-embedding shared --out $(DEMO)/exits-untuned
@@ -62,7 +63,9 @@ demo: setup
 	@echo "   layers 13, 17 and 18 (the last a restricted LM head), calibrated to 0.95 token agreement"
 	$(EETUNE) generate $(KEXITS_GEMMA) --prompt "$(GEMMA_PROMPT)" --mode full --max-new-tokens 64
 	$(EETUNE) generate $(KEXITS_GEMMA) --prompt "$(GEMMA_PROMPT)" --mode early-exit --show-exits --max-new-tokens 64
-	$(EETUNE) generate $(KEXITS_GEMMA) --prompt "$(GEMMA_PROMPT)" --mode self-spec --draft-exit 17 --threshold 0.5 \
+	@echo "   Gemma-3-270M lossless: drafts from an exit after the last layer whose head is the LM head's 16,384"
+	@echo "   most frequent tokens + OTHER (untuned), verified by the whole LM head once per round"
+	$(EETUNE) generate $(KDRAFT_GEMMA) --prompt "$(GEMMA_PROMPT)" --mode self-spec --threshold 0.5 --draft-len 4 \
 		--max-new-tokens 64
 	@echo "== summary: this run's exits (60 CPU steps of tuning, 30k tokens), then the committed GPU-tuned exits =="
 	@echo "   (18M tokens on an H100, evaluated on this CPU: 30k CPU tokens of tuning cannot give"

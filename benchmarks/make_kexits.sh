@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The restricted-vocabulary exits committed under benchmarks/exits/ (issue 18), rebuilt on a CPU.
 #
-#   bash benchmarks/make_kexits.sh [smollm2|gemma3|both]   (default both; ~10 minutes on 2 cores)
+#   bash benchmarks/make_kexits.sh [smollm2|gemma3|gemma3-draft|both]   (default both; ~10 minutes on 2 cores)
 #
 # SmolLM2-135M: the H100-tuned `mlp` exits after layers 10 and 20 (shared LM head), restricted to
 # the K most frequent tokens of the tuning data plus OTHER (`convert --from-exits`), then tuned
 # briefly on this CPU (the OTHER row is new; LM loss, so the trunk stops at layer 20).
 # Gemma-3-270M: fresh `norm` exits after layers 13, 17 and 18 (the last: a restricted LM head),
 # shared LM head rows, restricted the same way, tuned briefly (norm weights and OTHER rows only).
-# Each is then calibrated (`eetune calibrate`, stored in its exit_config.json): 0.9 token agreement
+# Gemma-3-270M draft exit (gemma3-draft, not in `both`): one untuned `norm` exit after the last layer
+# whose head is the LM head's rows of the 16,384 most frequent tokens plus an OTHER row at zero
+# (shared rows: only the copied final norm and the OTHER row are stored). Drafting with it runs the
+# whole trunk but a 16k-row head; verification is the 262k-row LM head over the round's tokens at
+# once, so rounds amortise the head, which costs more than the whole trunk on this model.
+# Each of the first two is then calibrated (`eetune calibrate`, stored in its exit_config.json): 0.9 token agreement
 # for SmolLM2, 0.95 for Gemma-3, as issue 18's speed targets say.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,4 +41,9 @@ if [[ $WHICH == gemma3 || $WHICH == both ]]; then
   $EETUNE tune "$WORK/gemma3-start" --data default --steps 24 --seq-len 256 --batch-size 8 --lr 1e-2 --warmup 3 \
     --distill 0 --val-blocks 4 --eval-every 12 --train-dir "$WORK/gemma3.train" --out "$OUT"
   $EETUNE calibrate "$OUT" --target-agreement 0.95 --calib-blocks 8 --test-blocks 8
+fi
+
+if [[ $WHICH == gemma3-draft ]]; then
+  $EETUNE convert --model gemma3-270m --exits 18 --arch norm --output-embedding shared --exit-vocab 16k \
+    --out benchmarks/exits/gemma3-draft-18-k16k
 fi

@@ -202,15 +202,16 @@ def test_debug_shows_the_traceback_behind_a_one_line_error(tmp_path, capsys):
 
 
 # --- SIGKILL at many random points, checkpoint writes included ----------------------------------
-KILL_SEEDS = (0, 1, 2)
-KILLS_PER_SEED = 7  # 21 kill points in all
+KILL_SEEDS = (0, 1)
+KILLS_PER_SEED = 7  # 14 kill points in all
 
 
 @pytest.mark.parametrize("seed", KILL_SEEDS)
 def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(world, tmp_path, seed):
     """Kill a run again and again at random moments (it checkpoints every 3 steps, so many kills
     land inside a checkpoint write); after each kill the latest checkpoint is whole, and the
-    resumed run ends with the heads of a run never interrupted."""
+    resumed run ends with the heads of a run never interrupted, its summary counts every step
+    once, and its log has one row per step, none repeated."""
     import random
 
     from safetensors.torch import load_file
@@ -245,7 +246,11 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(world,
     ref = tmp_path / "ref"
     tune(world["norm"], ref, cfg(world, steps=steps, distill=0.0, seed=seed))
     a, b = heads(out), heads(ref)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((out / "exit_config.json").read_text())["training"]
+    assert summary["steps"] == steps and summary["tokens"] == steps * 4 * 32
+    log = (train / "log.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, steps + 1))  # one row per step, no repeats
     leftovers = [p.name for p in (train / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == []  # a killed writer's staging directory is cleaned by the next write
 

@@ -196,10 +196,17 @@ def test_tune_on_a_mixture_with_generated_data(tmp_path):
     assert list((tmp_path / "cache" / "generated").glob("*.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def bad_spec_world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("badspec"))
+
+
 @pytest.mark.parametrize("spec, words", [("generated:0", "positive"), ("default:abc", "not a number"),
                                          ("generated:10:nowhere", "unknown source")])
-def test_tune_refuses_bad_data_specs(tmp_path, spec, words):
-    w = make_world(tmp_path)
-    r = run_cli(["tune", w["norm"], "--data", spec, "--out", tmp_path / "t", "--steps", "1"])
-    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_tune_refuses_bad_data_specs(bad_spec_world, tmp_path, capsys, spec, words):
+    from eetune.cli import main
+    w = bad_spec_world
+    code = main(["tune", str(w["norm"]), "--data", spec, "--out", str(tmp_path / "t"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "t").exists()

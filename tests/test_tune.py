@@ -6,10 +6,8 @@ import csv
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -78,39 +76,14 @@ def test_backbone_bit_identical_no_grad_and_only_heads_in_optimizer(world, tmp_p
     assert any(not torch.equal(tuned[k], untuned[k]) for k in tuned)
 
 
-# --- what must show: SIGKILL after a checkpoint, --resume, identical heads -------------------
-def test_sigkill_then_resume_equals_uninterrupted_run(world, tmp_path):
-    args = ["tune", world["mlp"], "--data", world["docs"], *BASE, "--steps", "400", "--save-every", "25"]
-    reference = tmp_path / "reference"
-    tune(world["mlp"], reference, cfg(world, steps=400, save_every=25))
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "eetune.cli", *map(str, args), "--out", str(out)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = tmp_path / "killed.train" / "checkpoints" / "latest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 25:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = json.loads(latest.read_text())["step"]
-    assert 25 <= killed_at < 400 and not out.exists()
-
-    done = run_cli([*args, "--out", out, "--resume"])
-    assert done.returncode == 0, done.stderr
-    a, b = heads(out), heads(reference)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    summary = json.loads((out / "exit_config.json").read_text())["training"]
-    assert summary["steps"] == 400 and summary["tokens"] == 400 * 4 * 32
-    log = (tmp_path / "killed.train" / "log.csv").read_text().splitlines()
-    assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 401))  # one row per step, no repeats
+# SIGKILL then --resume (identical heads, one log row per step): tests/test_faults.py kills runs at
+# many random points, checkpoint writes included.
 
 
 # --- what must show: 2 ranks under torchrun == 1 process with the same global batch ---------
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+# FSDP here, DDP below through two launchers at a c10d rendezvous (eetune's code is the same for
+# one node or two: torchrun owns the rendezvous).
+@pytest.mark.parametrize("mode", ["fsdp"])
 def test_torchrun_two_ranks_match_one_process(world, tmp_path, mode):
     one = tmp_path / "one"
     tune(world["mlp"], one, cfg(world, steps=6, grad_accum=1, batch_size=4))
@@ -356,7 +329,7 @@ def test_tuning_lowers_every_exit_val_ce_on_default_model(tmp_path):
     src = tmp_path / "untuned"
     assert main(["convert", "--model", "smollm2-135m", "--exits", "10,20", "--arch", "mlp",
                  "--output-embedding", "shared", "--out", str(src)]) == 0
-    c = TuneConfig(data="default", steps=12, seq_len=128, batch_size=4, lr=1e-3, warmup=3, val_blocks=4, distill=0.0,
+    c = TuneConfig(data="default", steps=6, seq_len=128, batch_size=4, lr=2e-3, warmup=2, val_blocks=4, distill=0.0,
                    progress=False)
     before = tune(src, tmp_path / "zero", TuneConfig(**{**c.__dict__, "steps": 1, "lr": 1e-12, "warmup": 0}))
     after = tune(src, tmp_path / "tuned", c)
@@ -428,7 +401,7 @@ def test_default_recipe_distills_unless_hidden_states_are_cached(world, tmp_path
 
 
 # --- two "nodes" through torchrun's own rendezvous (issue 11) -----------------------------------
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp"])
 def test_two_nodes_through_c10d_rendezvous_match_one_process(world, tmp_path, mode):
     """Two torchrun launchers (--nnodes 2, one process each) meet at a c10d rendezvous on
     localhost, as two machines would; the heads equal one process's with the same global batch."""

@@ -60,6 +60,7 @@ import torch
 
 from eetune.decode.rules import choose, confidence, not_other, sampling_probs, speculative_accept
 from eetune.model.backbone import LayerContext
+from eetune.model.rows import few_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # token counts segments are recorded for (GPU)
 CAPACITY_STEP = 256  # cache capacity is rounded up to a multiple of this (states and graphs are reused)
@@ -772,7 +773,13 @@ class Engine:
 def run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, policy=None) -> dict:
     """Decode the left-padded prompts `ids` (`pad[b]` padding tokens in row b), feeding `emitter`
     (the generate API's per-row bookkeeping). `policy`: a `DraftPolicy` (eetune.decode.policy)
-    when `opts.draft_exit` is "auto". Returns engine statistics."""
+    when `opts.draft_exit` is "auto". Returns engine statistics. On the CPU the backbone's
+    few-row products run as `eetune.model.rows` computes them (faster there, same values)."""
+    with few_rows(model):
+        return _run(model, ids, pad, opts, emitter, gen, device, policy)
+
+
+def _run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, policy) -> dict:
     B, T = ids.shape
     L = model.backbone.num_layers
     auto = opts.draft_exit == "auto"

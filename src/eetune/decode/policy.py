@@ -13,6 +13,7 @@ import time
 import torch
 
 from eetune.decode.engine import Engine, Graph
+from eetune.model.rows import few_rows
 
 
 def measure_costs(model, opts) -> dict:
@@ -36,7 +37,7 @@ def measure_costs(model, opts) -> dict:
     cached = getattr(model, "_eetune_costs", None)
     if cached is not None:
         return cached
-    with torch.no_grad():
+    with torch.no_grad(), few_rows(model):  # as the engine decodes (eetune.model.rows on a CPU)
         costs = _measure(model, opts)
     model._eetune_costs = costs
     return costs

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from eetune.errors import EETuneError
+from eetune.model import rows
 from eetune.model.defaults import DEFAULT_MODEL, EMBEDDED_MODELS
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
@@ -198,7 +199,7 @@ class Adapter:
         head = self.lm_head
         w = head.weight if weight is None else weight
         b = getattr(head, "bias", None) if isinstance(bias, str) else bias
-        out = nn.functional.linear(hidden_normed, w, b)
+        out = (rows.linear if getattr(self, "_few_rows", 0) else nn.functional.linear)(hidden_normed, w, b)
         cap = self.logit_softcap
         if cap is not None:
             out = torch.tanh(out / cap) * cap

@@ -38,6 +38,7 @@ import torch
 
 from eetune.decode.api import DecodeOptions, Emitter, TextStream, TokenStat
 from eetune.decode.rules import choose
+from eetune.model.rows import few_rows
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -199,12 +200,14 @@ class SlotTable:
                 allowed = allowed & ((positions[:, :, None] - keys[None, None, :]) < w)
             masks[w] = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(
                 ~allowed, torch.finfo(self.dtype).min)[:, None]
-        for i in range(self.L):
-            out = bb._call(bb.layers[i], i, h, ctx, masks[self.win[i]], c)
-            h = out[0] if isinstance(out, tuple) else out
+        with few_rows(bb):  # on the CPU, the engine's few-row products (eetune.model.rows)
+            for i in range(self.L):
+                out = bb._call(bb.layers[i], i, h, ctx, masks[self.win[i]], c)
+                h = out[0] if isinstance(out, tuple) else out
+            logits = bb.logits(bb.final_norm(h[:, -1]))
         for r, s in enumerate(rows):
             self.length[s] = starts[r] + Q
-        return bb.logits(bb.final_norm(h[:, -1]))
+        return logits
 
     def prefill(self, s: int, ids: list[int]) -> torch.Tensor:
         """A chunk of slot s's prompt; the logits (1, V) after its last token."""
