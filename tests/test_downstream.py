@@ -294,3 +294,20 @@ def test_an_output_path_that_cannot_be_written_is_refused(exits, tmp_path, capsy
         err = capsys.readouterr().err
         assert "cannot write results" in err and len(err.strip().splitlines()) == 1
     assert blocker.read_text() == "not a directory" and not (tmp_path / "missing").exists()
+
+
+def test_tables_of_results_older_than_the_recorded_timing_do_not_say_speed_was_not_measured():
+    """The committed GPU-tuned eval results (2026-11-27) time 4 items per task but predate the
+    `speed` record; `eetune report` printed "speed not measured (no speed items)" over their
+    tokens/s columns."""
+    import json
+    from pathlib import Path
+
+    from eetune.measure.downstream import format_tables, report_html
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/eval-smollm2-mlp-10-20-h100-cpu-xsum/results.json"
+    results = json.loads(path.read_text())
+    assert "speed" not in results["tasks"]["xsum"] and results["tasks"]["xsum"]["speed_items"] == 4
+    for text in (format_tables(results), report_html(results, {}, None)):
+        assert "not measured" not in text
+        assert "tokens/s at batch 1 on 4 items" in text

@@ -196,6 +196,22 @@ def test_tune_on_a_mixture_with_generated_data(tmp_path):
     assert list((tmp_path / "cache" / "generated").glob("*.safetensors"))
 
 
+def test_tune_with_the_lm_loss_only_on_generated_data(tmp_path, monkeypatch, capsys):
+    """`--distill 0` without gates loaded the backbone only up to the deepest exit, and then
+    generating `generated:N` data failed with "backbone layer 4 is not loaded": sampling needs
+    every layer."""
+    from eetune.cli import main
+    w = make_world(tmp_path)
+    monkeypatch.setenv("EETUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tuned"
+    code = main(["tune", str(w["norm"]), "--data", f"generated:64:{w['docs']}", "--distill", "0", "--out", str(out),
+                 "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--val-blocks", "1",
+                 "--gen-max-new-tokens", "16", "--gen-batch-size", "4"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "exit_config.json").read_text())["training"]
+    assert summary["data"]["source"] == f"generated:64:{w['docs']}", summary["data"]
+
+
 @pytest.fixture(scope="module")
 def bad_spec_world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("badspec"))

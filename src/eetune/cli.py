@@ -154,7 +154,7 @@ def _restrict_heads(model, args, K: int | None) -> str | None:
     if K is None:
         return None
     K = parse_exit_vocab(args.exit_vocab, model.backbone.vocab_size)  # the loaded model's own vocabulary
-    ids, source = rank_exit_vocab(model, args.vocab_data or TuneConfig.data, K, progress=sys.stderr.isatty())
+    ids, source = rank_exit_vocab(model, args.vocab_data or TuneConfig.data, K, progress=True)
     model.restrict_vocab(ids, source)
     return _restricted_line(model)
 
@@ -341,9 +341,9 @@ def cmd_evaluate(args):
     texts = load_texts(args.data)
     model = EarlyExitModel.from_pretrained(args.dir)
     blocks = pack_blocks(load_tokenizer(model.backbone), texts, args.seq_len, args.max_blocks)
-    metrics = exit_metrics(model, blocks, args.batch_size, progress=sys.stderr.isatty())
+    metrics = exit_metrics(model, blocks, args.batch_size, progress=True)  # a bar, or status lines in a log
     if len(model.gates):
-        metrics["gates"] = gate_report(model, blocks, batch_size=args.batch_size, progress=sys.stderr.isatty())
+        metrics["gates"] = gate_report(model, blocks, batch_size=args.batch_size, progress=True)
     profile = metrics["profile"]
     profile["costs"] = exit_costs(model)
     from eetune.measure.evaluate import profile_speedups
@@ -409,7 +409,7 @@ def cmd_tune(args):
 
     from eetune.train.tune import tune
 
-    cfg = from_args(TuneConfig, args, progress=args.progress and sys.stderr.isatty())
+    cfg = from_args(TuneConfig, args)  # progress: a bar on a terminal, status lines elsewhere (eetune.progress)
     # Every path tune writes, refused before the data and the model are loaded.
     check_writable(args.out, "write --out", kind="dir")
     for flag, path in (("--train-dir", cfg.train_dir), ("--cache-hidden", cfg.cache_hidden)):
@@ -646,7 +646,8 @@ def add_scan(sub):
     p.add_argument("--allow-pickle", action="store_true",
                    help="load pickled weights (.bin/.pt), which can run code when loaded; off by default: "
                         "safetensors only (EETUNE_ALLOW_PICKLE=1 does the same for every verb)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress: no bar on a terminal, no status lines elsewhere (a log, a pipe)")
     p.set_defaults(func=cmd_scan)
 
 
@@ -666,7 +667,7 @@ def cmd_scan(args):
                      holdout=args.holdout, loss=args.loss, epochs=args.epochs, lr=args.lr, fit_batch=args.fit_batch,
                      hidden_dtype=args.hidden_dtype, thresholds=thresholds, threshold=args.threshold,
                      target_agreement=args.target_agreement, head_cost=args.head_cost, max_exits=args.max_exits,
-                     top=args.top, seed=args.seed, progress=not args.no_progress and sys.stderr.isatty(),
+                     top=args.top, seed=args.seed, progress=not args.no_progress,
                      exit_vocab=args.exit_vocab)
     cfg.validate()  # before the (slow) model load
     check_device(args.device)
@@ -793,7 +794,8 @@ def add_eval(sub):
     p.add_argument("--seed", type=int, default=0, help="which items are sampled (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; cuda on a GPU)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="backbone weights dtype (default fp32)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress: no bar on a terminal, no status lines elsewhere (a log, a pipe)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -811,7 +813,7 @@ def cmd_eval(args):
                      **({} if args.speed_min_tokens is None else {"speed_min_tokens": args.speed_min_tokens}),
                      batch_size=args.batch_size, max_context=args.max_context, self_spec=not args.no_self_spec,
                      ppl_data=args.ppl_data, ppl_blocks=args.ppl_blocks, seq_len=args.seq_len, seed=args.seed,
-                     progress=not args.no_progress and sys.stderr.isatty())
+                     progress=not args.no_progress)  # a bar on a terminal, status lines elsewhere
     cfg.validate()
     out = Path(args.out)
     check_writable(out, "write results to", "give --out a directory in a folder you may write to", kind="dir")
@@ -967,7 +969,7 @@ def cmd_calibrate(args):
     calib, test, data = calibration_blocks(load_tokenizer(model.backbone), args.data, args.seq_len, args.calib_blocks,
                                            args.test_blocks)
     result = {**calibrate(model, calib, test, args.target_agreement, args.confidence, args.per_exit,
-                          args.batch_size, progress=sys.stderr.isatty()), "data": data}
+                          args.batch_size, progress=True), "data": data}
     out = sys.stderr if args.json else sys.stdout  # notes; with --json stdout holds the JSON only
     if args.json:
         print(json.dumps(json_safe(result), indent=2, sort_keys=True))

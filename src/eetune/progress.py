@@ -1,6 +1,9 @@
 """Progress of long work: a tqdm bar on a terminal, status lines elsewhere (a log file, a pipe,
 a batch job: one line at most every 30 s with the step, the loss, tokens/s and an ETA), so that
-a run never prints nothing for minutes. Used by tuning and gate fitting.
+a run never prints nothing for minutes. Every long loop goes through `progress_display` (or
+`progress_iter`): tuning, gate fitting, generated data (`generated:N`), `evaluate`, `calibrate`,
+`eval`, `scan` and the exit-vocabulary ranking of `convert`. A loop's `progress` flag says whether
+it shows anything (the CLI's --no-progress: nothing); where it does, the stream decides the form.
 """
 
 from __future__ import annotations
@@ -64,9 +67,11 @@ class StatusLines:
 
     (done/total, the fields of `set_postfix`, the time so far and the estimated time left at
     the rate of this process's steps), and a last line from `close` when any was printed. The
-    calls are tqdm's: `update`, `set_postfix`, `close`."""
+    calls are tqdm's: `update`, `set_postfix`, `close`, and `total` may be changed on the way (a
+    loop whose length is an estimate). A total of 0 or None (not known) gives `step 12` with no
+    share and no ETA."""
 
-    def __init__(self, total: int, desc: str, unit: str, interval: float, initial: int = 0, file=None,
+    def __init__(self, total: int | None, desc: str, unit: str, interval: float, initial: int = 0, file=None,
                  clock=time.monotonic):
         self.total, self.desc, self.unit, self.interval, self.clock = total, desc, unit, interval, clock
         self.n = self.start = initial
@@ -75,8 +80,9 @@ class StatusLines:
         self.printed_at: int | None = None
         self.file = file
 
-    def set_postfix(self, fields: dict, refresh: bool = False) -> None:
-        self.fields = dict(fields)
+    def set_postfix(self, fields: dict | None = None, refresh: bool = False, **kwargs) -> None:
+        """tqdm's: the fields as a dict, or as keywords (`set_postfix(epoch=1, loss="2.3")`)."""
+        self.fields = {**(fields or {}), **{k: kwargs[k] for k in sorted(kwargs)}}
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -91,14 +97,16 @@ class StatusLines:
 
     def line(self, now: float, done: bool = False) -> str:
         elapsed = now - self.t0
-        parts = [f"{self.desc}: {self.unit} {self.n:,}/{self.total:,}"
-                 + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")]
+        if self.total:
+            parts = [f"{self.desc}: {self.unit} {self.n:,}/{self.total:,} ({100 * self.n / self.total:.0f}%)"]
+        else:  # not known
+            parts = [f"{self.desc}: {self.unit} {self.n:,}"]
         for key, value in self.fields.items():
             parts.append(f"{value} {key}" if key.endswith("/s") else f"{key} {value}")
         parts.append(f"elapsed {_duration(elapsed)}")
         ran = self.n - self.start
         if done:
-            parts.append("done" if self.n >= self.total else "stopped")
+            parts.append("done" if not self.total or self.n >= self.total else "stopped")
         elif ran > 0 and self.total:
             parts.append(f"ETA {_duration(elapsed / ran * max(0, self.total - self.n))}")
         else:
@@ -110,14 +118,32 @@ class StatusLines:
         self.printed_at = self.n
 
 
-def progress_display(total: int, desc: str, unit: str, bar: bool, lines: bool = True, initial: int = 0):
-    """How a long loop shows its progress: a tqdm bar when `bar` and stderr is a terminal;
-    `StatusLines` when stderr is not a terminal and `lines` (whether or not `bar`: the CLI turns
-    the bar off away from a terminal, and a run that prints nothing for minutes looks hung);
-    else a disabled bar. Processes other than rank 0 pass neither."""
+def progress_display(total: int | None, desc: str, unit: str, bar: bool, lines: bool = True, initial: int = 0,
+                     leave: bool = True):
+    """How a long loop shows its progress: a tqdm bar when `bar` and stderr is a terminal
+    (`leave=False`: wiped when done, for a loop inside a longer one); `StatusLines` when stderr
+    is not a terminal and `lines` (whether or not `bar`: a run that prints nothing for minutes
+    looks hung); else a disabled bar. The verbs pass `bar=lines=progress` (--no-progress: nothing);
+    `eetune tune` passes lines=True whatever its --no-progress (EETUNE_PROGRESS_INTERVAL=off stops
+    them). Processes other than rank 0 pass neither. `total`: None or 0 when not known."""
     if bar and _is_terminal(sys.stderr):
-        return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True)
+        return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, leave=leave)
     interval = progress_interval() if lines and not _is_terminal(sys.stderr) else None
     if interval is not None:
         return StatusLines(total, desc, unit, interval, initial=initial)
     return tqdm(total=total, initial=initial, unit=unit, desc=desc, disable=True)
+
+
+def progress_iter(items, desc: str, unit: str, progress: bool, total: int | None = None, leave: bool = True):
+    """`items` one at a time, the progress shown as `progress_display(bar=progress,
+    lines=progress)` counts them (a bar on a terminal, status lines elsewhere, nothing without
+    `progress`): what `tqdm(items, disable=not progress)` was. `total`: len(items) by default."""
+    if total is None:
+        total = len(items)
+    bar = progress_display(total, desc, unit, bar=progress, lines=progress, leave=leave)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()

@@ -55,9 +55,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from eetune.errors import EETuneError
+from eetune.progress import progress_display
 
 TASK_NAMES = ("ppl", "xsum", "boolq", "mmlu", "narrativeqa")
 DEFAULT_THRESHOLDS = (1.0, 0.9, 0.8, 0.6, 0.4, 0.2)
@@ -333,7 +333,8 @@ def run_task_quality(model, tok, task: str, items: list[dict], settings: list[Se
     prompts = [prompt_ids(tok, task, it, cfg.max_context, chat) for it in items]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
     out = {}
-    bar = tqdm(total=len(settings) * len(items), desc=f"{task} quality", unit="item", disable=not cfg.progress)
+    bar = progress_display(len(settings) * len(items), f"{task} quality", "item", bar=cfg.progress,
+                           lines=cfg.progress)
     for s in settings:
         replies = [None] * len(items)
         for a in range(0, len(order), cfg.batch_size):
@@ -346,6 +347,17 @@ def run_task_quality(model, tok, task: str, items: list[dict], settings: list[Se
         out[s.name] = {"replies": replies, "metrics": metrics}
     bar.close()
     return out
+
+
+def speed_rounds_estimate(rounds: int, items: int, cap: int, min_tokens: int, least: int) -> int:
+    """The rounds `run_task_speed` will run, estimated after `rounds` of them in which the
+    setting with the fewest decode tokens timed `least`: at least `items`, at most `cap`, and
+    enough to reach `min_tokens` at the rate so far (`cap` when nothing was timed yet)."""
+    if least >= min_tokens:
+        return max(rounds, items)
+    if least <= 0 or rounds <= 0:
+        return cap if rounds else items
+    return min(cap, max(items, rounds + math.ceil((min_tokens - least) * rounds / least)))
 
 
 def run_task_speed(model, tok, task: str, items: list[dict], settings: list[Setting], cfg: EvalConfig,
@@ -371,7 +383,9 @@ def run_task_speed(model, tok, task: str, items: list[dict], settings: list[Sett
                     "runs": 0} for s in settings}
     cap = max(len(subset), cfg.speed_min_tokens)
     rounds = 0
-    bar = tqdm(desc=f"{task} speed", unit="run", disable=not cfg.progress)
+    # runs: the number of rounds is known only as they go (an estimate, from the tokens so far)
+    bar = progress_display(len(subset) * len(settings), f"{task} speed", "run", bar=cfg.progress,
+                           lines=cfg.progress)
     while rounds < len(subset) or (rounds < cap and min(a["decode_tokens"] for a in acc.values())
                                    < cfg.speed_min_tokens):
         p = prompts[rounds % len(prompts)]
@@ -384,6 +398,8 @@ def run_task_speed(model, tok, task: str, items: list[dict], settings: list[Sett
             a["runs"] += 1
             bar.update(1)
         rounds += 1
+        bar.total = len(settings) * speed_rounds_estimate(rounds, len(subset), cap, cfg.speed_min_tokens,
+                                                          min(a["decode_tokens"] for a in acc.values()))
     bar.close()
     out = {}
     for name, a in acc.items():
@@ -406,9 +422,13 @@ SPEED_METHOD = ("tokens/s = decode tokens / decode seconds at batch 1 (decode: a
                 "interleaved rounds, at least {min_tokens} decode tokens per setting")
 
 
-def speed_note(info: dict | None) -> str:
-    """How a task's speed was measured, in one line (for the tables and the report)."""
+def speed_note(info: dict | None, speed_items: int = 0) -> str:
+    """How a task's speed was measured, in one line (for the tables and the report). Results
+    written before the timing was recorded (no `speed` entry) but with `speed_items` timed say so."""
     if not info:
+        if speed_items:
+            return (f"tokens/s at batch 1 on {speed_items} items; these results do not record how the timing "
+                    f"was done (warm-up, rounds)")
         return "speed not measured (no speed items)"
     return SPEED_METHOD.format(warmup=info.get("warmup_runs", "?"), items=info.get("items", "?"),
                                rounds=info.get("rounds", "?"), min_tokens=info.get("min_tokens", "?"))
@@ -584,7 +604,7 @@ def format_tables(results: dict) -> str:
             continue
         rows = r["rows"]
         lines.append(f"{task} ({rows[0]['metric']}, n={r['n']}; speed on {r['speed_items']} items at batch 1)")
-        lines.append(f"  {speed_note(r.get('speed'))}")
+        lines.append(f"  {speed_note(r.get('speed'), r.get('speed_items', 0))}")
         lines.append(f"  {'setting':<16} {'score':>6} {'95% CI':>15} {'diff vs full':>13} {'95% CI':>17} "
                      f"{'tok/s':>7} {'speedup':>7} {'timed tok':>9} {'exit layer':>10}")
         for row in rows:
@@ -631,7 +651,7 @@ def report_html(results: dict, images: dict[str, bytes], profile_png: bytes | No
             continue
         rows = r["rows"]
         parts.append(f"<p>{esc(rows[0]['metric'])} on n = {r['n']} items (95% bootstrap intervals; the difference "
-                     f"from full is a paired bootstrap). Speed: {esc(speed_note(r.get('speed')))}.</p>")
+                     f"from full is a paired bootstrap). Speed: {esc(speed_note(r.get('speed'), r.get('speed_items', 0)))}.</p>")
         parts.append("<table><tr><th>setting</th><th>score</th><th>95% CI</th><th>diff vs full</th><th>95% CI</th>"
                      "<th>same reply as full</th><th>tokens/s</th><th>speedup</th><th>decode tokens timed</th>"
                      "<th>mean exit layer</th><th>layer passes / token</th></tr>")

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from eetune.errors import EETuneError
+from eetune.progress import progress_iter
 
 # max-prob thresholds of the exit profile (share of tokens exiting, agreement among them)
 PROFILE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -84,7 +84,8 @@ def exit_metrics(model, blocks: torch.Tensor, batch_size: int = 8, confident: fl
     that would leave at the exit (max-softmax probability >= t, and OTHER not the top-1 of a
     restricted head), the top-1 agreement with the final layer among them (None where there are
     none) and their number. A restricted head's top-1 is its token (`ExitHead.predict`); OTHER
-    never agrees. `ce` of a restricted head is over its classes (`ce_over`)."""
+    never agrees. `ce` of a restricted head is over its classes (`ce_over`). `progress`: a bar on a
+    terminal, status lines elsewhere (`eetune.progress`); False: nothing."""
     ts = _check_thresholds(thresholds)
     t_vec = torch.tensor(ts, dtype=torch.float32)
     dev = next(model.backbone.model.parameters()).device
@@ -93,7 +94,7 @@ def exit_metrics(model, blocks: torch.Tensor, batch_size: int = 8, confident: fl
             for k in model.exit_layers}
     final_ce, tokens = 0.0, 0
     batches = range(0, blocks.shape[0], batch_size)
-    for a in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
+    for a in progress_iter(batches, "evaluate", "batch", progress):
         ids = blocks[a:a + batch_size].to(dev)
         out = model(ids, final=True)
         targets = ids[:, 1:].reshape(-1)

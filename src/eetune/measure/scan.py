@@ -75,9 +75,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from eetune.errors import EETuneError
+from eetune.progress import progress_display, progress_iter
 
 LOSSES = ("kl", "ce")
 DEFAULT_THRESHOLDS = (0.5, 0.8, 0.9)
@@ -114,7 +114,7 @@ class ScanConfig:
     max_exits: int = 3
     top: int = 5
     seed: int = 0
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, status lines elsewhere (eetune.progress); False: nothing
     # K: the heads project onto the K most frequent tokens of the fitting data + a learned OTHER row
     # (what `convert --exit-vocab K` builds); an int, a spec such as "4k", or None / "all": the whole vocabulary
     exit_vocab: int | str | None = None
@@ -208,7 +208,7 @@ def collect_hidden(bb, blocks: torch.Tensor, batch_size: int = 8, hidden_dtype: 
     top1 = torch.empty(n, dtype=torch.long, device=dev)
     targets = blocks[:, 1:].reshape(-1).to(dev)
     row = 0
-    for a in tqdm(range(0, N, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+    for a in progress_iter(range(0, N, batch_size), desc, "batch", progress, leave=False):
         ids = blocks[a:a + batch_size].to(dev)
         B = ids.shape[0]
         positions = torch.arange(T, device=dev)[None].expand(B, T)
@@ -405,8 +405,8 @@ def fit_norm_heads(bb, heads: NormHeads, collected: dict, idx: torch.Tensor, lay
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(idx.numel() / batch)
     last_epoch = torch.zeros(len(layers), dtype=torch.float64)
-    bar = tqdm(total=epochs * steps_per_epoch, desc=f"fit heads ({loss})", unit="step", disable=not progress,
-               leave=False)
+    bar = progress_display(epochs * steps_per_epoch, f"fit heads ({loss})", "step", bar=progress, lines=progress,
+                           leave=False)
     for epoch in range(epochs):
         order = idx[torch.randperm(idx.numel(), generator=gen)]
         epoch_sum, epoch_n = torch.zeros(len(layers), dtype=torch.float64), 0
@@ -486,7 +486,7 @@ def measure_heads(bb, heads: NormHeads, collected: dict, idx: torch.Tensor, batc
         conf[rows, cols] = c.cpu()
         agree[rows, cols] = (top == ref).cpu()
 
-    for a in tqdm(chunks, desc="measure", unit="batch", disable=not progress, leave=False):
+    for a in progress_iter(chunks, "measure", "batch", progress, leave=False):
         tok = idx[a:a + batch].to(dev)
         ref = collected["final_top1"][tok]
         cols = slice(a, a + tok.numel())

@@ -29,9 +29,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from eetune.model.gates import ExitGate
+from eetune.progress import progress_display
 
 
 # --- training and reporting ------------------------------------------------------------------
@@ -46,16 +46,14 @@ def _autocast(model):
     return torch.autocast(next(model.backbone.model.parameters()).device.type, dtype=dtype)
 
 
-def _progress(total: int, desc: str, unit: str, progress: bool, lines: bool):
-    """A tqdm bar (`progress`), or where stderr is not a terminal and `lines`, a status line
-    every ~30 s with an ETA (eetune.progress.progress_display)."""
-    if not lines:
-        return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
-    from eetune.progress import progress_display
-    return progress_display(total, desc, unit, bar=progress, lines=True)
+def _progress(total: int, desc: str, unit: str, progress: bool, lines: bool | None):
+    """A tqdm bar on a terminal (`progress`), or where stderr is not a terminal and `lines`
+    (None: as `progress`), a status line every ~30 s with an ETA (eetune.progress.progress_display)."""
+    return progress_display(total, desc, unit, bar=progress, lines=progress if lines is None else lines)
 
 
-def _exit_batches(model, blocks: torch.Tensor, batch_size: int, desc: str, progress: bool, lines: bool = False):
+def _exit_batches(model, blocks: torch.Tensor, batch_size: int, desc: str, progress: bool,
+                  lines: bool | None = None):
     """Teacher-forced full-depth passes over `blocks`, one batch at a time. Yields, per batch,
     {exit layer: (input hidden state (n, H), exit logits (n, C))} and the final layer's top-1
     (n,), for every position but the last of each block (n = batch * (T - 1)). C is the head's
@@ -113,15 +111,16 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int = 300, l2: float =
 
 
 def train_gates(model, blocks: torch.Tensor, val_blocks: torch.Tensor, batch_size: int = 8, steps: int = 300,
-                l2: float = 1e-2, thresholds=THRESHOLDS, progress: bool = True, lines: bool = False) -> dict:
+                l2: float = 1e-2, thresholds=THRESHOLDS, progress: bool = True, lines: bool | None = None) -> dict:
     """Fit a gate per exit of `model` and attach them (`model.set_gates`). Backbone and heads are
     frozen: one full-depth pass over `blocks` (N, T) collects, for every exit k and every
     position but the last of a block, the features of the exit's input hidden state and the
     label "exit k's top-1 == the final layer's top-1"; each gate is then a logistic regression
     on those (`fit_logistic`). Returns a summary: tokens, seconds, per-exit training cross-
     entropy and label rate, and `gate_report` on `val_blocks`. The heads run in eval mode (no
-    dropout), the model's previous mode put back after. `progress`: tqdm bars; `lines`: where
-    stderr is not a terminal, a status line every ~30 s with an ETA instead (`eetune tune`)."""
+    dropout), the model's previous mode put back after. `progress`: tqdm bars on a terminal;
+    `lines`: where stderr is not a terminal, a status line every ~30 s with an ETA instead (None:
+    when `progress`; `eetune tune` passes True, whatever its --no-progress)."""
     from eetune.model.early_exit import eval_mode
 
     t0 = time.time()
@@ -162,7 +161,7 @@ def train_gates(model, blocks: torch.Tensor, val_blocks: torch.Tensor, batch_siz
 
 @torch.no_grad()
 def gate_report(model, blocks: torch.Tensor, thresholds=THRESHOLDS, batch_size: int = 8,
-                progress: bool = False, lines: bool = False) -> dict:
+                progress: bool = False, lines: bool | None = None) -> dict:
     """How well each exit's gate picks the tokens on which the exit agrees with the final
     layer, against the max-softmax confidence of the exit itself, on held-out `blocks` (the
     last position of each block is left out). Per exit and threshold t: `coverage`, the share
@@ -177,7 +176,8 @@ def gate_report(model, blocks: torch.Tensor, thresholds=THRESHOLDS, batch_size: 
         return _gate_report(model, blocks, thresholds, batch_size, progress, lines)
 
 
-def _gate_report(model, blocks: torch.Tensor, thresholds, batch_size: int, progress: bool, lines: bool) -> dict:
+def _gate_report(model, blocks: torch.Tensor, thresholds, batch_size: int, progress: bool,
+                 lines: bool | None) -> dict:
     thresholds = [float(t) for t in thresholds]
     t = torch.tensor(thresholds)
     counts = {k: {"agree": 0, "gate_n": torch.zeros(len(t)), "gate_ok": torch.zeros(len(t)),

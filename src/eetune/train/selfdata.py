@@ -34,14 +34,13 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from eetune.errors import EETuneError
+from eetune.progress import progress_display
 from eetune.train.data import check_generated_source, load_texts, tokenizer_key
 
 OPENING_TOKENS = 48  # tokens of a document's opening used as a plain-text prompt
@@ -157,7 +156,8 @@ def _load_docs(path: Path) -> tuple[list[torch.Tensor], list[int]]:
 def generated_documents(model, tokenizer, n: int, source: str = "default", settings: GenSettings = GenSettings(),
                         progress: bool = True, cache: bool = True) -> list[torch.Tensor]:
     """Documents (prompt + sampled continuation, token ids) holding at least `n` generated
-    tokens, from the cache when there (see the module docstring)."""
+    tokens, from the cache when there (see the module docstring). `progress`: a bar on a
+    terminal, status lines elsewhere (`eetune.progress`); False: nothing."""
     from eetune.decode.api import DecodeOptions, end_token_ids, generate
 
     if n < 1:
@@ -181,8 +181,7 @@ def generated_documents(model, tokenizer, n: int, source: str = "default", setti
             done += sum(new)
             chunk += 1
     eos = end_token_ids(model, tokenizer)
-    bar = tqdm(total=n, initial=min(done, n), unit="tok", desc="generate", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = progress_display(n, "generate", "tok", bar=progress, lines=progress, initial=min(done, n))
     was_training = model.training
     model.eval()
     try:

@@ -1252,7 +1252,10 @@ def _load_for_tuning(exits_dir: Path, exit_config: ExitConfig, cfg: TuneConfig, 
     from eetune.model.early_exit import EarlyExitModel
 
     # Partial loading when no step needs the final layer: the backbone up to the deepest exit only.
-    partial = cfg.distill == 0 and not cfg.gates
+    # Generated data (`generated:N`) is sampled from the whole model, so it needs every layer.
+    from eetune.train.data import parse_data_spec
+    generates = any(p.generated is not None for p in parse_data_spec(cfg.data))
+    partial = cfg.distill == 0 and not cfg.gates and not generates
     model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device),
                                            partial=partial)
     model.heads.float()
