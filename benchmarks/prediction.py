@@ -60,6 +60,26 @@ def continuation_table(model, prompt: list[int], new: list[int]) -> tuple[torch.
     return conf[:, lo:hi], agree[:, lo:hi]
 
 
+def run_meta() -> dict:
+    """Machine, versions and date, for a results file."""
+    import transformers
+    return {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
+                       f"{torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def save_result(row: dict, name: str) -> Path:
+    """Print `row` as one JSON line and write it to benchmarks/results/`name` (atomically)."""
+    print(json.dumps(row), flush=True)
+    out = ROOT / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
 def end_to_end(s: float, prefill_s: float, token_s: float, n: int) -> float:
     """A decode-only speedup `s` carried to whole generations of `n` tokens after `prefill_s`."""
     return (prefill_s + n * token_s) / (prefill_s + token_s + (n - 1) * token_s / s)
@@ -146,23 +166,13 @@ def main(argv=None):
             v["end_to_end"] = v.get("end_to_end") or end_to_end(v["decode_only"], p_s, token_s, round(n_new))
             v["vs_realized"] = v["end_to_end"] / realized["end_to_end"] - 1
 
-    import transformers
     row = {"exits": _repo_relative(args.exits), "thresholds": {str(k): t for k, t in thresholds.items()},
            "target_agreement": cal.get("target_agreement"), "realized": realized, "predicted": predicted,
            "costs": {"lm_head_layers": cost["lm_head_layers"], "outcome": cost["outcome"],
                      "full_layers": cost["full_layers"], "layer_s": costs.get("layer_s")},
            "prompts": len(timed), "heldout": len(heldout), "doc_tokens": args.doc_tokens,
-           "max_new_tokens": args.max_new_tokens,
-           "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
-                      f"{torch.get_num_threads()} threads)",
-           "torch": torch.__version__, "transformers": transformers.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M")}
-    print(json.dumps(row), flush=True)
-    out = ROOT / "results" / f"prediction-{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=1) + "\n")
-    os.replace(tmp, out)
+           "max_new_tokens": args.max_new_tokens, **run_meta()}
+    out = save_result(row, f"prediction-{args.tag}.json")
     print(f"\nrealized early exit / full: {realized['end_to_end']:.3f} end to end, {realized['decode_only']:.3f} "
           f"decode only (mean exit layer {realized['mean_exit_layer']:.1f})")
     for name, v in predicted.items():

@@ -25,21 +25,15 @@ to benchmarks/results/spec_ceiling-<tag>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))
 
 from decode_speed import _repo_relative, xsum_prompts  # noqa: E402
-from prediction import continuation_table  # noqa: E402
+from prediction import continuation_table, run_meta, save_result  # noqa: E402
 from eetune import EarlyExitModel, load_tokenizer  # noqa: E402
 from eetune.decode import DecodeOptions, generate  # noqa: E402
 from eetune.decode.policy import DraftPolicy, measure_costs  # noqa: E402
@@ -129,21 +123,13 @@ def main(argv=None):
     rules = [summary(float(t), int(n)) for t, n in (x.split(":") for x in args.rules.split(",") if x)]
     oracle = [summary(None, int(n)) for n in args.oracle.split(",") if n]
     agree_all = sum(sum(a) for _, a in tables) / tokens
-    import transformers
     result = {"exits": _repo_relative(args.exits), "draft_exit": d, "num_layers": costs["num_layers"],
               "tokens": tokens, "draft_agreement": agree_all, "rules": rules, "oracle": oracle,
               "costs_s": {k: costs[k] for k in ("layer", "layer_x5", "final", "final_x5")}, "cost_repeats": args.cost_repeats,
               "draft_head_s": policy.head_cost[d], "full_step_s": full_step,
               "prompts": len(prompts), "doc_tokens": args.doc_tokens, "max_new_tokens": args.max_new_tokens,
-              "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
-                         f"{torch.get_num_threads()} threads)",
-              "torch": torch.__version__, "transformers": transformers.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M")}
-    print(json.dumps(result), flush=True)
-    out = ROOT / "results" / f"spec_ceiling-{args.tag}.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+              **run_meta()}
+    out = save_result(result, f"spec_ceiling-{args.tag}.json")
     print(f"\ndraft exit {d}: top-1 equal to the final layer's on {agree_all:.3f} of {tokens} tokens")
     for r in rules + oracle:
         name = "oracle" if r["threshold"] is None else f"t={r['threshold']}"

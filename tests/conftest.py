@@ -117,3 +117,16 @@ def save_peaky_model_dir(path):
     model.save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
+
+
+def make_peaky_exits(root):
+    """`save_peaky_model_dir` converted to `norm` exits after layers 1 and 3, with a plain text
+    file of 600 words: (model dir, exits dir, text file)."""
+    from eetune.cli import main
+
+    src = save_peaky_model_dir(root / "tiny")
+    out = root / "exits"
+    assert main(["convert", "--model", str(src), "--exits", "1,3", "--arch", "norm", "--out", str(out)]) == 0
+    text = root / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 96}" for i in range(600)))
+    return src, out, text

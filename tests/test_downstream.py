@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import peaky_backbone, save_peaky_model_dir, word_tokenizer
+from conftest import make_peaky_exits, peaky_backbone, word_tokenizer
 from eetune.cli import main
 from eetune.decode import Generation, RowResult
 from eetune.measure.downstream import (TASKS, EvalConfig, Rouge, _decode, bootstrap_ci, cut_reply, extract_choice,
@@ -218,12 +218,7 @@ def test_task_plot_labels_of_coinciding_points_do_not_overlap():
 # --- the verb -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def exits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    src = save_peaky_model_dir(root / "tiny")
-    out = root / "exits"
-    assert main(["convert", "--model", str(src), "--exits", "1,3", "--arch", "norm", "--out", str(out)]) == 0
-    text = root / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 96}" for i in range(600)))
+    _, out, text = make_peaky_exits(tmp_path_factory.mktemp("eval"))
     return out, text
 
 

@@ -4,7 +4,7 @@ when stderr is a log or a pipe, and nothing with --no-progress; StatusLines with
 
 import pytest
 
-from conftest import save_peaky_model_dir
+from conftest import make_peaky_exits
 from eetune.cli import main
 from eetune.progress import StatusLines, progress_display
 
@@ -13,13 +13,7 @@ from tune_helpers import one_thread  # noqa: F401
 
 @pytest.fixture(scope="module")
 def exits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("progress")
-    src = save_peaky_model_dir(root / "tiny")
-    out = root / "exits"
-    assert main(["convert", "--model", str(src), "--exits", "1,3", "--arch", "norm", "--out", str(out)]) == 0
-    text = root / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 96}" for i in range(600)))
-    return src, out, text
+    return make_peaky_exits(tmp_path_factory.mktemp("progress"))
 
 
 @pytest.fixture

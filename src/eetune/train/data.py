@@ -105,6 +105,11 @@ def parse_data_spec(spec: str) -> list[DataPart]:
     return parts
 
 
+def uses_generated(spec: str) -> bool:
+    """Whether the data spec samples from the model itself (a `generated:N` part)."""
+    return any(p.generated is not None for p in parse_data_spec(spec))
+
+
 def mix_blocks(parts: list[torch.Tensor], weights: list[float], seed: int = 0,
                max_blocks: int | None = None) -> tuple[torch.Tensor, list[int]]:
     """Training blocks of several sources in proportion to `weights`: as many blocks in all as

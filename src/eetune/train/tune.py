@@ -479,10 +479,10 @@ def resolve_defaults(cfg: TuneConfig) -> TuneConfig:
 
 
 def _check_config(cfg: TuneConfig, exit_layers) -> None:
-    from eetune.train.data import parse_data_spec
+    from eetune.train.data import uses_generated
 
     n = len(exit_layers)
-    if any(p.generated is not None for p in parse_data_spec(cfg.data)):  # refuses a malformed spec early
+    if uses_generated(cfg.data):  # refuses a malformed spec early
         generation_settings(cfg).check()
     for name in ("seq_len", "batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
@@ -1253,9 +1253,8 @@ def _load_for_tuning(exits_dir: Path, exit_config: ExitConfig, cfg: TuneConfig, 
 
     # Partial loading when no step needs the final layer: the backbone up to the deepest exit only.
     # Generated data (`generated:N`) is sampled from the whole model, so it needs every layer.
-    from eetune.train.data import parse_data_spec
-    generates = any(p.generated is not None for p in parse_data_spec(cfg.data))
-    partial = cfg.distill == 0 and not cfg.gates and not generates
+    from eetune.train.data import uses_generated
+    partial = cfg.distill == 0 and not cfg.gates and not uses_generated(cfg.data)
     model = EarlyExitModel.from_pretrained(exits_dir, backbone=backbone, dtype=cfg.dtype, device=str(device),
                                            partial=partial)
     model.heads.float()
