@@ -162,6 +162,25 @@ def early_exit_step(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
     return out_logits, out_layer, out_conf
 
 
+def context_draft(state: DecodeState, d: int, h: torch.Tensor, ctx, extra: torch.Tensor, opts):
+    """`--draft-context`: restricted draft exit d's decision over its K tokens, the prompts'
+    tokens `extra` outside them (the LM head's rows applied to the exit's normed hidden state)
+    and OTHER, written out whole: (logits over the vocabulary, confidence over every class,
+    whether the top class is a token)."""
+    bb, head = state.bb, state.model.head(d)
+    z = head.transform(h, ctx, state.exit_caches[d]) if head.arch == "layer" else head.transform(h)
+    z = z[:, -1]
+    own = head.project(z)  # (B, K + 1): K tokens, then OTHER
+    lm_b = getattr(bb.lm_head, "bias", None)
+    added = bb.logits(z, bb.lm_head.weight[extra], None if lm_b is None else lm_b[extra])
+    classes = torch.cat([own[:, :-1], added, own[:, -1:]], -1)
+    conf = exit_confidence(state, d, h, classes, opts)
+    may = classes.argmax(-1) != classes.shape[-1] - 1
+    vocab = torch.full((classes.shape[0], bb.vocab_size), float("-inf"), dtype=classes.dtype, device=classes.device)
+    vocab[:, torch.cat([head.vocab_ids.to(extra.device), extra])] = classes[:, :-1]
+    return vocab, conf, may
+
+
 def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOptions, settled: torch.Tensor,
                     gen: torch.Generator | None, n_draft: int | None = None):
     """Draft with the draft exit, verify with the layers above it.
@@ -199,10 +218,14 @@ def self_spec_round(state: DecodeState, tokens: torch.Tensor, opts: DecodeOption
             if head.arch == "layer":  # its own cache must hold every position that may be accepted
                 head.transform(h, ctx, state.exit_caches[d])
             break
-        logits = state.exit_logits(d, h, ctx)
-        if keep is not None:  # an unrestricted head (generate refuses --draft-vocab with a restricted one)
-            logits = logits.masked_fill(~keep, float("-inf"))
-        logits, conf, may = exit_decision(state, d, h, logits, opts)
+        extra = getattr(state, "draft_extra", None)
+        if extra is not None and head.has_other and extra.numel():  # --draft-context
+            logits, conf, may = context_draft(state, d, h, ctx, extra, opts)
+        else:
+            logits = state.exit_logits(d, h, ctx)
+            if keep is not None:  # an unrestricted head (generate refuses --draft-vocab with a restricted one)
+                logits = logits.masked_fill(~keep, float("-inf"))
+            logits, conf, may = exit_decision(state, d, h, logits, opts)
         proposing = proposing & may & (conf >= opts.exit_thresholds[d])
         if not bool(proposing.any()):
             break
@@ -262,6 +285,10 @@ def reference_run(model, ids, pad, opts, emitter, gen, device, policy=None) -> d
     draft_exit = opts.draft_exit or max(model.exit_layers)
     done = emitter.done
     state = DecodeState(model, B, device)
+    if opts.mode == "self-spec" and opts.draft_context and model.head(draft_exit).has_other:
+        prompt_tokens = torch.unique(torch.cat([ids[b, p:] for b, p in enumerate(pad)]))
+        head = model.head(draft_exit)
+        state.draft_extra = prompt_tokens[~torch.isin(prompt_tokens, head.vocab_ids.to(prompt_tokens.device))]
     use_exits = opts.mode == "early-exit"
     if use_exits:
         wanted = set(model.exit_layers)

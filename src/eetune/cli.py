@@ -11,7 +11,6 @@ VERB ...` also shows the traceback behind it).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -457,8 +456,8 @@ def add_generate(sub):
                         "text; right for base models and for 'The capital of France is'), as in the Python API")
     # The decoding flags are fields of DecodeOptions: type, default, choices and help come from there.
     add_fields(p, DecodeOptions, ["mode", "threshold", "exit_thresholds", "confidence", "draft_len", "draft_exit",
-                                  "draft_vocab", "compile", "verbose", "max_new_tokens", "temperature", "top_k",
-                                  "top_p", "seed"],
+                                  "draft_vocab", "draft_context", "compile", "verbose", "max_new_tokens",
+                                  "temperature", "top_k", "top_p", "seed"],
                defaults={"mode": "early-exit"}, types={"draft_exit": _draft_exit, "exit_thresholds": _exit_thresholds},
                metavars={"draft_vocab": "K", "draft_exit": "LAYER|auto", "exit_thresholds": "K:T,..."})
     p.add_argument("--device", default="cpu", help="torch device (default cpu; on cuda the engine records its "

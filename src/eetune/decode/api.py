@@ -47,6 +47,9 @@ class DecodeOptions:
     #                                      cost model picks the exit and draft length per round)
     draft_vocab: int | None = None  # self-spec: draft over the K most frequent tokens of the tuning data only
     #                                 (still lossless)
+    draft_context: bool = False  # self-spec with a restricted-vocabulary draft exit (--exit-vocab): it may also
+    #                              propose the prompts' tokens outside its K (their LM-head rows: the names and rare
+    #                              words that summaries and answers copy); still lossless
     compile: bool = False  # fuse each segment with torch.compile before recording it (a GPU; the first call of each
     #                        segment compiles it: seconds to minutes)
     verbose: bool = False  # print the --draft-exit auto cost model's figures
@@ -96,6 +99,10 @@ class DecodeOptions:
         if self.confidence == "gate" and not model.has_gates:
             raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR "
                               "--out OUT --gates-only`, or use --confidence max-prob")
+        if self.draft_context and self.mode == "self-spec" and \
+                not any(h.has_other for h in _draft_heads(model, self.draft_exit)):
+            raise EETuneError("--draft-context adds the prompts' tokens to a restricted draft vocabulary, and this "
+                              "draft exit projects onto the whole vocabulary: drop it, or convert with --exit-vocab K")
         for flag, k in (("--draft-vocab", self.draft_vocab),):
             if k is None:
                 continue

@@ -45,6 +45,11 @@ obvious reference that the tests hold it against lives in `tests/reference.py`.
   restricted head's projection is read from copies in the state (`DecodeState.proj`), whose
   addresses stay for the graphs and whose contents are refreshed per request when the head
   changed (as the `--draft-vocab` rows are).
+- **Draft context** (`draft_context=True`, self-spec with a restricted draft head): the draft
+  head's classes become its K tokens, then the batch's prompt tokens outside K (their LM-head
+  rows: names and rare words that answers copy), then OTHER, for this request
+  (`set_draft_context`). On static shapes the added rows are padded to a multiple of
+  `CONTEXT_STEP` with rows whose logits are -inf (graphs are kept per padded size).
 - **The draft policy** (`draft_exit="auto"`, `eetune.decode.policy`) picks the draft exit and
   length of each round; `run` asks it and reports each round's outcome back.
 """
@@ -65,6 +70,7 @@ from eetune.model.rows import few_rows
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # token counts segments are recorded for (GPU)
 CAPACITY_STEP = 256  # cache capacity is rounded up to a multiple of this (states and graphs are reused)
 MAX_STATES = 4  # geometries (batch size, capacity) whose caches and graphs are kept on the model
+CONTEXT_STEP = 64  # static shapes: --draft-context rows padded to a multiple of this (graphs per padded size)
 STATIC_ON_CPU = False  # tests: run the GPU's bucketed whole-cache shapes on a CPU too (unrecorded)
 
 
@@ -175,6 +181,7 @@ class DecodeState:
         # exit -> a restricted head's projection as the graphs read it: {"w", "b", "ids"} (static copies, refreshed
         # in place per request) and "src" (what they were copied from, with its version: unchanged heads copy nothing)
         self.proj: dict = {}
+        self.context: dict = {}  # (exit, rows) -> a --draft-context projection {"w", "b", "ids"} (static copies)
 
     def buffer(self, name, shape, dtype, device) -> torch.Tensor:
         t = self.inputs.get((name, shape))
@@ -252,7 +259,62 @@ class Engine:
         self._plan: tuple[int, int] | None = None  # (end, widest block) of the step under way (unrecorded)
         self._memo: dict | None = None  # its geometry
         self.like = torch.empty(0, dtype=self.dtype, device=device)  # dtype/device for rotary tables
+        self.draft_ext: dict = {}  # exit -> (W, b, ids, real rows) of its --draft-context projection
         self._refresh_vocab()
+
+    def set_draft_context(self, ids: torch.Tensor, exits) -> None:
+        """`--draft-context`: each restricted draft head among `exits` also proposes the tokens of
+        the prompts `ids` (B, T; left padding included, pad ids are the model's own tokens) that
+        are outside its K: classes K tokens, then those tokens (the LM head's rows and bias), then
+        OTHER. Static shapes pad the added rows (zero rows, bias -inf) to a multiple of
+        CONTEXT_STEP and read them from state copies (graphs keep addresses)."""
+        lm_w = self.bb.lm_head.weight
+        lm_b = getattr(self.bb.lm_head, "bias", None)
+        toks = None
+        for d in exits:
+            head = self.model.head(d)
+            if not head.has_other:
+                continue
+            if toks is None:
+                real = torch.cat([ids[b, p:] for b, p in enumerate(self.pad_host)]).to(lm_w.device)
+                toks = torch.unique(real)
+            w, b, kids = self._proj(d)
+            K = kids.numel()
+            extra = toks[head.vocab_map().to(toks.device)[toks] == K]
+            E = extra.numel()
+            if E == 0:
+                continue
+            ew = lm_w.detach()[extra].to(w.dtype)
+            eb = torch.zeros(E, dtype=b.dtype, device=b.device) if lm_b is None else lm_b.detach()[extra].to(b.dtype)
+            ext_ids = torch.cat([kids, extra.to(kids.device)])
+            if not self.static:
+                self.draft_ext[d] = (torch.cat([w[:K], ew, w[K:]]), torch.cat([b[:K], eb, b[K:]]), ext_ids, K + E)
+                continue
+            P = -(-E // CONTEXT_STEP) * CONTEXT_STEP  # padded: zero rows whose bias is -inf never win or count
+            e = self.gs.context.get((d, P))
+            if e is None:
+                e = self.gs.context[(d, P)] = {"w": torch.zeros(K + P + 1, w.shape[1], dtype=w.dtype, device=w.device),
+                                               "b": torch.zeros(K + P + 1, dtype=b.dtype, device=b.device),
+                                               "ids": torch.zeros(K + P, dtype=kids.dtype, device=kids.device)}
+            for name, own, added, padding in (("w", w, ew, 0.0), ("b", b, eb, float("-inf"))):
+                e[name][:K].copy_(own[:K])
+                e[name][K:K + E].copy_(added)
+                e[name][K + E:K + P].fill_(padding)
+                e[name][-1].copy_(own[K])  # OTHER
+            e["ids"][:K + E].copy_(ext_ids)
+            e["ids"][K + E:].fill_(int(kids[0]))  # never chosen: their logits are -inf
+            self.draft_ext[d] = (e["w"], e["b"], e["ids"], K + E)
+
+    def draft_to_vocab(self, d: int, logits: torch.Tensor) -> torch.Tensor:
+        """Draft exit d's logits over the whole vocabulary for sampling: its tokens' logits at their
+        ids (with --draft-context the prompt tokens' too), -inf elsewhere (OTHER is not a token)."""
+        ext = self.draft_ext.get(d)
+        if ext is None:
+            return self.model.head(d).to_vocab(logits)
+        _, _, ids, n = ext
+        out = torch.full((*logits.shape[:-1], self.bb.vocab_size), float("-inf"), dtype=logits.dtype,
+                         device=logits.device)
+        return out.index_copy_(-1, ids[:n], logits[..., :n])
 
     # --- geometry and segments ---------------------------------------------------------------
     def _windows(self, lo: int, hi: int, exit_block: bool) -> list:
@@ -386,7 +448,8 @@ class Engine:
         if not self.static or Q is None:  # unrecorded, unpadded, over the slots written so far
             at = end - q if not any(self.behind_host) else None
             return self._segment_fn(lo, hi, x, q, final, dec, kv=end, at=at)()
-        key = ("seg", lo, hi, Q, final, dec, self.variant)
+        ext = self.draft_ext.get(dec[1]) if dec is not None and dec[0] == "draft" else None
+        key = ("seg", lo, hi, Q, final, dec, self.variant, None if ext is None else ext[0].shape[0])
         shape = (self.B, Q) if lo == 0 else (self.B, Q, self.H)
         buf = gs.buffer("ids" if lo == 0 else "h", shape, x.dtype, x.device)
         buf[:, :q].copy_(x)
@@ -437,6 +500,8 @@ class Engine:
         if opts.draft_vocab:  # an unrestricted head (api refuses --draft-vocab with a restricted one)
             w, b = self._static_rows(d, opts.draft_vocab)
             ids = gs.vocab[:opts.draft_vocab]
+        elif d in self.draft_ext:  # --draft-context: K tokens, the prompts' other tokens, OTHER
+            w, b, ids, _ = self.draft_ext[d]
         else:
             w, b, ids = self._proj(d)
         logits = self.bb.logits(z, w, b)
@@ -444,7 +509,7 @@ class Engine:
                                                                              self.bb.vocab_size)
         propose = ~gs.decided & (conf >= gs.thr[d])  # gs.decided: rows that stopped proposing
         if head.has_other:
-            propose = propose & not_other(logits, head.num_classes - 1)
+            propose = propose & not_other(logits, logits.shape[-1] - 1)
         nxt = (logits[:, :-1] if head.has_other else logits).argmax(-1)
         if ids is not None:
             nxt = ids[nxt]
@@ -710,7 +775,7 @@ class Engine:
             if opts.temperature == 0:
                 nxt = out["next"].clone()
             else:
-                q = sampling_probs(head.to_vocab(out["logits"]), opts)  # a restricted head: 0 outside K
+                q = sampling_probs(self.draft_to_vocab(d, out["logits"]), opts)  # a restricted head: 0 outside K
                 if draft_ids is not None:  # back to vocabulary order (0 outside the draft vocabulary)
                     q = torch.zeros(B, self.bb.vocab_size, dtype=q.dtype, device=q.device).scatter_(
                         1, draft_ids.expand(B, -1), q)
@@ -789,6 +854,8 @@ def _run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, p
     capacity = T + opts.max_new_tokens + 2 * opts.draft_len + 4
     eng = Engine(model, opts, B, T, pad, device, capacity)
     eng.replay = opts.replay
+    if opts.mode == "self-spec" and opts.draft_context:
+        eng.set_draft_context(ids, policy.candidates() if auto else [draft_exit])
     stats = {"drafted": 0, "accepted": 0, "rounds": 0, "policy": None, "round_log": [], "max_pending": 0}
     record = opts.record_logits
     done = emitter.done
