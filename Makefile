@@ -63,10 +63,11 @@ demo: setup
 	@echo "   layers 13, 17 and 18 (the last a restricted LM head), calibrated to 0.95 token agreement"
 	$(EETUNE) generate $(KEXITS_GEMMA) --prompt "$(GEMMA_PROMPT)" --mode full --max-new-tokens $(GEMMA_TOKENS)
 	$(EETUNE) generate $(KEXITS_GEMMA) --prompt "$(GEMMA_PROMPT)" --mode early-exit --show-exits --max-new-tokens $(GEMMA_TOKENS)
-	@echo "   Gemma-3-270M lossless: drafts from an exit after the last layer whose head is the LM head's 16,384"
-	@echo "   most frequent tokens + OTHER (untuned), verified by the whole LM head once per round"
+	@echo "   Gemma-3-270M lossless: drafts from an exit after the last layer whose head is the LM head's rows of"
+	@echo "   16,384 tokens + OTHER (untuned) and the prompt's own tokens (--draft-context), verified by the whole"
+	@echo "   LM head once per round"
 	$(EETUNE) generate $(KDRAFT_GEMMA) --prompt "$(GEMMA_PROMPT)" --mode self-spec --threshold 0.5 --draft-len 4 \
-		--max-new-tokens $(GEMMA_TOKENS)
+		--draft-context --max-new-tokens $(GEMMA_TOKENS)
 	@echo "== summary: this run's exits (12 CPU steps of tuning, 6k tokens), then the committed GPU-tuned exits =="
 	@echo "   (18M tokens on an H100, evaluated on this CPU: 6k CPU tokens of tuning cannot give"
 	@echo "   exits that agree as often, so the second table is the one that shows what tuned exits do)"

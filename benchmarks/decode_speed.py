@@ -119,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--gate-self-spec", default="", help="self-spec threshold:draft_len rows with gates")
     ap.add_argument("--draft-vocab", type=int, default=None,
                     help="also run every self-spec row with this draft vocabulary (K most frequent tokens)")
+    ap.add_argument("--draft-context", action="store_true",
+                    help="each self-spec row also with --draft-context (restricted draft heads: the prompt's tokens too)")
     ap.add_argument("--auto", default="", help="self-spec --draft-exit auto rows, threshold:draft_len (e.g. 0.5:6)")
     ap.add_argument("--save-traces", default=None,
                     help="write the per-token exit layers and self-spec rounds of every row here (JSON)")
@@ -185,6 +187,8 @@ def main(argv=None):
         if args.draft_vocab:
             settings.append((base + f" draft_vocab={args.draft_vocab}", "self-spec",
                              {**kw, "draft_vocab": args.draft_vocab}))
+        if args.draft_context:
+            settings.append((base + " draft_context", "self-spec", {**kw, "draft_context": True}))
 
     tag = args.tag or ("cuda" if dev.type == "cuda" else "cpu")
     out_dir = ROOT / "results"
@@ -246,7 +250,7 @@ def family(r: dict) -> str:
         return f"early-exit {r['setting'].split()[1]}"  # the confidence, as the setting names it
     if r["mode"] == "self-spec":
         return "self-spec" + (" auto" if r.get("draft_exit") == "auto" else "") + (
-            " + draft vocab" if r.get("draft_vocab") else "")
+            " + draft vocab" if r.get("draft_vocab") else "") + (" + draft context" if r.get("draft_context") else "")
     return r["setting"]
 
 
