@@ -1,12 +1,22 @@
 """Shared fixtures: tiny randomly initialised models of every supported family, built from
 configs (no weights, no network)."""
 
-import pytest
-import torch
+import os
+
+# One intra-op thread in this process and in every process a test starts (set before torch is
+# imported: torch and its OpenMP pool read it then; subprocesses inherit it). The tiny models run
+# fastest on one thread, and on a shared 2-core machine a second OpenMP thread that busy-waits for a
+# descheduled one makes torch several times slower (test_decode.py: 65 s on one thread, 450 s on two).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config,
                           LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
 
 from eetune.model.backbone import adapter_for
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch first
 
 V, H, L = 97, 32, 4
 COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,

@@ -205,22 +205,45 @@ def test_harness_argv_defaults_to_eetune():
     assert harness_argv(["ls", "tasks"]) == ["ls", "tasks"]
 
 
-def test_cli_end_to_end(world, tmp_path):
-    """`eetune lm-eval ...` (lm-eval's own CLI, the model type registered), offline."""
-    env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+def lm_eval_cli_in_this_process(monkeypatch):
+    """lm-eval's CLI run in this process: its task index limited to the --include_path tasks (it
+    indexes its ~15k built-in task configs first otherwise: ~16 s of CPU, lm-eval's own work), and
+    its log handlers, which may hold the stderr capture of an earlier test (closed since: writing
+    to it prints a "--- Logging error ---" traceback of the logging module), pointed at this
+    test's stderr."""
+    import functools
+    import logging
+
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
+    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
+        for h in getattr(logger, "handlers", []):
+            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+                monkeypatch.setattr(h, "stream", sys.stderr)
+
+
+def test_cli_end_to_end(world, tmp_path, monkeypatch, capsys):
+    """`eetune lm-eval ...` (lm-eval's own CLI, the model type registered), offline: run through
+    eetune's main() here (`lm_eval_cli_in_this_process`); `python -m eetune.measure.lmeval` as a
+    process of its own (run as a script, the module registers the model type once)."""
+    from eetune.cli import main
+
+    lm_eval_cli_in_this_process(monkeypatch)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "eetune.cli", "lm-eval", "--model_args",
-                        f"exits={world['norm']},mode=self-spec,threshold=0.2,batch_size=4",
-                        "--tasks", "eetune_mc,eetune_gen", "--include_path", str(world["tasks"]),
-                        "--device", "cpu", "--output_path", str(out)],
-                       capture_output=True, text=True, env=env, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "eetune_mc" in r.stdout and "eetune_gen" in r.stdout
+    code = main(["lm-eval", "--model_args", f"exits={world['norm']},mode=self-spec,threshold=0.2,batch_size=4",
+                 "--tasks", "eetune_mc,eetune_gen", "--include_path", str(world["tasks"]), "--device", "cpu",
+                 "--output_path", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "eetune_mc" in printed.out and "eetune_gen" in printed.out
     results = list(out.rglob("results_*.json"))
     assert len(results) == 1
     data = json.loads(results[0].read_text())
     assert data["config"]["model"] == "eetune" and data["config"]["eetune"]["mode"] == "self-spec"
     assert set(data["results"]) == {"eetune_mc", "eetune_gen"}
+    env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     helped = subprocess.run([sys.executable, "-m", "eetune.measure.lmeval", "--help"], capture_output=True, text=True,
                             env=env, timeout=120)
     assert helped.returncode == 0 and "lm-eval" in helped.stdout
@@ -244,23 +267,10 @@ def _without_logging_errors(text: str) -> str:
 def test_cli_bad_model_args_one_line(world, monkeypatch, capsys):
     """A bad model_arg through `eetune lm-eval` / `python -m eetune.measure.lmeval`: one line, exit code 2.
     (lm-eval's CLI indexes its ~15k built-in task configs first: here it sees our tasks only.)"""
-    import functools
-
-    import lm_eval.tasks
-    from lm_eval.tasks import TaskManager
-
     from eetune.measure import lmeval
     from eetune.cli import main
 
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
-    # lm-eval's log handlers may hold the stderr capture of an earlier test, closed since: writing to it
-    # prints a "--- Logging error ---" traceback of the logging module. Point them at this test's stderr.
-    import logging
-    import sys
-    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
-        for h in getattr(logger, "handlers", []):
-            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
-                monkeypatch.setattr(h, "stream", sys.stderr)
+    lm_eval_cli_in_this_process(monkeypatch)
     args = ["--model_args", f"exits={world['norm']},bogus=1", "--tasks", "eetune_mc",
             "--include_path", str(world["tasks"]), "--device", "cpu"]
     assert main(["lm-eval", *args]) == 2

@@ -177,18 +177,22 @@ def test_bad_generation_settings(setup):
 
 
 # --- through the CLI ---------------------------------------------------------------------------
-def test_tune_on_a_mixture_with_generated_data(tmp_path):
-    w = make_world(tmp_path)
+@pytest.fixture(scope="module")
+def cli_world(tmp_path_factory):
+    """A tiny model, its documents and exits (tests/tune_helpers.py), shared by the command-line
+    tests of this module: they read it, and write their output and data cache under their own
+    tmp_path (the autouse `private_cache`)."""
+    return make_world(tmp_path_factory.mktemp("selfdata-cli"))
+
+
+def test_tune_on_a_mixture_with_generated_data(cli_world, tmp_path, capsys):
+    from eetune.cli import main
+    w = cli_world
     out = tmp_path / "tuned"
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EETUNE_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "-m", "eetune.cli", "tune", str(w["norm"]), "--data",
-                        f"{w['docs']}:0.5,generated:200:{w['docs']}:0.5", "--out", str(out), "--steps", "3",
-                        "--seq-len", "16", "--batch-size", "2", "--val-blocks", "2", "--gen-max-new-tokens", "16",
-                        "--gen-batch-size", "4"], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
+    code = main(["tune", str(w["norm"]), "--data", f"{w['docs']}:0.5,generated:200:{w['docs']}:0.5", "--out",
+                 str(out), "--steps", "3", "--seq-len", "16", "--batch-size", "2", "--val-blocks", "2",
+                 "--gen-max-new-tokens", "16", "--gen-batch-size", "4"])
+    assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "exit_config.json").read_text())["training"]
     parts = summary["data"]["parts"]
     assert [p["source"] for p in parts] == [str(w["docs"]), f"generated:200:{w['docs']}"]
@@ -196,13 +200,12 @@ def test_tune_on_a_mixture_with_generated_data(tmp_path):
     assert list((tmp_path / "cache" / "generated").glob("*.safetensors"))
 
 
-def test_tune_with_the_lm_loss_only_on_generated_data(tmp_path, monkeypatch, capsys):
+def test_tune_with_the_lm_loss_only_on_generated_data(cli_world, tmp_path, capsys):
     """`--distill 0` without gates loaded the backbone only up to the deepest exit, and then
     generating `generated:N` data failed with "backbone layer 4 is not loaded": sampling needs
     every layer."""
     from eetune.cli import main
-    w = make_world(tmp_path)
-    monkeypatch.setenv("EETUNE_CACHE", str(tmp_path / "cache"))
+    w = cli_world
     out = tmp_path / "tuned"
     code = main(["tune", str(w["norm"]), "--data", f"generated:64:{w['docs']}", "--distill", "0", "--out", str(out),
                  "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--val-blocks", "1",
@@ -212,16 +215,11 @@ def test_tune_with_the_lm_loss_only_on_generated_data(tmp_path, monkeypatch, cap
     assert summary["data"]["source"] == f"generated:64:{w['docs']}", summary["data"]
 
 
-@pytest.fixture(scope="module")
-def bad_spec_world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("badspec"))
-
-
 @pytest.mark.parametrize("spec, words", [("generated:0", "positive"), ("default:abc", "not a number"),
                                          ("generated:10:nowhere", "unknown source")])
-def test_tune_refuses_bad_data_specs(bad_spec_world, tmp_path, capsys, spec, words):
+def test_tune_refuses_bad_data_specs(cli_world, tmp_path, capsys, spec, words):
     from eetune.cli import main
-    w = bad_spec_world
+    w = cli_world
     code = main(["tune", str(w["norm"]), "--data", spec, "--out", str(tmp_path / "t"), "--steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
