@@ -80,3 +80,18 @@ def tune_peak_rss(settings: dict, result: str) -> None:
         out = {"error": traceback.format_exc()}
     with open(result, "w") as f:
         json.dump(out, f)
+
+
+def killed_inside_atomic_write(path: str) -> None:
+    """A child's target: `fsio.atomic_write(path)`, SIGKILLed inside it (its temporary file written,
+    `path` not yet replaced), as a kill of `tune` inside a checkpoint's latest.json write is."""
+    import signal
+    from pathlib import Path
+
+    from eetune.fsio import atomic_write
+
+    def write(tmp):
+        Path(tmp).write_text("{\"half\": ")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    atomic_write(path, write)
