@@ -120,7 +120,7 @@ def main(argv=None):
     ap.add_argument("--draft-vocab", type=int, default=None,
                     help="also run every self-spec row with this draft vocabulary (K most frequent tokens)")
     ap.add_argument("--draft-context", action="store_true",
-                    help="each self-spec row also with --draft-context (restricted draft heads: the prompt's tokens too)")
+                    help="each self-spec row also with --draft-context (a restricted draft head: + the prompt's tokens)")
     ap.add_argument("--auto", default="", help="self-spec --draft-exit auto rows, threshold:draft_len (e.g. 0.5:6)")
     ap.add_argument("--save-traces", default=None,
                     help="write the per-token exit layers and self-spec rounds of every row here (JSON)")

@@ -48,8 +48,8 @@ obvious reference that the tests hold it against lives in `tests/reference.py`.
 - **Draft context** (`draft_context=True`, self-spec with a restricted draft head): the draft
   head's classes become its K tokens, then the batch's prompt tokens outside K (their LM-head
   rows: names and rare words that answers copy), then OTHER, for this request
-  (`set_draft_context`). On static shapes the added rows are padded to a multiple of
-  `CONTEXT_STEP` with rows whose logits are -inf (graphs are kept per padded size).
+  (`set_draft_context`). On static shapes the added rows live in one buffer per exit, grown in
+  steps of `CONTEXT_STEP` rows to the most a request has needed, the rest rows whose logits are -inf.
 - **The draft policy** (`draft_exit="auto"`, `eetune.decode.policy`) picks the draft exit and
   length of each round; `run` asks it and reports each round's outcome back.
 """
@@ -70,7 +70,7 @@ from eetune.model.rows import few_rows
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # token counts segments are recorded for (GPU)
 CAPACITY_STEP = 256  # cache capacity is rounded up to a multiple of this (states and graphs are reused)
 MAX_STATES = 4  # geometries (batch size, capacity) whose caches and graphs are kept on the model
-CONTEXT_STEP = 64  # static shapes: --draft-context rows padded to a multiple of this (graphs per padded size)
+CONTEXT_STEP = 64  # static shapes: the --draft-context buffer grows by this many rows
 STATIC_ON_CPU = False  # tests: run the GPU's bucketed whole-cache shapes on a CPU too (unrecorded)
 
 
@@ -181,7 +181,7 @@ class DecodeState:
         # exit -> a restricted head's projection as the graphs read it: {"w", "b", "ids"} (static copies, refreshed
         # in place per request) and "src" (what they were copied from, with its version: unchanged heads copy nothing)
         self.proj: dict = {}
-        self.context: dict = {}  # (exit, rows) -> a --draft-context projection {"w", "b", "ids"} (static copies)
+        self.context: dict = {}  # exit -> its --draft-context projection {"w", "b", "ids"} (static copies, grown)
 
     def buffer(self, name, shape, dtype, device) -> torch.Tensor:
         t = self.inputs.get((name, shape))
@@ -266,8 +266,8 @@ class Engine:
         """`--draft-context`: each restricted draft head among `exits` also proposes the tokens of
         the prompts `ids` (B, T; left padding included, pad ids are the model's own tokens) that
         are outside its K: classes K tokens, then those tokens (the LM head's rows and bias), then
-        OTHER. Static shapes pad the added rows (zero rows, bias -inf) to a multiple of
-        CONTEXT_STEP and read them from state copies (graphs keep addresses)."""
+        OTHER. Static shapes read them from one state buffer per exit (graphs keep addresses),
+        padded with zero rows of bias -inf past this request's rows."""
         lm_w = self.bb.lm_head.weight
         lm_b = getattr(self.bb.lm_head, "bias", None)
         toks = None
@@ -290,12 +290,19 @@ class Engine:
             if not self.static:
                 self.draft_ext[d] = (torch.cat([w[:K], ew, w[K:]]), torch.cat([b[:K], eb, b[K:]]), ext_ids, K + E)
                 continue
-            P = -(-E // CONTEXT_STEP) * CONTEXT_STEP  # padded: zero rows whose bias is -inf never win or count
-            e = self.gs.context.get((d, P))
-            if e is None:
-                e = self.gs.context[(d, P)] = {"w": torch.zeros(K + P + 1, w.shape[1], dtype=w.dtype, device=w.device),
-                                               "b": torch.zeros(K + P + 1, dtype=b.dtype, device=b.device),
-                                               "ids": torch.zeros(K + P, dtype=kids.dtype, device=kids.device)}
+            # One buffer per exit, grown (in CONTEXT_STEP rows) to the most added rows a request has had:
+            # rows past this request's E are padding (zero, bias -inf: they never win or count).
+            e = self.gs.context.get(d)
+            if e is None or e["ids"].numel() < K + E:
+                P = -(-E // CONTEXT_STEP) * CONTEXT_STEP
+                if e is not None:  # the draft graphs of the smaller buffer read addresses that go now
+                    old = e["w"].shape[0]
+                    self.gs.graphs = {k: g for k, g in self.gs.graphs.items()
+                                      if not (k[0] == "seg" and k[5] == ("draft", d) and k[-1] == old)}
+                e = self.gs.context[d] = {"w": torch.zeros(K + P + 1, w.shape[1], dtype=w.dtype, device=w.device),
+                                          "b": torch.zeros(K + P + 1, dtype=b.dtype, device=b.device),
+                                          "ids": torch.zeros(K + P, dtype=kids.dtype, device=kids.device)}
+            P = e["ids"].numel() - K
             for name, own, added, padding in (("w", w, ew, 0.0), ("b", b, eb, float("-inf"))):
                 e[name][:K].copy_(own[:K])
                 e[name][K:K + E].copy_(added)
