@@ -285,22 +285,13 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(world,
     assert summary["steps"] == steps and summary["tokens"] == steps * 4 * 32
     log = (train / "log.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, steps + 1))  # one row per step, no repeats
-    leftovers = [p.name for p in (train / "checkpoints").iterdir() if p.name.startswith(".")
-                 and not (p.is_file() and LATEST_TMP.match(p.name))]  # known: see the next test
-    assert leftovers == []  # a killed writer's staging directory is cleaned by the next write
+    leftovers = [p.name for p in (train / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # a killed writer's staging directory or temporary file is cleaned by the next write
 
 
-LATEST_TMP = re.compile(r"^\.latest\.json\..+\.tmp$")  # what atomic_write's mkstemp names latest.json's next copy
+LATEST_TMP = re.compile(r"^\.latest\.json\.tmp-\d+-")  # what atomic_write names latest.json's next copy
 
 
-class LeftBehind(Exception):
-    """The known defect below (not an AssertionError: a failed precondition is a plain failure)."""
-
-
-@pytest.mark.xfail(strict=True, raises=LeftBehind, reason=(
-    "known defect (found by the SIGKILL test once its kills landed in checkpoint writes): eetune.fsio.atomic_write's "
-    "temporary file (mkstemp '.NAME.XXXX.tmp', no pid in the name) is never removed when its writer is killed, "
-    "so checkpoints/ keeps a '.latest.json.*.tmp' per such kill; strict: passes, and so fails, once it is fixed"))
 def test_a_writer_killed_inside_an_atomic_write_leaves_nothing_once_the_file_is_written_again(tmp_path):
     import forked
 
@@ -311,9 +302,7 @@ def test_a_writer_killed_inside_an_atomic_write_leaves_nothing_once_the_file_is_
     assert [p.name for p in tmp_path.iterdir() if LATEST_TMP.match(p.name)]  # the killed writer's copy
     fsio.atomic_write_json(path, {"step": 6})  # the next checkpoint's write of the same file
     assert json.loads(path.read_text()) == {"step": 6}
-    left = [p.name for p in tmp_path.iterdir() if p.name != "latest.json"]
-    if left:
-        raise LeftBehind(f"left behind: {left}")
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.json"]  # the killed writer's copy is gone
 
 
 # --- resources ------------------------------------------------------------------------------------

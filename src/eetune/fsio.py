@@ -42,10 +42,14 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Write `path` through `write(tmp)` (which creates the file `tmp`), durably and atomically."""
+    """Write `path` through `write(tmp)` (which creates the file `tmp`), durably and atomically.
+
+    The temporary copy is `.NAME.tmp-PID-*`, so that a later write of the same path (`clean_stale`)
+    removes the copy a killed writer left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
