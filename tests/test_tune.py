@@ -156,6 +156,42 @@ def test_cache_hidden_refuses_other_data(world, tmp_path):
         tune(world["norm"], tmp_path / "b", cfg(world, steps=1, seq_len=16, cache_hidden=str(cache)))
 
 
+def test_cache_hidden_with_distill_holds_the_final_layer_and_serves_later_runs(world, tmp_path):
+    """Regression: --distill with --cache-hidden was refused (a cached run had no final layer), so
+    comparing head configurations at equal tokens could only use the LM loss. The cache now keeps
+    the final layer's normed states too: the teacher of later runs, which hold no backbone layer."""
+    cache = tmp_path / "cache"
+    first = tune(world["norm"], tmp_path / "a", cfg(world, steps=40, distill=1.0, cache_hidden=str(cache)))
+    assert first["trunk_layers_held"] == 4 and first["settings"]["distill"] == 1.0
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["layers"] == [1, 3, "final"]
+    again = tune(world["norm"], tmp_path / "b", cfg(world, steps=40, distill=1.0, cache_hidden=str(cache)))
+    assert again["trunk_layers_held"] == 0
+    a, b = heads(tmp_path / "a"), heads(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a) and again["val_loss"] == first["val_loss"]
+    # an LM-loss run reuses it (the exits' states are there)
+    assert tune(world["norm"], tmp_path / "c", cfg(world, steps=3, cache_hidden=str(cache)))["trunk_layers_held"] == 0
+    # the cached teacher is the final layer: its logits are the model's own, up to bf16 rounding
+    from eetune.model.backbone import load_tokenizer
+    from eetune.train.data import train_val_blocks
+    from eetune.train.tune import FINAL, HiddenCache
+    bb = load_backbone(str(world["model"]))
+    train, _, _ = train_val_blocks(str(world["docs"]), load_tokenizer(bb), 32, 8)
+    c = HiddenCache(cache, (1, 3, FINAL), meta["shape"][0], 32, bb.hidden_size, "bf16", meta["key"], 0, 1)
+    with torch.no_grad():
+        want = bb.model(train[:2]).logits
+        got = EarlyExitModel.convert(bb, (1, 3), arch="norm").heads[0].adapter.logits(c.read([0, 1], (FINAL,))[0])
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+
+
+def test_a_cache_without_the_final_layer_is_refused_for_distill_in_one_line(world, tmp_path):
+    cache = tmp_path / "cache"
+    tune(world["norm"], tmp_path / "a", cfg(world, steps=1, cache_hidden=str(cache)))  # LM loss: exits only
+    with pytest.raises(EETuneError, match="holds no final-layer states .* give a new directory"):
+        tune(world["norm"], tmp_path / "b", cfg(world, steps=1, distill=1.0, cache_hidden=str(cache)))
+
+
 def test_distill_keeps_the_full_trunk_and_trains(world, tmp_path):
     s = tune(world["norm"], tmp_path / "d", cfg(world, steps=3, distill=0.5))
     assert s["trunk_layers_held"] == 4 and all(math.isfinite(v) for v in s["val_loss"].values())

@@ -112,7 +112,8 @@ class TuneConfig:
     distill: float | None = None  # ALPHA: loss = (1 - ALPHA) CE + ALPHA KL(final layer || exit); needs the full
     #                               forward. Default 1 (the best measured recipe, benchmarks/recipes.py: more
     #                               agreement with the final layer per tuning token), 0 with --cache-hidden; 0 is
-    #                               the paper's LM loss, whose trunk stops at the deepest exit
+    #                               the paper's LM loss, whose trunk stops at the deepest exit. With
+    #                               --cache-hidden and ALPHA > 0 the cache holds the final layer's states too
     val_blocks: int = 8  # held-out validation blocks (whole documents never trained on; 0: none)
     max_blocks: int | None = None  # cap on the training blocks read from the source
     eval_every: int = 0  # validate every N steps (0: at the end only)
@@ -126,7 +127,7 @@ class TuneConfig:
     train_dir: str | None = None  # logs and checkpoints (default: OUT.train)
     cache_hidden: str | None = None  # directory of a memory-mapped cache of the trunk's hidden states at the exits
     #                                  (later epochs and other head configurations on the same exits skip the
-    #                                  backbone)
+    #                                  backbone), and with --distill > 0 the final layer's normed states
     cache_dtype: str = "bf16"  # storage dtype of the cached hidden states
     fsdp: bool = False  # under torchrun: FSDP2 over the backbone layers and the heads (default: DDP)
     progress: bool = True  # progress bar (process 0, on a terminal); where stderr is not a terminal, a status line
@@ -351,11 +352,16 @@ def save_checkpoint(train_dir: Path, step: int, named_params: list, opt, state: 
     return final
 
 
+FINAL = "final"  # the hidden-state cache's name for the final layer's normed states (distillation's teacher)
+
+
 class HiddenCache:
     """Trunk hidden states at the exit layers for every training and validation block, stored
-    memory-mapped as 16-bit floats: `meta.json`, one `h<k>.bin` (N, T, H) per exit layer and
-    `filled.bin` (one byte per block, set after its states are written). Valid for one backbone,
-    one block set and its exit layers; any head configuration on those exits can reuse it."""
+    memory-mapped as 16-bit floats: `meta.json`, one `h<k>.bin` (N, T, H) per exit layer (and
+    `hfinal.bin`, the final layer's normed states, for distillation) and `filled.bin` (one byte per
+    block, set after its states are written). Valid for one backbone, one block set and its exit
+    layers; any head configuration on those exits can reuse it, and one with the final layer's
+    states serves LM-loss runs too."""
 
     def __init__(self, directory: Path, layers, n_blocks: int, seq_len: int, hidden: int, dtype: str,
                  key: dict, rank: int, world: int):
@@ -372,9 +378,12 @@ class HiddenCache:
                 raise EETuneError(f"--cache-hidden {directory}: {meta_path.name} is damaged: delete the directory "
                                   f"(it is rebuilt) or give a new one") from None
             if have["key"] != key or have["shape"] != list(shape) or have["dtype"] != dtype \
-                    or not set(self.layers) <= set(have["layers"]):
+                    or not set(self.layers) - {FINAL} <= set(have["layers"]):
                 raise EETuneError(f"--cache-hidden {directory} holds hidden states of other data, backbone, exits "
                                   f"or dtype: give a new directory for this run")
+            if FINAL in self.layers and FINAL not in have["layers"]:
+                raise EETuneError(f"--cache-hidden {directory} holds no final-layer states (it was built by a "
+                                  f"--distill 0 run): give a new directory for this --distill run")
             self.layers = tuple(have["layers"])
         elif rank == 0:
             if self.dir.exists() and any(self.dir.iterdir()):
@@ -472,7 +481,8 @@ def generation_settings(cfg: TuneConfig):
 def resolve_defaults(cfg: TuneConfig) -> TuneConfig:
     """`cfg` with its automatic settings made explicit: `distill=None` becomes 1.0 (distillation
     from the final layer: more top-1 agreement per tuning token than the LM loss in every
-    measured recipe), or 0.0 with `cache_hidden` (a cached run never computes the final layer)."""
+    measured recipe), or 0.0 with `cache_hidden` (the LM loss: the cache then holds the exits' states
+    only, and its first pass stops at the deepest exit)."""
     if cfg.distill is None:
         cfg = dataclasses.replace(cfg, distill=0.0 if cfg.cache_hidden else 1.0)
     return cfg
@@ -512,9 +522,6 @@ def _check_config(cfg: TuneConfig, exit_layers) -> None:
         raise EETuneError("starting loss weights need --loss-weights-warmup N (steps, >= 1)")
     if cfg.distill is not None and not 0 <= cfg.distill <= 1:
         raise EETuneError(f"--distill {cfg.distill} is outside [0, 1]")
-    if cfg.distill is not None and cfg.distill > 0 and cfg.cache_hidden:
-        raise EETuneError("--distill needs the final layer on every step, which a --cache-hidden run skips: "
-                          "use one or the other")
     if cfg.loss_chunk < 0:
         raise EETuneError(f"--loss-chunk {cfg.loss_chunk}: give a number of tokens >= 1, or 0 for whole logits")
     if cfg.val_blocks < 0 or cfg.eval_every < 0 or cfg.save_every < 0:
@@ -907,14 +914,14 @@ def _setup(model, exits_dir: Path, out: Path, train_dir: Path, exit_config: Exit
     if cfg.cache_hidden:
         key = {"backbone": exit_config.backbone_fingerprint, "compute_dtype": cfg.dtype,
                "blocks": _blocks_digest(torch.cat([train, val]))}
-        cache = HiddenCache(Path(cfg.cache_hidden), layers, n_train + val.shape[0], cfg.seq_len, bb.hidden_size,
-                            cfg.cache_dtype, key, rank, world)
+        cache = HiddenCache(Path(cfg.cache_hidden), (*layers, FINAL) if cfg.distill > 0 else layers,
+                            n_train + val.shape[0], cfg.seq_len, bb.hidden_size, cfg.cache_dtype, key, rank, world)
     # Free the layers no step needs; gates need the final layer's top-1, and a backbone the
     # caller passed in is theirs, left whole (its unused layers still never run).
-    if cfg.distill == 0 and not cfg.gates and not caller_backbone:
+    if not cfg.gates and not caller_backbone:
         if cache is not None and cache.complete(range(n_train + val.shape[0])):
             model.release_unused_layers(0)  # every hidden state is on disk: no backbone layer needed
-        else:
+        elif cfg.distill == 0:
             model.release_unused_layers()
     held = sum(not isinstance(layer, ReleasedLayer) for layer in bb.layers)
     # --exit-vocab K on full-vocabulary heads: restricted now, before the optimizer exists (every
@@ -1001,10 +1008,12 @@ def trunk(run: TuneRun, ids: torch.Tensor, index: list[int]):
     states when distillation needs them, else None) for the blocks `index` (token ids `ids`): read from the
     hidden-state cache when it has them, else one frozen pass up to the deepest exit."""
     bb, layers, device = run.model.backbone, run.layers, run.device
+    distill = run.cfg.distill > 0
     pos = torch.arange(ids.shape[1], device=device).expand(ids.shape[0], -1)
     if run.cache is not None and run.cache.complete(index):
-        hiddens = [h.to(device) for h in run.cache.read(index, layers)]
-        return hiddens, bb.context(hiddens[0], pos), None
+        hiddens = [h.to(device) for h in run.cache.read(index, (*layers, FINAL) if distill else layers)]
+        final_h = hiddens.pop() if distill else None
+        return hiddens, bb.context(hiddens[0], pos), final_h
     with torch.no_grad(), run.autocast():
         h = bb.embed(ids, pos)
         ctx = bb.context(h, pos)
@@ -1014,10 +1023,13 @@ def trunk(run: TuneRun, ids: torch.Tensor, index: list[int]):
             hiddens.append(h)
             done = k
         final_h = None
-        if run.cfg.distill > 0:
+        if distill:
             final_h = bb.final_norm(bb.run_layers(h, done, bb.num_layers, ctx))
-    if run.cache is not None:
-        hiddens = run.cache.write(index, layers, hiddens)
+    if run.cache is not None:  # the states as stored (rounded), so a block's inputs never depend on the epoch
+        if distill:
+            *hiddens, final_h = run.cache.write(index, (*layers, FINAL), [*hiddens, final_h])
+        else:
+            hiddens = run.cache.write(index, layers, hiddens)
     return hiddens, ctx, final_h
 
 
