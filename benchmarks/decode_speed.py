@@ -44,22 +44,28 @@ def _repo_relative(path) -> str:
         return str(path)
 
 
-def xsum_prompts(tok, n: int, doc_tokens: int, chat: bool) -> tuple[list[list[int]], list[str]]:
+def xsum_texts(tok, n: int, doc_tokens: int, chat: bool) -> tuple[list[str], list[str], bool]:
+    """(prompt texts, reference summaries, whether the texts are user turns of the chat template)
+    of the first `n` XSum documents cut to `doc_tokens` tokens; without a chat template (or
+    `chat`), plain text ending in "Summary:"."""
     from eetune.model.defaults import default_data_file
     rows = [json.loads(line) for line in open(default_data_file("xsum_test.jsonl"), encoding="utf-8")]
-    prompts, refs = [], []
+    chat = bool(chat and getattr(tok, "chat_template", None))
+    texts, refs = [], []
     for r in rows[:n]:
         doc_ids = tok(r["document"], add_special_tokens=False)["input_ids"][:doc_tokens]
         text = INSTRUCTION + tok.decode(doc_ids)
-        if chat and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False)
-            ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
-        else:
-            ids = tok(text + "\n\nSummary:")["input_ids"]
-        prompts.append(ids)
+        texts.append(text if chat else text + "\n\nSummary:")
         refs.append(r["summary"])
-    return prompts, refs
+    return texts, refs, chat
+
+
+def xsum_prompts(tok, n: int, doc_tokens: int, chat: bool) -> tuple[list[list[int]], list[str]]:
+    texts, refs, chat = xsum_texts(tok, n, doc_tokens, chat)
+    if chat:
+        from eetune.decode.api import chat_prompt_ids
+        return [chat_prompt_ids(tok, t) for t in texts], refs
+    return [tok(t)["input_ids"] for t in texts], refs
 
 
 def run_one(model, prompt, opts: DecodeOptions) -> tuple[list[int], dict]:

@@ -23,7 +23,7 @@ forced, per exit:
 - the cost of the exit (transform + projection) and of the LM head, in decoder layers
   (`eetune.decode.policy.measure_costs`).
 
-Prints one JSON line and writes it to benchmarks/results/exit_vocab_quality-<model>-<device>.json.
+Prints one JSON line and writes it to benchmarks/results/exit_vocab_quality-<model>-<device>[-<tag>].json.
 """
 
 from __future__ import annotations
@@ -87,14 +87,15 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--distill", type=float, default=None,
-                    help="distillation weight (default: 1, or 0 with --cache: a cached run never computes the final "
-                         "layer)")
+                    help="distillation weight (default: 1, or 0 with --cache: the LM loss; with --cache and a weight "
+                         "> 0 the cache holds the final layer's states too)")
     ap.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                     help="tune every K on one cache of the trunk's hidden states at the exits (LM loss; the trunk runs "
                          "once for all K, so the full-vocabulary heads' projection is the only large cost)")
     ap.add_argument("--eval-blocks", type=int, default=32, help="held-out BoolQ dev blocks of --seq-len")
     ap.add_argument("--repeats", type=int, default=3,
                     help="cost measurements per K (median; 0: skip, e.g. on a busy machine: exit_cost.py measures it)")
+    ap.add_argument("--tag", default="", help="suffix of the results file (e.g. distill)")
     ap.add_argument("--keep", default=None, help="directory to keep each K's tuned exits in (default: temporary)")
     args = ap.parse_args(argv)
 
@@ -208,7 +209,7 @@ def main(argv=None):
            "dtype": "fp32", "torch": torch.__version__, "transformers": transformers.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(out))
-    path = ROOT / "results" / f"exit_vocab_quality-{args.model}-cpu.json"
+    path = ROOT / "results" / f"exit_vocab_quality-{args.model}-cpu{'-' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

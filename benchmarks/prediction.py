@@ -24,6 +24,12 @@ thresholds, on XSum summaries (the text `benchmarks/decode_speed.py` times):
    Each decode-only prediction is also carried to end to end with the timed prefill:
    (P + N t) / (P + t + (N - 1) t / s) for N new tokens, prefill P and full token time t.
 
+With `--recalibrate N` the exits are first calibrated afresh, on a copy, by `eetune calibrate
+--continue-tokens N` itself (the stored calibration's target and per-exit setting) on the
+`--heldout` prompts (half calibration, half test part): its stored prediction is then
+calibrate's own prediction from the model's own text, and the realized ratio is timed at its
+thresholds.
+
 Prints one JSON line and writes it, with machine, versions and settings, to
 benchmarks/results/prediction-<tag>.json.
 """
@@ -34,7 +40,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +52,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))
 
-from decode_speed import _repo_relative, xsum_prompts  # noqa: E402
+from decode_speed import _repo_relative, xsum_prompts, xsum_texts  # noqa: E402
 from eetune import EarlyExitModel, load_tokenizer  # noqa: E402
 from eetune.decode import DecodeOptions, generate  # noqa: E402
 from eetune.measure.calibrate import calibration_blocks, cost_model, measured_costs, simulate, token_table  # noqa: E402
@@ -58,6 +66,40 @@ def continuation_table(model, prompt: list[int], new: list[int]) -> tuple[torch.
     conf, agree = token_table(model, seq, batch_size=1)
     lo, hi = len(prompt), len(prompt) + len(new) - 1
     return conf[:, lo:hi], agree[:, lo:hi]
+
+
+def recalibrate(args) -> tuple[str, dict]:
+    """A copy of `args.exits` calibrated by `eetune calibrate --continue-tokens` on the held-out
+    prompts (XSum documents after the timed ones, as this script builds them). Returns (its
+    directory, what was run)."""
+    from eetune.cli import main as eetune_main
+    from eetune.measure.calibrate import continuation_prompts
+    from eetune.model.config import ExitConfig
+
+    stored = ExitConfig.load(args.exits).calibration or {}
+    work = Path(tempfile.mkdtemp(prefix="eetune-prediction-")) / "exits"
+    shutil.copytree(args.exits, work)
+    model = EarlyExitModel.from_pretrained(work)
+    tok = load_tokenizer(model.backbone)
+    texts, _, chat = xsum_texts(tok, args.prompts + args.heldout, args.doc_tokens, chat=not args.no_chat)
+    path = work.parent / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[args.prompts:]), encoding="utf-8")
+    want = xsum_prompts(tok, args.prompts + args.heldout, args.doc_tokens, chat=not args.no_chat)[0][args.prompts:]
+    assert continuation_prompts(tok, str(path), chat) == want, "calibrate would continue other prompts"
+    del model
+    calib = args.heldout // 2
+    argv = ["calibrate", str(work), "--data", str(path), "--continue-tokens", str(args.recalibrate),
+            "--calib-blocks", str(calib), "--test-blocks", str(args.heldout - calib),
+            "--target-agreement", str(stored.get("target_agreement", 0.95))]
+    argv += ["--per-exit"] if stored.get("per_exit") else []
+    argv += ["--chat"] if chat else []
+    t0 = time.time()
+    if eetune_main(argv) != 0:
+        sys.exit("prediction: eetune calibrate failed")
+    shown = ["eetune", *argv[:1], "EXITS", *argv[2:3], "HELD-OUT-XSUM-PROMPTS", *argv[4:]]
+    return str(work), {"command": " ".join(shown), "seconds": round(time.time() - t0, 1),
+                       "stored_before": {"thresholds": stored.get("thresholds"), "data": stored.get("data"),
+                                         "predicted_speedup": stored.get("predicted_speedup")}}
 
 
 def run_meta() -> dict:
@@ -93,11 +135,17 @@ def main(argv=None):
     ap.add_argument("--doc-tokens", type=int, default=384)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
+    ap.add_argument("--recalibrate", type=int, default=0, metavar="N",
+                    help="calibrate a copy of --exits first with `eetune calibrate --continue-tokens N` on the "
+                         "--heldout prompts, and time and predict with that calibration")
     ap.add_argument("--tag", default="cpu")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    model = EarlyExitModel.from_pretrained(args.exits)
+    exits, recalibrated = args.exits, None
+    if args.recalibrate:
+        exits, recalibrated = recalibrate(args)
+    model = EarlyExitModel.from_pretrained(exits)
     model.eval()
     tok = load_tokenizer(model.backbone)
     thresholds, how = calibrated_thresholds(model, "max-prob")
@@ -147,11 +195,12 @@ def main(argv=None):
                 "agreement": sim["agreement"], "exit_share": sim["exit_share"], "tokens": sim["tokens"]}
 
     data = cal.get("data") or {}
-    calib, test, _ = calibration_blocks(tok, data.get("source", "default-dev"), int(data.get("seq_len", 256)),
-                                        int(data.get("calib_blocks", 8)), int(data.get("test_blocks", 8)))
     predicted = {"stored": {"decode_only": cal.get("test", {}).get("speedup", cal.get("predicted_speedup")),
                             "agreement": cal.get("test", {}).get("agreement")}}
-    predicted["calib-text"] = predict(*token_table(model, torch.cat([calib, test]), batch_size=2))
+    if not data.get("continuations"):  # a calibration on passages: this run's costs on its text
+        calib, test, _ = calibration_blocks(tok, data.get("source", "default-dev"), int(data.get("seq_len", 256)),
+                                            int(data.get("calib_blocks", 8)), int(data.get("test_blocks", 8)))
+        predicted["calib-text"] = predict(*token_table(model, torch.cat([calib, test]), batch_size=2))
     tables = [continuation_table(model, p, o) for p, o in zip(timed, full_outs) if len(o) > 1]
     predicted["self-same"] = predict(torch.cat([c for c, _ in tables], 1), torch.cat([a for _, a in tables], 1))
     tables = []
@@ -166,7 +215,7 @@ def main(argv=None):
             v["end_to_end"] = v.get("end_to_end") or end_to_end(v["decode_only"], p_s, token_s, round(n_new))
             v["vs_realized"] = v["end_to_end"] / realized["end_to_end"] - 1
 
-    row = {"exits": _repo_relative(args.exits), "thresholds": {str(k): t for k, t in thresholds.items()},
+    row = {"exits": _repo_relative(args.exits), "recalibrated": recalibrated, "thresholds": {str(k): t for k, t in thresholds.items()},
            "target_agreement": cal.get("target_agreement"), "realized": realized, "predicted": predicted,
            "costs": {"lm_head_layers": cost["lm_head_layers"], "outcome": cost["outcome"],
                      "full_layers": cost["full_layers"], "layer_s": costs.get("layer_s")},

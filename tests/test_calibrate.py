@@ -531,3 +531,96 @@ def test_restricted_early_exit_decode_is_the_simulated_rule():
                 checked += 1
             n += 1
     assert checked >= n - 2 and 0 < left < n
+
+
+# --- calibrating on the model's own continuations ---------------------------------------------------
+def _prompts_file(root, n=6, seed=2):
+    r = np.random.default_rng(seed)
+    path = root / f"prompts-{seed}.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(f"w{x}" for x in r.integers(1, 90, size=6 + i))}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_continuation_table_counts_the_greedy_continuation_as_the_engine_decides_it(world):
+    """Reference, one prefix at a time: the continuations are batch-1 greedy `full` decodes, so
+    the final layer's top-1 at a counted position is the next continuation token; each exit's
+    confidence and top-1 there are what early-exit decoding reports when the decision is forced
+    to that exit (threshold 0 there, never before it)."""
+    from eetune.measure.calibrate import continuation_parts, continuation_table
+
+    out, text = world
+    model = EarlyExitModel.from_pretrained(out)
+    tok = load_tokenizer(model.backbone)
+    calib, test, info = continuation_parts(model, tok, str(_prompts_file(out.parent)), 2, 1, 9, batch_size=2)
+    assert len(calib) == 2 and len(test) == 1
+    assert info["continuations"] and info["calib_tokens"] == sum(len(n) - 1 for _, n in calib)
+    assert info["test_tokens"] == len(test[0][1]) - 1 and info["calib_digest"] != info["test_digest"]
+    conf, agree = continuation_table(model, calib)
+    assert conf.shape == agree.shape == (2, info["calib_tokens"])
+    col, exits_hit = 0, set()
+    for prompt, new in calib:
+        alone = generate(model, [prompt], DecodeOptions(mode="full", max_new_tokens=9, eos_token_ids=(V - 1,)))
+        assert alone.rows[0].ids == new  # batched = batch 1 = greedy full
+        for j in range(1, len(new)):
+            for e, k in enumerate((1, 3)):
+                forced = {1: 0.0 if k == 1 else NEVER, 3: 0.0}
+                g = generate(model, [prompt + new[:j]], DecodeOptions(mode="early-exit", exit_thresholds=forced,
+                                                                      max_new_tokens=1))
+                t = g.rows[0].tokens[0]
+                assert t.exit_layer == k
+                assert conf[e, col].item() == pytest.approx(t.confidence, abs=1e-5)
+                assert bool(agree[e, col]) == (t.token == new[j])
+                exits_hit.add((k, bool(agree[e, col])))
+            col += 1
+    assert col == conf.shape[1] and len(exits_hit) >= 3  # agreeing and disagreeing exits both seen
+
+
+def test_calibrate_on_continuations_stores_and_reports_them(world, capsys):
+    out, _ = world
+    prompts = _prompts_file(out.parent)
+    capsys.readouterr()
+    assert main(["calibrate", str(out), "--data", str(prompts), "--continue-tokens", "10", "--calib-blocks", "3",
+                 "--test-blocks", "2", "--target-agreement", "0.8", "--json", "--no-store"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    d = rec["data"]
+    assert d["continuations"] and d["max_new_tokens"] == 10 and not d["chat"] and d["source"] == str(prompts)
+    assert d["calib_blocks"] == 3 and d["test_blocks"] == 2 and 0 < d["calib_tokens"] <= 3 * 9
+    assert rec["calib"]["tokens"] == d["calib_tokens"] and rec["test"]["tokens"] == d["test_tokens"]
+    assert rec["calib_agreement"] >= 0.8 and rec["thresholds"]["1"] in GRID
+    assert main(["calibrate", str(out), "--data", str(prompts), "--continue-tokens", "10", "--calib-blocks", "3",
+                 "--test-blocks", "2", "--target-agreement", "0.8", "--no-store"]) == 0
+    assert "own greedy continuations (up to 10 tokens) of 3 calibration + 2 test prompts" in capsys.readouterr().out
+
+
+def test_default_dev_prompts_are_requests_about_held_out_passages(world, monkeypatch, tmp_path):
+    from eetune.measure.calibrate import continuation_prompts
+    from eetune.model import defaults
+
+    rows = [{"text": f"w{i} w{i + 1} w{i + 2}", "question": f"w{i + 3} w{i + 4}", "answer": True} for i in range(1, 6)]
+    (tmp_path / "boolq_dev_passages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(defaults, "default_data_file", lambda name: tmp_path / name)
+    tok = load_tokenizer(EarlyExitModel.from_pretrained(world[0]).backbone)
+    prompts = continuation_prompts(tok, "default-dev")
+    words = [tok.decode(p).split() for p in prompts]
+    assert len(prompts) == 5
+    assert words[0][:3] == ["w1", "w2", "w3"] and "w5" in words[0]  # passage, then its question
+    assert words[2] == ["w0", "w7", "w0"]  # the question alone, "W6 w7?" ("W6" and "?" are unknown: w0)
+    assert words[3] == ["w4", "w5", "w6"]  # the passage's opening as plain text
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--continue-tokens", "1"], "--continue-tokens 1 must be an integer >= 2"),
+    (["--continue-tokens", "-3"], "--continue-tokens -3 must be an integer >= 2"),
+    (["--chat"], "--chat applies to the prompts of --continue-tokens"),
+    (["--continue-tokens", "8", "--chat"], "no chat template"),
+    (["--continue-tokens", "8", "--calib-blocks", "40"], "usable prompts, fewer than --calib-blocks 40"),
+])
+def test_calibrate_on_continuations_bad_input(world, capsys, argv, match):
+    out, _ = world
+    before = _snapshot(out)
+    capsys.readouterr()
+    code = main(["calibrate", str(out), "--data", str(_prompts_file(out.parent)), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and match in err, err
+    assert _snapshot(out) == before

@@ -925,7 +925,9 @@ def add_calibrate(sub):
                                    "climbed + exit heads evaluated + the LM head, costs measured on this machine) is "
                                    "chosen, then measured on a separate test part. Stored in DIR/exit_config.json "
                                    "under `calibration`: `eetune generate DIR` in early-exit mode uses it when no "
-                                   "--threshold is given and --confidence matches.")
+                                   "--threshold is given and --confidence matches. With --continue-tokens N the text is "
+                                   "the model's own: prompts continued greedily for N tokens, only the continuations "
+                                   "counted (what a decode of such prompts sees; a model is surer of its own text).")
     p.add_argument("dir", help="exits directory")
     p.add_argument("--target-agreement", type=float, default=0.95,
                    help="share of tokens that must equal the full model's top-1, in (0, 1] (default 0.95)")
@@ -934,10 +936,18 @@ def add_calibrate(sub):
     p.add_argument("--per-exit", action="store_true",
                    help="one threshold per exit (coordinate search from the best global one) instead of one for all")
     p.add_argument("--data", default="default-dev",
-                   help="held-out text: default-dev (BoolQ dev passages), a .txt/.jsonl file or folder (as evaluate)")
-    p.add_argument("--calib-blocks", type=int, default=8, help="blocks the threshold is chosen on (default 8)")
+                   help="held-out text: default-dev (BoolQ dev passages), a .txt/.jsonl file or folder (as evaluate); "
+                        "with --continue-tokens, the prompts: default-dev (requests about BoolQ dev passages) or "
+                        "each text of a file one prompt")
+    p.add_argument("--continue-tokens", type=int, default=0, metavar="N",
+                   help="calibrate on the model's own greedy continuations of N tokens of the --data prompts, "
+                        "counting only them (0, the default: teacher-forced --data text)")
+    p.add_argument("--chat", action="store_true",
+                   help="with --continue-tokens and a prompts file: each prompt is a user turn of the chat template")
+    p.add_argument("--calib-blocks", type=int, default=8,
+                   help="blocks (prompts with --continue-tokens) the threshold is chosen on (default 8)")
     p.add_argument("--test-blocks", type=int, default=8,
-                   help="further blocks it is then measured on (default 8)")
+                   help="further blocks (prompts) it is then measured on (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--batch-size", type=int, default=4, help="blocks per teacher-forced pass (default 4)")
     p.add_argument("--json", action="store_true", help="print the calibration record as JSON")
@@ -949,13 +959,19 @@ def cmd_calibrate(args):
     import os
 
     from eetune.model.backbone import load_tokenizer
-    from eetune.measure.calibrate import calibrate, calibration_blocks, check_settings, format_calibration, store_calibration
+    from eetune.measure.calibrate import (calibrate, calibration_blocks, check_settings, continuation_parts,
+                                          format_calibration, store_calibration)
     from eetune.model.config import ExitConfig
     from eetune.measure.evaluate import json_safe
     from eetune.model.early_exit import EarlyExitModel
 
     check_settings(args.target_agreement, args.confidence, args.calib_blocks, args.test_blocks, args.seq_len,
                    args.batch_size)
+    if args.continue_tokens != 0 and args.continue_tokens < 2:
+        raise EETuneError(f"--continue-tokens {args.continue_tokens} must be an integer >= 2 (the first new token "
+                          f"comes from the prefill at full depth and is not counted), or 0 for teacher-forced text")
+    if args.chat and not args.continue_tokens:
+        raise EETuneError("--chat applies to the prompts of --continue-tokens: give --continue-tokens N too")
     config = ExitConfig.load(args.dir)  # before the (slow) model load
     if args.confidence == "gate" and not config.gates:
         raise EETuneError("--confidence gate: these exits have no gates; train them with `eetune tune DIR --out OUT "
@@ -965,8 +981,12 @@ def cmd_calibrate(args):
             raise EETuneError(f"cannot store the calibration: {args.dir} is not writable; pass --no-store")
         check_writable(args.dir, "store the calibration", "pass --no-store", kind="into")
     model = EarlyExitModel.from_pretrained(args.dir)
-    calib, test, data = calibration_blocks(load_tokenizer(model.backbone), args.data, args.seq_len, args.calib_blocks,
-                                           args.test_blocks)
+    tokenizer = load_tokenizer(model.backbone)
+    if args.continue_tokens:
+        calib, test, data = continuation_parts(model, tokenizer, args.data, args.calib_blocks, args.test_blocks,
+                                               args.continue_tokens, args.chat, batch_size=8, progress=True)
+    else:
+        calib, test, data = calibration_blocks(tokenizer, args.data, args.seq_len, args.calib_blocks, args.test_blocks)
     result = {**calibrate(model, calib, test, args.target_agreement, args.confidence, args.per_exit,
                           args.batch_size, progress=True), "data": data}
     out = sys.stderr if args.json else sys.stdout  # notes; with --json stdout holds the JSON only

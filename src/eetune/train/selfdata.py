@@ -78,27 +78,35 @@ def _opening(tokenizer, text: str) -> list[int]:
     return list(ids[:OPENING_TOKENS])
 
 
+def boolq_prompts(tokenizer, rows) -> list[list[int]]:
+    """Prompt token ids of BoolQ rows ({"question", "passage"}): row i is request i % 4 of the
+    module docstring's four (question about the passage, summary, question alone, the passage's
+    opening as plain text)."""
+    prompts = []
+    for i, r in enumerate(rows):
+        q = r["question"].strip().rstrip("?")
+        q = q[:1].upper() + q[1:] + "?"
+        p = r["passage"]
+        kind = i % 4
+        if kind == 0:
+            prompts.append(_as_user_turn(tokenizer, f"{p}\n\n{q} Answer yes or no, then explain briefly."))
+        elif kind == 1:
+            prompts.append(_as_user_turn(tokenizer, f"Summarise this passage in a few sentences.\n\n{p}"))
+        elif kind == 2:
+            prompts.append(_as_user_turn(tokenizer, q))
+        else:
+            prompts.append(_opening(tokenizer, p))
+    return prompts
+
+
 def build_prompts(tokenizer, source: str, seed: int) -> list[list[int]]:
     """Prompt token ids of SOURCE (see the module docstring), shuffled with `seed`."""
     check_generated_source(source)
-    prompts = []
     if source == "default":
         from eetune.model import defaults
         path = defaults.default_data_file("boolq_train_prompts.jsonl")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        for i, r in enumerate(rows):
-            q = r["question"].strip().rstrip("?")
-            q = q[:1].upper() + q[1:] + "?"
-            p = r["passage"]
-            kind = i % 4
-            if kind == 0:
-                prompts.append(_as_user_turn(tokenizer, f"{p}\n\n{q} Answer yes or no, then explain briefly."))
-            elif kind == 1:
-                prompts.append(_as_user_turn(tokenizer, f"Summarise this passage in a few sentences.\n\n{p}"))
-            elif kind == 2:
-                prompts.append(_as_user_turn(tokenizer, q))
-            else:
-                prompts.append(_opening(tokenizer, p))
+        prompts = boolq_prompts(tokenizer, rows)
     else:
         prompts = [_opening(tokenizer, t) for t in load_texts(source, tokenizer)]
     prompts = [p for p in prompts if 0 < len(p) <= MAX_PROMPT_TOKENS]
