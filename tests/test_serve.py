@@ -244,6 +244,10 @@ def test_stop_strings_and_seeded_sampling_equal_offline(server, world):
     ('{"model": "M", "prompt": "w1", "eetune": {"mode": "fast"}}', 400, "eetune.mode", "invalid_value"),
     ('{"model": "M", "prompt": "w1", "eetune": {"threshold": -1}}', 400, "threshold", "invalid_value"),
     ('{"model": "M", "prompt": "w1", "eetune": {"speed": 1}}', 400, "eetune", "invalid_value"),
+    ('{"model": "M", "prompt": "w1", "eetune": {"draft_context": 1}}', 400, "eetune.draft_context", "invalid_value"),
+    # these exits project onto the whole vocabulary: no draft head to add the prompt's tokens to
+    ('{"model": "M", "prompt": "w1", "eetune": {"mode": "self-spec", "draft_context": true}}', 400, "eetune",
+     "invalid_value"),
     ('{"model": "M", "prompt": "   "}', 400, "prompt", "invalid_value"),
     ('{"model": "M", "prompt": [999]}', 400, "prompt", "invalid_value"),
     ('{"model": "M", "prompt": "' + "w1 " * 250 + '", "max_tokens": 20}', 400, "max_tokens",
@@ -445,6 +449,39 @@ def test_a_request_joining_mid_flight_decodes_as_it_would_alone(family):
     assert sorted(sched.table.free) == list(range(6)) and not sched.live()
 
 
+def test_draft_context_through_the_frontend_equals_offline():
+    """`"draft_context": true` (or `serve --draft-context`): a self-spec request on the solo lane
+    drafts with its own prompt's tokens added to the restricted draft head, exactly as offline
+    `generate(draft_context=True)`, one request after another with different prompts."""
+    from test_draft_context import PROMPTS as CONTEXT_PROMPTS
+    from test_draft_context import context_model
+
+    from eetune.serve.metrics import Metrics
+    from eetune.serve.scheduler import Job, Scheduler, SchedulerConfig, wait_done
+    from eetune.serve.server import Frontend, ServeSettings
+    model, _ = context_model("llama", "mlp")  # the prompts' copied tokens are outside the heads' K
+    tok = word_tokenizer()
+    sched = Scheduler(model, tok, SchedulerConfig(max_batch=2))
+    kw = dict(mode="self-spec", threshold=0.0, draft_len=3, max_new_tokens=16)
+    more = 0
+    for default in (False, True):
+        front = Frontend(model, tok, sched, ServeSettings(model_name="m", draft_context=default), Metrics())
+        for p in CONTEXT_PROMPTS:
+            ext = {"mode": "self-spec", "threshold": 0.0, "draft_len": 3, **({} if default else {"draft_context": True})}
+            opts, _, _ = front.options({"eetune": ext, "max_tokens": 16}, len(p), "prompt")
+            assert opts.draft_context
+            job = Job(p, opts, tok)
+            sched.submit(job)
+            wait_done(sched, [job])
+            eos = opts.eos_token_ids
+            ref = generate(model, [p], DecodeOptions(**kw, draft_context=True, eos_token_ids=eos))
+            plain = generate(model, [p], DecodeOptions(**kw, eos_token_ids=eos))
+            assert job.ids == ref.rows[0].ids == plain.rows[0].ids  # lossless either way
+            assert (job.drafted, job.accepted) == (ref.drafted, ref.accepted)
+            more += ref.accepted - plain.accepted
+    assert more > 0  # the prompts' tokens were drafted and accepted
+
+
 def test_scheduler_auto_policy_and_cancel():
     """auto: the small-batch mode while at most ee_max_batch rows run, batched full above; a
     cancelled request leaves at the next step and its slot is reused."""
@@ -504,3 +541,10 @@ def test_serve_refuses_bad_flags_in_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_serve_draft_context_needs_a_restricted_draft_head(world, capsys):
+    capsys.readouterr()
+    assert main(["serve", str(world["dir"]), "--draft-context", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--draft-context" in err and "whole vocabulary" in err, err

@@ -1059,6 +1059,9 @@ def add_serve(sub):
     p.add_argument("--draft-len", type=int, default=4, help="self-spec: most tokens drafted per round (default 4)")
     p.add_argument("--draft-exit", type=_draft_exit, default=None, metavar="LAYER|auto",
                    help="self-spec: the exit that drafts (default: the deepest)")
+    p.add_argument("--draft-context", action="store_true",
+                   help="self-spec: a restricted-vocabulary draft head also proposes each prompt's tokens outside "
+                        "its K (requests may set eetune.draft_context themselves)")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoding at once (default 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting for a row; more are refused with 503 and Retry-After (default 64)")
@@ -1094,7 +1097,8 @@ def cmd_serve(args):
     check_device(args.device)
     code = serve(args.dir, args.host, args.port, device=args.device, dtype=args.dtype, drain_s=args.drain_s,
                  settings={"mode": args.mode, "threshold": args.threshold, "draft_len": args.draft_len,
-                           "draft_exit": args.draft_exit, "max_tokens": args.max_tokens,
+                           "draft_exit": args.draft_exit, "draft_context": args.draft_context,
+                           "max_tokens": args.max_tokens,
                            **({"model_name": args.model_name} if args.model_name else {})},
                  scheduler={"max_batch": args.max_batch, "max_queue": args.max_queue,
                             "ee_max_batch": args.ee_max_batch, "auto_mode": args.auto_mode,

@@ -7,7 +7,8 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the
 tokenizer's chat template), GET /metrics (Prometheus). Streaming is Server-Sent Events as the
 OpenAI clients read them (`data: {...}` chunks, then `data: [DONE]`). The eetune extension
-`{"eetune": {"mode": "full|early-exit|self-spec|auto", "threshold": T, "draft_len": N}}` (the
+`{"eetune": {"mode": "full|early-exit|self-spec|auto", "threshold": T, "draft_len": N,
+"draft_context": true|false}}` (the
 OpenAI clients' `extra_body`) chooses the decoding per request; the reply carries an `eetune`
 object (resolved mode, token ids, mean exit layer, drafts). Decoding is scheduled by
 `eetune.serve.scheduler` (continuous batching). Errors are OpenAI error bodies
@@ -60,6 +61,7 @@ class ServeSettings:
     threshold: float | None = None  # default threshold (None: the exits directory's calibration, else 0.9)
     draft_len: int = 4  # self-spec draft length
     draft_exit: int | str | None = None  # self-spec draft exit (None: the deepest)
+    draft_context: bool = False  # self-spec: a restricted draft head also proposes the prompt's tokens outside its K
     max_tokens: int = 256  # default max_tokens (capped by what the context leaves)
     temperature: float = 0.0  # default temperature (0: greedy)
 
@@ -134,19 +136,23 @@ class Frontend:
         if not isinstance(ext, dict):
             raise APIError(400, "eetune must be an object, e.g. {\"mode\": \"early-exit\", \"threshold\": 0.9}",
                            param="eetune", code="invalid_value")
-        unknown = sorted(set(ext) - {"mode", "threshold", "draft_len"})
+        unknown = sorted(set(ext) - {"mode", "threshold", "draft_len", "draft_context"})
         if unknown:
-            raise APIError(400, f"unknown eetune option(s) {', '.join(unknown)}: use mode, threshold, draft_len",
-                           param="eetune", code="invalid_value")
+            raise APIError(400, f"unknown eetune option(s) {', '.join(unknown)}: use mode, threshold, draft_len, "
+                                f"draft_context", param="eetune", code="invalid_value")
         mode = ext.get("mode", self.s.mode) or self.s.mode
         if mode not in SERVER_MODES:
             raise APIError(400, f"unknown eetune mode {mode!r}: use one of {', '.join(SERVER_MODES)}",
                            param="eetune.mode", code="invalid_value")
         threshold = _number(ext, "threshold", self.s.threshold, lo=0)
         draft_len = _number(ext, "draft_len", self.s.draft_len, lo=1, hi=64, integer=True)
+        draft_context = ext.get("draft_context", self.s.draft_context)
+        if not isinstance(draft_context, bool):
+            raise APIError(400, f"eetune.draft_context must be true or false (got {draft_context!r})",
+                           param="eetune.draft_context", code="invalid_value")
         opts = DecodeOptions(mode=mode, max_new_tokens=max_tokens, threshold=threshold, draft_len=draft_len,
-                             draft_exit=self.s.draft_exit, temperature=temperature, top_p=top_p, seed=seed,
-                             eos_token_ids=self.eos)
+                             draft_exit=self.s.draft_exit, draft_context=draft_context, temperature=temperature,
+                             top_p=top_p, seed=seed, eos_token_ids=self.eos)
         for m in (["full", self.sched.cfg.auto_mode] if mode == "auto" else [mode]):
             try:
                 dataclasses.replace(opts, mode=m).validate(self.model)
@@ -424,7 +430,8 @@ def serve(directory: str, host: str = "127.0.0.1", port: int = 8000, *, settings
     settings = ServeSettings(**{"model_name": Path(directory).resolve().name, **(settings or {})})
     for m in ("full", cfg.auto_mode) if settings.mode == "auto" else (settings.mode,):  # refuse bad defaults now
         DecodeOptions(mode=m, threshold=settings.threshold, draft_len=settings.draft_len,
-                      draft_exit=settings.draft_exit, temperature=settings.temperature).validate(model)
+                      draft_exit=settings.draft_exit, draft_context=settings.draft_context,
+                      temperature=settings.temperature).validate(model)
     metrics = Metrics()
     sched = Scheduler(model, tok, cfg, metrics)
     app = build_app(model, tok, sched, settings, metrics)
