@@ -237,3 +237,44 @@ def test_drafts_from_a_restricted_vocabulary_keep_the_target_distribution():
         d = int(torch.multinomial(q, 1, generator=g))
         counts[speculative_accept(p, [q], [d], g)[0]] += 1
     assert (counts / n - p[0]).abs().max().item() < 0.015
+
+
+# --- top-p among the most likely tokens first, against the full sort ---------------------------------
+def full_sort_top_p(logits, opts):
+    """The slow, obvious top-p: sort the whole vocabulary (what sampling_probs did before it took
+    the TOP_P_CANDIDATES most likely tokens first)."""
+    x = logits.float() / opts.temperature
+    if opts.top_k:
+        kth = x.topk(min(opts.top_k, x.shape[-1]), dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    p = x.softmax(-1)
+    sorted_p, idx = p.sort(-1, descending=True)
+    cum = sorted_p.cumsum(-1)
+    sorted_p = sorted_p.masked_fill((cum - sorted_p) >= opts.top_p, 0.0)
+    p = torch.zeros_like(p).scatter(-1, idx, sorted_p)
+    return p / p.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("V,scale,top_p,temperature,top_k,path", [
+    (262144, 6.0, 0.95, 0.8, 0, "candidates"),  # peaked: the nucleus lies among the candidates
+    (262144, 0.5, 0.9, 1.0, 0, "sort"),  # flat: it reaches past them, the whole vocabulary is sorted
+    (49152, 3.0, 0.5, 1.3, 0, "candidates"),
+    (3000, 2.0, 0.99, 1.0, 2000, "sort"),  # top-k first, then top-p
+    (3000, 4.0, 0.8, 1.0, 2000, "candidates"),
+    (512, 1.0, 0.9, 1.0, 0, None),  # fewer tokens than candidates
+])
+def test_top_p_among_candidates_equals_the_full_sort(V, scale, top_p, temperature, top_k, path):
+    from eetune.decode import rules
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(6, V, generator=g) * scale
+    logits[0] *= 4  # one very peaked row among flatter ones
+    opts = DecodeOptions(temperature=temperature, top_p=top_p, top_k=top_k)
+    fast, ref = sampling_probs(logits, opts), full_sort_top_p(logits, opts)
+    assert torch.equal(fast, ref)
+    n = (ref > 0).sum(-1)
+    if path == "sort":
+        assert (n > rules.TOP_P_CANDIDATES).any()  # the fallback was needed, and taken
+    elif path == "candidates":
+        assert (n < rules.TOP_P_CANDIDATES).all()
+    draws = [torch.multinomial(p, 1, generator=torch.Generator().manual_seed(1)) for p in (fast, ref)]
+    assert torch.equal(*draws)  # same tokens from the same seed
