@@ -218,7 +218,9 @@ def main(argv=None):
     row = {"exits": _repo_relative(args.exits), "recalibrated": recalibrated, "thresholds": {str(k): t for k, t in thresholds.items()},
            "target_agreement": cal.get("target_agreement"), "realized": realized, "predicted": predicted,
            "costs": {"lm_head_layers": cost["lm_head_layers"], "outcome": cost["outcome"],
-                     "full_layers": cost["full_layers"], "layer_s": costs.get("layer_s")},
+                     "full_layers": cost["full_layers"], "layer_s": costs.get("layer_s"),
+                     "step_overhead_layers": cost.get("step_overhead_layers"),
+                     "decode_token_layers": costs.get("decode_token_layers")},
            "prompts": len(timed), "heldout": len(heldout), "doc_tokens": args.doc_tokens,
            "max_new_tokens": args.max_new_tokens, **run_meta()}
     out = save_result(row, f"prediction-{args.tag}.json")

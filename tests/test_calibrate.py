@@ -180,7 +180,7 @@ def test_calibrate_stores_a_record_that_round_trips(world, capsys):
     assert d["calib_blocks"] == 4 and d["test_blocks"] == 3 and d["seq_len"] == 16 and d["source"] == str(text)
     assert d["calib_tokens"] == 4 * 15 and d["test_tokens"] == 3 * 15 and d["calib_digest"] != d["test_digest"]
     cm = rec["cost_model"]
-    assert cm["exit_layers"] == [1, 3] and cm["full_layers"] == pytest.approx(L + cm["lm_head_layers"])
+    assert cm["exit_layers"] == [1, 3] and cm["full_layers"] == pytest.approx(L + cm["lm_head_layers"] + cm["step_overhead_layers"])
     assert set(cm["measured"]["exits"]) == {"1", "3"} and rec["heads_digest"].startswith("sha256:")
     # the table: the same numbers, said in words
     assert main(["calibrate", str(out), "--data", str(text), *ARGS, "--no-store"]) == 0
@@ -407,6 +407,33 @@ def test_measured_costs_are_medians_and_leave_the_cache(monkeypatch):
     assert seen == [None] * 3 and model._eetune_costs == "cached" and c["repeats"] == 3
     assert c["lm_head_layers"] == 2.0 and c["exits"]["1"] == {"transform_layers": 2.0, "projection_layers": 1.0,
                                                               "layers": 3.0}
+    # a whole decode step, timed with the engine, and what it costs beyond the layers and the LM head
+    assert c["decode_token_layers"] > 0 and c["step_overhead_layers"] == pytest.approx(
+        max(0.0, c["decode_token_layers"] - L - 2.0))
+
+
+def test_the_decode_steps_own_cost_enters_every_outcome():
+    """Every token pays the step's own cost (`step_overhead_layers`), wherever it is emitted: the
+    outcomes and full depth rise by it, and the predicted speedup is (full + s) / (mean + s)."""
+    model = _model((1, 2, 3))
+    base = cost_model(model, "max-prob", COSTS)
+    more = cost_model(model, "max-prob", {**COSTS, "step_overhead_layers": 1.5})
+    assert base["step_overhead_layers"] == 0.0 and more["step_overhead_layers"] == 1.5
+    assert more["outcome"] == pytest.approx([o + 1.5 for o in base["outcome"]])
+    assert more["full_layers"] == pytest.approx(L + 0.4 + 1.5)
+    conf, agree = _random_table()
+    a, b = simulate(conf, agree, 0.5, base), simulate(conf, agree, 0.5, more)
+    assert b["mean_cost"] == pytest.approx(a["mean_cost"] + 1.5)
+    assert b["speedup"] == pytest.approx((L + 0.4 + 1.5) / (a["mean_cost"] + 1.5)) and b["speedup"] < a["speedup"]
+    for bad in (None, float("nan"), -2.0):  # unmeasured, or a disturbed timing: nothing added
+        assert cost_model(model, "max-prob", {**COSTS, "step_overhead_layers": bad})["outcome"] == base["outcome"]
+
+
+def test_decode_token_seconds_is_a_full_decode_step():
+    from eetune.measure.calibrate import decode_token_seconds
+    model = _model((1, 3))
+    t = decode_token_seconds(model, tokens=4, context=8)
+    assert 0 < t < 5.0
 
 
 # --- restricted-vocabulary exit heads (K tokens + OTHER) ---------------------------------------

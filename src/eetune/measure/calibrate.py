@@ -39,9 +39,13 @@ code; this module does it for eetune's exits, behind `eetune calibrate DIR --tar
    next token that goes deeper, one token more in that block, which costs
    (layer on 5 tokens - layer) / 4 per layer (`evaluate.recompute_layers`, from the measured
    `layer_x5_layers`). A token that leaves nowhere costs all L layers, those heads and the
-   final norm + LM head. Full depth costs L + the LM head; predicted speedup = full cost / mean
-   cost. Left out: per-exit host reads and step set-up (the prediction is optimistic by that
-   much). With max-prob the costs do not change which single threshold is chosen (a lower
+   final norm + LM head. Every token also pays the decode step's own cost outside the layers and
+   heads (embedding, set-up, choosing and emitting the token: `step_overhead_layers`, measured by
+   `measured_costs` with the engine in `full` mode; 0 when not measured), which early exit does
+   not save. Full depth costs L + the LM head + that; predicted speedup = full cost / mean cost.
+   Left out: per-exit host reads (the prediction is optimistic by that much). On a fast CPU the
+   step's own cost is a fifth of a Gemma-3-270M token, and leaving it out overstated the speedup
+   by 8-18%. With max-prob the costs do not change which single threshold is chosen (a lower
    threshold only ever moves a token to a shallower, cheaper outcome, so the fastest threshold
    meeting the target is the lowest one); they decide per-exit and gate thresholds and the
    predicted speedup.
@@ -283,8 +287,10 @@ def cost_model(model, confidence: str = "max-prob", costs: dict | None = None) -
     Returns {"num_layers", "exit_layers", "lm_head_layers", "full_layers" (L + LM head), "leave"
     and "pass" (per exit, shallowest first: what the exit costs when a token leaves there / when
     it goes on), "recompute" (per exit: the recomputation a token leaving there costs),
-    "recompute_per_layer", "outcome" (per exit, then the final layer: a token's whole cost when it
-    is emitted there), "exit_vocab" (K or None) and "measured" (the costs used)}."""
+    "recompute_per_layer", "step_overhead_layers" (what every decoded token costs besides its
+    layers and heads: `costs["step_overhead_layers"]`, 0 when absent), "outcome" (per exit, then
+    the final layer: a token's whole cost when it is emitted there, the step's own included),
+    "exit_vocab" (K or None) and "measured" (the costs used)}."""
     from eetune.measure.evaluate import recompute_layers
 
     c = measured_costs(model) if costs is None else costs
@@ -304,22 +310,42 @@ def cost_model(model, confidence: str = "max-prob", costs: dict | None = None) -
             passing.append(float(whole))
         else:  # the head runs only when the gate fires; a `layer` exit's block always runs (its cache)
             passing.append(float(transform or 0.0) if head.arch == "layer" else 0.0)
+    step = c.get("step_overhead_layers")
+    step = float(step) if step is not None and math.isfinite(step) and step > 0 else 0.0
     outcome, climbed = [], 0.0
     for j, k in enumerate(model.exit_layers):
-        outcome.append(k + climbed + leave[j] + recompute[j])
+        outcome.append(k + climbed + leave[j] + recompute[j] + step)
         climbed += passing[j]
-    outcome.append(L + climbed + float(lm))
+    outcome.append(L + climbed + float(lm) + step)
     return {"num_layers": L, "exit_layers": list(model.exit_layers), "lm_head_layers": float(lm),
-            "full_layers": L + float(lm), "leave": leave, "pass": passing, "recompute": recompute,
-            "recompute_per_layer": delta, "outcome": outcome, "exit_vocab": getattr(model, "exit_vocab", None),
-            "measured": c}
+            "full_layers": L + float(lm) + step, "leave": leave, "pass": passing, "recompute": recompute,
+            "recompute_per_layer": delta, "step_overhead_layers": step, "outcome": outcome,
+            "exit_vocab": getattr(model, "exit_vocab", None), "measured": c}
+
+
+def decode_token_seconds(model, tokens: int = 16, context: int = 64) -> float:
+    """Seconds per token of a greedy `full` decode with the engine, after the first token: (a
+    decode of `tokens` + 1 new tokens - a decode of 1) / `tokens`, on a `context`-token prompt."""
+    from eetune.decode.api import DecodeOptions, generate_ids
+
+    V = model.backbone.vocab_size
+    prompt = [(i * 7919 + 11) % V for i in range(context)]
+
+    def seconds(n):
+        return generate_ids(model, [prompt], DecodeOptions(mode="full", max_new_tokens=n)).seconds
+
+    seconds(2)  # warm-up
+    return max(0.0, (seconds(tokens + 1) - seconds(1)) / tokens)
 
 
 def measured_costs(model, repeats: int = 3) -> dict:
     """`eetune.measure.evaluate.exit_costs(model)` measured `repeats` times afresh, each figure the median
     of its measurements (`repeats` recorded): one measurement on a busy machine can be far off,
     and the LM head's cost is a difference of two timings. The model's cached costs (which
-    `--draft-exit auto` uses) are left as they were, or the last measurement when there were none."""
+    `--draft-exit auto` uses) are left as they were, or the last measurement when there were none.
+    Also `decode_token_layers`, a whole `full` decode step (`decode_token_seconds`) in layers,
+    and `step_overhead_layers`, what that step costs beyond its L layers and LM head (never
+    below 0): the part of every token that early exit does not save."""
     import statistics
 
     from eetune.measure.evaluate import exit_costs
@@ -339,6 +365,11 @@ def measured_costs(model, repeats: int = 3) -> dict:
            "lm_head_layers": median([r["lm_head_layers"] for r in runs]), "repeats": repeats, "exits": {}}
     if "layer_x5_layers" in runs[-1]:
         out["layer_x5_layers"] = median([r.get("layer_x5_layers") for r in runs])
+    token = median([decode_token_seconds(model) for _ in range(repeats)])
+    layer, lm = out["layer_s"], out["lm_head_layers"]
+    if token is not None and layer and lm is not None:
+        out["decode_token_layers"] = token / layer
+        out["step_overhead_layers"] = max(0.0, token / layer - out["num_layers"] - lm)
     for k in runs[-1]["exits"]:
         tr = median([r["exits"][k]["transform_layers"] for r in runs])
         pr = median([r["exits"][k]["projection_layers"] for r in runs])
