@@ -407,9 +407,12 @@ def test_measured_costs_are_medians_and_leave_the_cache(monkeypatch):
     assert seen == [None] * 3 and model._eetune_costs == "cached" and c["repeats"] == 3
     assert c["lm_head_layers"] == 2.0 and c["exits"]["1"] == {"transform_layers": 2.0, "projection_layers": 1.0,
                                                               "layers": 3.0}
-    # a whole decode step, timed with the engine, and what it costs beyond the layers and the LM head
+    # a whole decode step, timed with the engine, and what it costs beyond the layers and the LM head;
+    # an early-exit step asking the one exit and taking nothing, beyond the full step and the head
     assert c["decode_token_layers"] > 0 and c["step_overhead_layers"] == pytest.approx(
         max(0.0, c["decode_token_layers"] - L - 2.0))
+    assert c["never_token_layers"] > 0 and c["decision_overhead_layers"] == pytest.approx(
+        max(0.0, c["never_token_layers"] - c["decode_token_layers"] - 3.0))
 
 
 def test_the_decode_steps_own_cost_enters_every_outcome():
@@ -427,6 +430,22 @@ def test_the_decode_steps_own_cost_enters_every_outcome():
     assert b["speedup"] == pytest.approx((L + 0.4 + 1.5) / (a["mean_cost"] + 1.5)) and b["speedup"] < a["speedup"]
     for bad in (None, float("nan"), -2.0):  # unmeasured, or a disturbed timing: nothing added
         assert cost_model(model, "max-prob", {**COSTS, "step_overhead_layers": bad})["outcome"] == base["outcome"]
+
+
+
+@pytest.mark.parametrize("confidence", ["max-prob", "gate"])
+def test_each_exit_asked_pays_its_decision(confidence):
+    """`decision_overhead_layers` (what asking an exit costs besides its head) is in every exit's
+    "leave" and "pass", so a token emitted at exit j pays it j + 1 times and one that climbs to the
+    top pays it once per exit."""
+    model = _model((1, 2, 3))
+    base = cost_model(model, confidence, COSTS)
+    more = cost_model(model, confidence, {**COSTS, "decision_overhead_layers": 0.25})
+    assert more["decision_overhead_layers"] == 0.25
+    assert more["leave"] == pytest.approx([x + 0.25 for x in base["leave"]])
+    assert more["pass"] == pytest.approx([x + 0.25 for x in base["pass"]])
+    assert more["outcome"] == pytest.approx([o + 0.25 * n for o, n in zip(base["outcome"], (1, 2, 3, 3))])
+    assert more["full_layers"] == base["full_layers"]  # `full` asks no exit
 
 
 def test_decode_token_seconds_is_a_full_decode_step():

@@ -42,10 +42,12 @@ code; this module does it for eetune's exits, behind `eetune calibrate DIR --tar
    final norm + LM head. Every token also pays the decode step's own cost outside the layers and
    heads (embedding, set-up, choosing and emitting the token: `step_overhead_layers`, measured by
    `measured_costs` with the engine in `full` mode; 0 when not measured), which early exit does
-   not save. Full depth costs L + the LM head + that; predicted speedup = full cost / mean cost.
-   Left out: per-exit host reads (the prediction is optimistic by that much). On a fast CPU the
-   step's own cost is a fifth of a Gemma-3-270M token, and leaving it out overstated the speedup
-   by 8-18%. With max-prob the costs do not change which single threshold is chosen (a lower
+   not save, and every exit asked pays its decision's own cost besides its head (the segment
+   boundary, reading the decision back to the host: `decision_overhead_layers`, measured by
+   `measured_costs` as what an early-exit decode that never exits costs beyond the layers, the
+   heads, the LM head and the step); both 0 when not measured. Full depth costs L + the LM head
+   + the step's own cost; predicted speedup = full cost / mean cost. On a fast CPU leaving both
+   out overstated Gemma-3-270M's predicted speedup by 10-18%. With max-prob the costs do not change which single threshold is chosen (a lower
    threshold only ever moves a token to a shallower, cheaper outcome, so the fastest threshold
    meeting the target is the lowest one); they decide per-exit and gate thresholds and the
    predicted speedup.
@@ -288,13 +290,20 @@ def cost_model(model, confidence: str = "max-prob", costs: dict | None = None) -
     and "pass" (per exit, shallowest first: what the exit costs when a token leaves there / when
     it goes on), "recompute" (per exit: the recomputation a token leaving there costs),
     "recompute_per_layer", "step_overhead_layers" (what every decoded token costs besides its
-    layers and heads: `costs["step_overhead_layers"]`, 0 when absent), "outcome" (per exit, then
+    layers and heads: `costs["step_overhead_layers"]`, 0 when absent), "decision_overhead_layers"
+    (what asking an exit costs besides its head, in every "leave" and "pass": `costs[
+    "decision_overhead_layers"]`, 0 when absent), "outcome" (per exit, then
     the final layer: a token's whole cost when it is emitted there, the step's own included),
     "exit_vocab" (K or None) and "measured" (the costs used)}."""
     from eetune.measure.evaluate import recompute_layers
 
     c = measured_costs(model) if costs is None else costs
     L, lm = int(c["num_layers"]), c.get("lm_head_layers")
+
+    def measured(name):
+        v = c.get(name)
+        return float(v) if v is not None and math.isfinite(v) and v > 0 else 0.0
+    step, decision = measured("step_overhead_layers"), measured("decision_overhead_layers")
     delta = recompute_layers(c)
     leave, passing, recompute = [], [], []
     for k in model.exit_layers:
@@ -304,14 +313,12 @@ def cost_model(model, confidence: str = "max-prob", costs: dict | None = None) -
             raise EETuneError(f"the cost of exit {k} or of the LM head could not be measured on this machine: "
                               f"calibration needs them (see `eetune evaluate`)")
         head = model.head(k)
-        leave.append(float(whole))
+        leave.append(float(whole) + decision)
         recompute.append(max(0, L - k) * delta)
         if confidence != "gate" or getattr(head, "has_other", False):
-            passing.append(float(whole))
+            passing.append(float(whole) + decision)
         else:  # the head runs only when the gate fires; a `layer` exit's block always runs (its cache)
-            passing.append(float(transform or 0.0) if head.arch == "layer" else 0.0)
-    step = c.get("step_overhead_layers")
-    step = float(step) if step is not None and math.isfinite(step) and step > 0 else 0.0
+            passing.append((float(transform or 0.0) if head.arch == "layer" else 0.0) + decision)
     outcome, climbed = [], 0.0
     for j, k in enumerate(model.exit_layers):
         outcome.append(k + climbed + leave[j] + recompute[j] + step)
@@ -319,20 +326,24 @@ def cost_model(model, confidence: str = "max-prob", costs: dict | None = None) -
     outcome.append(L + climbed + float(lm) + step)
     return {"num_layers": L, "exit_layers": list(model.exit_layers), "lm_head_layers": float(lm),
             "full_layers": L + float(lm) + step, "leave": leave, "pass": passing, "recompute": recompute,
-            "recompute_per_layer": delta, "step_overhead_layers": step, "outcome": outcome,
+            "recompute_per_layer": delta, "step_overhead_layers": step, "decision_overhead_layers": decision,
+            "outcome": outcome,
             "exit_vocab": getattr(model, "exit_vocab", None), "measured": c}
 
 
-def decode_token_seconds(model, tokens: int = 16, context: int = 64) -> float:
-    """Seconds per token of a greedy `full` decode with the engine, after the first token: (a
-    decode of `tokens` + 1 new tokens - a decode of 1) / `tokens`, on a `context`-token prompt."""
+def decode_token_seconds(model, tokens: int = 16, context: int = 64, mode: str = "full") -> float:
+    """Seconds per token of a greedy decode with the engine, after the first token: (a decode of
+    `tokens` + 1 new tokens - a decode of 1) / `tokens`, on a `context`-token prompt. `mode`
+    "full", or "early-exit" at threshold `NEVER` (every exit asked, none taken)."""
     from eetune.decode.api import DecodeOptions, generate_ids
 
     V = model.backbone.vocab_size
     prompt = [(i * 7919 + 11) % V for i in range(context)]
+    threshold = NEVER if mode == "early-exit" else None
 
     def seconds(n):
-        return generate_ids(model, [prompt], DecodeOptions(mode="full", max_new_tokens=n)).seconds
+        opts = DecodeOptions(mode=mode, max_new_tokens=n, threshold=threshold)
+        return generate_ids(model, [prompt], opts).seconds
 
     seconds(2)  # warm-up
     return max(0.0, (seconds(tokens + 1) - seconds(1)) / tokens)
@@ -345,7 +356,9 @@ def measured_costs(model, repeats: int = 3) -> dict:
     `--draft-exit auto` uses) are left as they were, or the last measurement when there were none.
     Also `decode_token_layers`, a whole `full` decode step (`decode_token_seconds`) in layers,
     and `step_overhead_layers`, what that step costs beyond its L layers and LM head (never
-    below 0): the part of every token that early exit does not save."""
+    below 0): the part of every token that early exit does not save; `never_token_layers`, an
+    early-exit step that asks every exit and takes none, and `decision_overhead_layers`, what it
+    costs beyond the full step and the exits' heads, per exit asked (never below 0)."""
     import statistics
 
     from eetune.measure.evaluate import exit_costs
@@ -365,16 +378,21 @@ def measured_costs(model, repeats: int = 3) -> dict:
            "lm_head_layers": median([r["lm_head_layers"] for r in runs]), "repeats": repeats, "exits": {}}
     if "layer_x5_layers" in runs[-1]:
         out["layer_x5_layers"] = median([r.get("layer_x5_layers") for r in runs])
-    token = median([decode_token_seconds(model) for _ in range(repeats)])
-    layer, lm = out["layer_s"], out["lm_head_layers"]
-    if token is not None and layer and lm is not None:
-        out["decode_token_layers"] = token / layer
-        out["step_overhead_layers"] = max(0.0, token / layer - out["num_layers"] - lm)
     for k in runs[-1]["exits"]:
         tr = median([r["exits"][k]["transform_layers"] for r in runs])
         pr = median([r["exits"][k]["projection_layers"] for r in runs])
         out["exits"][k] = {"transform_layers": tr, "projection_layers": pr,
                            "layers": None if tr is None or pr is None else tr + pr}
+    token = median([decode_token_seconds(model) for _ in range(repeats)])
+    never = median([decode_token_seconds(model, mode="early-exit") for _ in range(repeats)])
+    layer, lm = out["layer_s"], out["lm_head_layers"]
+    heads = [e["layers"] for e in out["exits"].values()]
+    if token is not None and layer and lm is not None:
+        out["decode_token_layers"] = token / layer
+        out["step_overhead_layers"] = max(0.0, token / layer - out["num_layers"] - lm)
+        if never is not None and heads and all(h is not None for h in heads):
+            out["never_token_layers"] = never / layer
+            out["decision_overhead_layers"] = max(0.0, (never - token) / layer - sum(heads)) / len(heads)
     return out
 
 
