@@ -62,12 +62,27 @@ def _measure(model, opts) -> dict:
             best = min(best, time.perf_counter() - t0)
         return best
 
+    def timeit_pair(fa, fb, reps: int = 5) -> tuple[float, float]:
+        """Best times of two functions timed in alternation, so that their difference (a cost
+        measured as "with" less "without") does not take in a change of the machine's speed
+        between two separate timings."""
+        fa(), fb()
+        _sync(dev)
+        best = [math.inf, math.inf]
+        for _ in range(reps):
+            for i, fn in enumerate((fa, fb)):
+                t0 = time.perf_counter()
+                fn()
+                _sync(dev)
+                best[i] = min(best[i], time.perf_counter() - t0)
+        return best[0], best[1]
+
     def trunk(q: int, head: bool):
         x = ids[:, :q]
         return lambda: eng.segment(0, L, x, T + q, final="all" if head else None, exact=True)
 
-    t1, t1h = timeit(trunk(1, False)), timeit(trunk(1, True))
-    t5, t5h = timeit(trunk(5, False)), timeit(trunk(5, True))
+    t1, t1h = timeit_pair(trunk(1, False), trunk(1, True))
+    t5, t5h = timeit_pair(trunk(5, False), trunk(5, True))
     x1 = bb.embed(ids[:, -1:], torch.zeros(1, 1, dtype=torch.long, device=dev))[:, -1]
     costs = {"layer": t1 / L, "layer_x5": t5 / L, "final": max(t1h - t1, 0.0), "final_x5": max(t5h - t5, 0.0),
              "num_layers": L, "heads": {}}
@@ -84,8 +99,8 @@ def _measure(model, opts) -> dict:
             # confidence) is the segment with the decision minus the segment without; the projection
             # is that less the transform, and never less than when timed alone.
             x = ids[:, -1:]
-            with_dec = timeit(lambda: eng.segment(0, k, x, T + 1, dec=("head", k), exact=True), reps=9)
-            plain = timeit(lambda: eng.segment(0, k, x, T + 1, exact=True), reps=9)
+            with_dec, plain = timeit_pair(lambda: eng.segment(0, k, x, T + 1, dec=("head", k), exact=True),
+                                          lambda: eng.segment(0, k, x, T + 1, exact=True), reps=9)
             projection = max(alone, with_dec - plain - branch)
         else:
             projection = alone

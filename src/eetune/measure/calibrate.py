@@ -383,8 +383,8 @@ def measured_costs(model, repeats: int = 3) -> dict:
         pr = median([r["exits"][k]["projection_layers"] for r in runs])
         out["exits"][k] = {"transform_layers": tr, "projection_layers": pr,
                            "layers": None if tr is None or pr is None else tr + pr}
-    token = median([decode_token_seconds(model) for _ in range(repeats)])
-    never = median([decode_token_seconds(model, mode="early-exit") for _ in range(repeats)])
+    pairs = [(decode_token_seconds(model), decode_token_seconds(model, mode="early-exit")) for _ in range(repeats)]
+    token, never = median([p[0] for p in pairs]), median([p[1] for p in pairs])  # timed in alternation
     layer, lm = out["layer_s"], out["lm_head_layers"]
     heads = [e["layers"] for e in out["exits"].values()]
     if token is not None and layer and lm is not None:
