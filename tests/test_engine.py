@@ -635,18 +635,22 @@ def test_self_spec_cache_holds_exactly_the_accepted_tokens(shape):
     drafts were rejected on the way."""
     model = model_on("llama", (1, 2))
     seen = {}
-    orig = engine.Engine.self_spec_round
+    orig_round, orig_step = engine.Engine.self_spec_round, engine.Engine.full_step
 
-    def spy(self, *a, **k):
-        out = orig(self, *a, **k)
-        seen["slot"], seen["cache"] = self.slot, self.cache
-        return out
-    engine.Engine.self_spec_round = spy
+    def spy(orig):  # after a round, or a round without drafts (the last one), which is `full`'s step
+        def f(self, *a, **k):
+            out = orig(self, *a, **k)
+            seen["slot"], seen["cache"] = self.slot, self.cache
+            seen["steps"] = seen.get("steps", 0) + (orig is orig_step)
+            return out
+        return f
+    engine.Engine.self_spec_round, engine.Engine.full_step = spy(orig_round), spy(orig_step)
     try:
         g = generate(model, [PROMPTS[0]], DecodeOptions(mode="self-spec", threshold=0.0, draft_len=4,
                                                         max_new_tokens=30))
     finally:
-        engine.Engine.self_spec_round = orig
+        engine.Engine.self_spec_round, engine.Engine.full_step = orig_round, orig_step
+    assert seen["steps"] >= 1  # the last token is a round without drafts
     assert g.drafted > g.accepted > 0  # some drafts were rejected
     text = PROMPTS[0] + g.rows[0].ids[:-1]
     assert seen["slot"] == len(text)
@@ -797,3 +801,31 @@ def test_restricted_heads_on_cuda():
     assert all(t.exit_layer == L for r in g.rows for t in r.tokens)
     spec = generate(model, PROMPTS, DecodeOptions(mode="self-spec", threshold=0.0, max_new_tokens=16))
     assert spec.drafted == 0 and ids_of(spec) == ids_of(full)
+
+
+def test_a_self_spec_round_without_drafts_is_a_full_step(shape, monkeypatch):
+    """Regression (`--draft-exit auto` 0.91x `full` on a fast CPU): a round that drafts nothing, at
+    batch 1 and greedy, runs `full`'s one-segment step instead of the draft segment, host read and
+    verify segment of a round (1.12x a full step there); the tokens stay `full`'s. Batches,
+    sampling and `layer` draft exits keep the round (slot bookkeeping, RNG order, the exit's cache)."""
+    calls = {"n": 0}
+    orig = engine.Engine.full_step
+
+    def counted(self, *a, **k):
+        calls["n"] += 1
+        return orig(self, *a, **k)
+    monkeypatch.setattr(engine.Engine, "full_step", counted)
+    model = model_on("llama", (1, 2))
+    kw = dict(mode="self-spec", threshold=0.3, draft_len=3, max_new_tokens=9)
+    g = generate(model, [PROMPTS[0]], DecodeOptions(**kw))
+    assert calls["n"] == 1  # the last token: no room left to draft
+    calls["n"] = 0
+    full = generate(model, [PROMPTS[0]], DecodeOptions(mode="full", max_new_tokens=9))
+    assert calls["n"] == 8 and g.rows[0].ids == full.rows[0].ids
+    for opts in (DecodeOptions(**kw), DecodeOptions(**{**kw, "temperature": 0.8, "seed": 1})):
+        calls["n"] = 0
+        generate(model, PROMPTS[:2] if opts.temperature == 0 else [PROMPTS[0]], opts)
+        assert calls["n"] == 0
+    calls["n"] = 0
+    generate(model_on("llama", (1, 2), arch="layer"), [PROMPTS[0]], DecodeOptions(**kw))
+    assert calls["n"] == 0
