@@ -959,17 +959,16 @@ def cmd_calibrate(args):
     import os
 
     from eetune.model.backbone import load_tokenizer
-    from eetune.measure.calibrate import (calibrate, calibration_blocks, check_settings, continuation_parts,
-                                          format_calibration, store_calibration)
+    from eetune.measure.calibrate import (calibrate, calibration_blocks, check_continue_tokens, check_settings,
+                                          continuation_parts, format_calibration, store_calibration)
     from eetune.model.config import ExitConfig
     from eetune.measure.evaluate import json_safe
     from eetune.model.early_exit import EarlyExitModel
 
     check_settings(args.target_agreement, args.confidence, args.calib_blocks, args.test_blocks, args.seq_len,
                    args.batch_size)
-    if args.continue_tokens != 0 and args.continue_tokens < 2:
-        raise EETuneError(f"--continue-tokens {args.continue_tokens} must be an integer >= 2 (the first new token "
-                          f"comes from the prefill at full depth and is not counted), or 0 for teacher-forced text")
+    if args.continue_tokens != 0:
+        check_continue_tokens(args.continue_tokens)
     if args.chat and not args.continue_tokens:
         raise EETuneError("--chat applies to the prompts of --continue-tokens: give --continue-tokens N too")
     config = ExitConfig.load(args.dir)  # before the (slow) model load

@@ -751,6 +751,12 @@ class Engine:
         proposed in total). `live`: the host's copy of which rows are unfinished."""
         opts, B, L, gs = self.opts, self.B, self.L, self.gs
         head = self.model.head(d)
+        if n_draft == 0 and B == 1 and opts.temperature == 0 and self.replay is None and head.arch != "layer":
+            # Nothing to draft: `full`'s step, one segment and its argmax read once. The round below
+            # (draft segment, host read, verify segment, slot bookkeeping) leaves the same caches and
+            # token at a cost a fast CPU notices (1.12x a full step). Batches keep it for the slot
+            # bookkeeping, sampling for its RNG order, a `layer` exit for its own cache.
+            return [[int(self.full_step(tok).argmax(-1)[0])]], [0], 0
         forced = None
         if self.replay is not None:  # benchmarks: (drafted, accepted) of a recorded round
             forced = self.replay[round_index] if round_index < len(self.replay) else (0, 0)
@@ -892,14 +898,7 @@ def _run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, p
                 d, n = draft_exit, min(opts.draft_len, left - 1)
             live = emitter.live()
             t_round = time.perf_counter()
-            if n == 0 and B == 1 and opts.temperature == 0 and eng.replay is None \
-                    and model.head(d).arch != "layer":
-                # A round without drafts is `full`'s step: one segment, its argmax read once. The
-                # round machinery (draft segment, host read, verify segment, slot bookkeeping) would
-                # leave the same caches and token, at a cost a fast CPU notices (1.12x a full step).
-                emitted, acc, proposed = [[int(eng.full_step(tok).argmax(-1)[0])]], [0], 0
-            else:
-                emitted, acc, proposed = eng.self_spec_round(tok, done.clone(), d, n, gen, rnd, live)
+            emitted, acc, proposed = eng.self_spec_round(tok, done.clone(), d, n, gen, rnd, live)
             rnd += 1
             stats["rounds"] += 1
             stats["drafted"] += proposed

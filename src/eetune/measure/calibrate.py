@@ -46,8 +46,10 @@ code; this module does it for eetune's exits, behind `eetune calibrate DIR --tar
    boundary, reading the decision back to the host: `decision_overhead_layers`, measured by
    `measured_costs` as what an early-exit decode that never exits costs beyond the layers, the
    heads, the LM head and the step); both 0 when not measured. Full depth costs L + the LM head
-   + the step's own cost; predicted speedup = full cost / mean cost. On a fast CPU leaving both
-   out overstated Gemma-3-270M's predicted speedup by 10-18%. With max-prob the costs do not change which single threshold is chosen (a lower
+   + the step's own cost; predicted speedup = full cost / mean cost. On a fast CPU, with these
+   two and alternated timings (`eetune.decode.policy.measure_costs`), the prediction for
+   Gemma-3-270M went from +17.9% to +4.8% of the realized speedup. With max-prob the costs do
+   not change which single threshold is chosen (a lower
    threshold only ever moves a token to a shallower, cheaper outcome, so the fastest threshold
    meeting the target is the lowest one); they decide per-exit and gate thresholds and the
    predicted speedup.
@@ -136,6 +138,13 @@ def continuation_prompts(tokenizer, spec: str, chat: bool = False) -> list[list[
     return [list(p) for p in prompts if 0 < len(p) <= selfdata.MAX_PROMPT_TOKENS]
 
 
+def check_continue_tokens(n) -> None:
+    """One line for a `--continue-tokens` that is not an integer >= 2 (0 = off is the caller's)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise EETuneError(f"--continue-tokens {n} must be an integer >= 2 (the first new token comes from the "
+                          f"prefill at full depth and is not counted), or 0 for teacher-forced text")
+
+
 def continuation_parts(model, tokenizer, spec: str, calib: int, test: int, max_new_tokens: int, chat: bool = False,
                        batch_size: int = 8, progress: bool = False) -> tuple:
     """The first `calib` + `test` prompts of `continuation_prompts(spec)` continued greedily in
@@ -146,9 +155,7 @@ def continuation_parts(model, tokenizer, spec: str, calib: int, test: int, max_n
     from eetune.decode.api import DecodeOptions, end_token_ids, generate
     from eetune.progress import progress_display
 
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 2:
-        raise EETuneError(f"--continue-tokens {max_new_tokens} must be an integer >= 2 (the first new token comes "
-                          f"from the prefill at full depth and is not counted)")
+    check_continue_tokens(max_new_tokens)
     prompts = continuation_prompts(tokenizer, spec, chat)
     need = calib + test
     if len(prompts) < need:
