@@ -49,12 +49,15 @@ def _random_table(E=3, n=400, seed=0, lattice=True):
 
 
 def _brute(conf, agree, thresholds, layers, leave, passing, lm, L_=L):
-    """The rule and its cost one token at a time in plain Python (float32 comparisons)."""
+    """The rule and its cost one token at a time in plain Python (float32 comparisons); an exit
+    whose threshold is above 1 is not asked and costs nothing."""
     E, n = conf.shape
     same, cost, where = 0, 0.0, []
     for i in range(n):
         spent, out = 0.0, None
         for j in range(E):
+            if thresholds[j] > 1:
+                continue
             if np.float32(conf[j, i].item()) >= np.float32(thresholds[j]):
                 out = j
                 spent += layers[j] + leave[j]
@@ -95,6 +98,7 @@ def test_rule_and_cost_match_brute_force(confidence, arch):
     assert simulate(conf, agree, 0.5, cost) == simulate(conf, agree, [0.5] * 3, cost)
     s = simulate(conf, agree, NEVER, cost)
     assert s["agreement"] == 1.0 and sum(s["exit_share"].values()) == 0.0
+    assert s["speedup"] == 1.0  # no exit asked: `full`'s cost
 
 
 def test_global_search_is_the_fastest_grid_point_meeting_the_target():
@@ -111,7 +115,30 @@ def test_global_search_is_the_fastest_grid_point_meeting_the_target():
         assert t == max(ties)  # among equally fast thresholds: the most conservative
     # unreachable except by never exiting: no exit ever agrees
     t, s = search_global(conf, torch.zeros_like(agree), cost, 1.0)
-    assert t == NEVER and s["agreement"] == 1.0 and s["speedup"] < 1
+    assert t == NEVER and s["agreement"] == 1.0 and s["speedup"] == 1.0
+
+
+def test_search_never_settles_on_a_setting_slower_than_full():
+    """Exits whose heads cost more than the layers they save: thresholds below 1 meet the target
+    but are predicted slower than `full`, so the search keeps every exit at NEVER (not asked by the
+    engine: `full`'s cost, speedup 1.0). It used to charge NEVER every head too and pick the least
+    slow threshold: a calibrated setting slower than `full`."""
+    model = _model((1, 2, 3))
+    dear = {**COSTS, "exits": {k: {"transform_layers": 1.0, "projection_layers": 9.0, "layers": 10.0}
+                               for k in ("1", "2", "3")}}
+    cost = cost_model(model, "max-prob", dear)
+    conf, agree = _random_table(seed=1, lattice=False)
+    assert any(simulate(conf, agree, g, cost)["agreement"] >= 0.7 for g in GRID if g < 1)
+    t, s = search_global(conf, agree, cost, 0.7)
+    assert t == NEVER and s["speedup"] == 1.0
+    ts, s = search_per_exit(conf, agree, cost, 0.7, [t] * 3)
+    assert ts == [NEVER] * 3 and s["speedup"] == 1.0
+    # one cheap exit pays: it alone is asked, the others stay at NEVER
+    mixed = {**dear, "exits": {**dear["exits"], "2": {"transform_layers": 0.0, "projection_layers": 0.01,
+                                                      "layers": 0.01}}}
+    cost = cost_model(model, "max-prob", mixed)
+    ts, s = search_per_exit(conf, agree, cost, 0.5, [NEVER] * 3)
+    assert ts[0] == NEVER and ts[2] == NEVER and ts[1] < 1 and s["speedup"] > 1.0
 
 
 def test_per_exit_search_is_a_coordinate_optimum_at_least_as_fast():
@@ -143,6 +170,22 @@ def world(tmp_path_factory):
     return out, text
 
 
+@pytest.fixture
+def cheap_exits(monkeypatch):
+    """Calibrate's measured costs as on a machine where an exit pays (a tenth of a layer, as a
+    restricted-vocabulary head on a real model): on the tiny test model an exit head costs about
+    as much as the layers it skips, and calibrate rightly keeps every exit at NEVER there."""
+    from eetune.measure import calibrate as cal
+    real = cal.measured_costs
+
+    def cheap(model, repeats: int = 3):
+        c = real(model, repeats=1)
+        c["exits"] = {k: {"transform_layers": 0.05, "projection_layers": 0.05, "layers": 0.1} for k in c["exits"]}
+        c["decision_overhead_layers"] = 0.0
+        return c
+    monkeypatch.setattr(cal, "measured_costs", cheap)
+
+
 ARGS = ["--seq-len", "16", "--calib-blocks", "4", "--test-blocks", "3", "--target-agreement", "0.8"]
 
 
@@ -157,6 +200,7 @@ def _calibrate(out, text, capsys, *extra):
     return json.loads(cap.out), cap.err
 
 
+@pytest.mark.usefixtures("cheap_exits")
 def test_calibrate_stores_a_record_that_round_trips(world, capsys):
     out, text = world
     before = _snapshot(out)
@@ -244,6 +288,7 @@ def test_a_calibration_of_other_heads_is_not_used(world, capsys):
     assert heads_digest(fresh.to(torch.bfloat16)) == heads_digest(EarlyExitModel.from_pretrained(out))
 
 
+@pytest.mark.usefixtures("cheap_exits")
 def test_calibrated_decode_agrees_as_predicted(world, capsys):
     """The prediction, replayed with the engine at the calibrated (default) threshold:
     (1) every prefix of the calibration blocks decoded for one token: the engine's exit and

@@ -520,6 +520,101 @@ def test_costs_time_each_heads_own_projection(monkeypatch):
         + pol._block(costs["final"], costs["final_x5"], 4) - pol._block(costs["final"], costs["final_x5"], 3))
 
 
+def _synthetic_policy(prior: float):
+    """A draft policy over exits 1 and 2 of an L-layer model with cheap heads, on costs set by
+    hand (no timing), whose prior acceptance makes drafting pay."""
+    from eetune.decode import policy
+    model = kmodel("llama", (1, 2))
+    head = {"transform": 1e-5, "projection": 1e-5, "projection_alone": 1e-5, "classes": 11}
+    costs = {"layer": 1e-3, "layer_x5": 1.2e-3, "final": 2e-3, "final_x5": 3e-3, "num_layers": L,
+             "heads": {1: dict(head), 2: dict(head)}}
+    pol = policy.DraftPolicy(model, costs, 4, None)
+    pol.prior = {k: prior for k in pol.prior}
+    return pol
+
+
+def test_auto_policy_counts_declined_drafts_as_misses():
+    """Regression (SmolLM2, fast CPU: `--draft-exit auto` 0.95x `full`): the policy learned its
+    acceptance from proposed drafts only, so an exit whose confidence rarely clears the threshold
+    kept its prior and was chosen round after round (215 of 313 rounds at exit 10, 14 drafts
+    proposed), each round paying a draft segment and its head to emit one token."""
+    pol = _synthetic_policy(0.9)
+    d, n = pol.choose(4)
+    assert n > 0
+    for _ in range(40):  # every round: the exit declines its first draft position
+        d, n = pol.choose(4)
+        if n == 0:
+            break
+        pol.observe(d, 0, 0, 1, n, None)
+    assert pol.choose(4)[1] == 0
+    assert all(pol.rate(k) < 0.5 for k in (1, 2) if pol.stats[k][2])
+
+
+def test_auto_policy_probes_less_while_probes_fail():
+    """Without drafting, a probe of one draft runs after 16 plain rounds; each probe that gets
+    nothing accepted doubles the wait (up to 256), one that does resets it."""
+    pol = _synthetic_policy(0.01)
+    picks = []
+    for _ in range(1000):
+        d, n = pol.choose(4)
+        picks.append(n)
+        pol.observe(d, 0, 0, min(1, n), n, None)
+    probes = [i for i, n in enumerate(picks) if n]
+    assert [b - a for a, b in zip(probes, probes[1:])] == [32, 64, 128, 256, 256]
+    assert probes[0] == pol.PROBE_EVERY - 1
+    d, n = pol.choose(4)
+    while n == 0:
+        pol.observe(d, 0, 0, 0, n, None)
+        d, n = pol.choose(4)
+    pol.observe(d, 1, 1, 1, n, None)  # a probe that is accepted: back to every 16 plain rounds
+    assert pol.probe_every == pol.PROBE_EVERY
+
+
+def test_auto_policy_carries_what_it_learnt_to_the_next_request():
+    """A request with `--draft-exit auto` starts from the acceptance, clock calibration and probe
+    interval the last request with the same setting ended with (one request of 100 tokens was
+    too short to unlearn an optimistic prior); another setting starts afresh."""
+    model = kmodel("llama", (1, 2, 3))
+    kw = dict(mode="self-spec", draft_exit="auto", threshold=0.2, max_new_tokens=24)
+    first = generate(model, [PROMPTS[0]], DecodeOptions(**kw))
+    second = generate(model, [PROMPTS[0]], DecodeOptions(**kw))
+    learnt = {k: first.policy.rate(k) for k in first.policy.prior}
+    assert second.policy.prior == learnt and second.policy.memory is first.policy.memory
+    again = type(first.policy)(model, first.policy.costs, 4, None, memory=second.policy.memory)
+    assert again.scale == second.policy.scale and again.probe_every == second.policy.probe_every
+    assert learnt != {k: 0.2 + 0.4 * k / L for k in learnt}  # it did learn something
+    other = generate(model, [PROMPTS[0]], DecodeOptions(**{**kw, "threshold": 0.3}))
+    assert other.policy.prior == {k: 0.2 + 0.4 * k / L for k in learnt}
+    assert ids_of(second) == ids_of(first)
+
+
+def test_exits_above_one_are_not_asked(monkeypatch):
+    """An exit whose threshold is above 1 can never fire, and early exit does not ask it (no head,
+    no decision, no host read): with every threshold above 1 it decodes as `full`, at `full`'s
+    cost (calibrate's NEVER). A replayed trace still asks every exit (the decision-cost measurement)."""
+    model = model_on("llama", (1, 3))
+    asked = []
+    orig = engine.Engine.decide
+
+    def spy(self, k, out, st):
+        asked.append(k)
+        return orig(self, k, out, st)
+    monkeypatch.setattr(engine.Engine, "decide", spy)
+    full = ids_of(generate(model, PROMPTS, DecodeOptions(mode="full", max_new_tokens=12)))
+    g = generate(model, PROMPTS, DecodeOptions(mode="early-exit", threshold=1.01, max_new_tokens=12))
+    assert ids_of(g) == full and asked == [] and g.layer_token_passes == 3 * 11 * L
+    g = generate(model, PROMPTS, DecodeOptions(mode="early-exit", exit_thresholds={1: 1.01, 3: 0.2},
+                                               max_new_tokens=12))
+    assert asked and set(asked) == {3} and all(t.exit_layer in (3, L) for r in g.rows for t in r.tokens)
+    ref = reference_generate(model, PROMPTS, DecodeOptions(mode="early-exit", exit_thresholds={1: 1.01, 3: 0.2},
+                                                           max_new_tokens=12))
+    assert ids_of(g) == ids_of(ref)
+    asked.clear()
+    generate(model, [PROMPTS[0]], DecodeOptions(mode="early-exit", threshold=1.01, max_new_tokens=4,
+                                                replay=(L,) * 5))
+    assert set(asked) == {1, 3}
+
+
 # --- kept state ------------------------------------------------------------------------------
 def test_state_is_kept_per_geometry_with_a_bound(monkeypatch):
     """Requests of the same geometry (batch size, capacity bucket) reuse one state (its caches

@@ -364,7 +364,11 @@ def generate_ids(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens
                         thresholds=dict(opts.exit_thresholds), threshold_source=threshold_source)
     policy = None
     if opts.draft_exit == "auto":  # its costs: measured once per loaded model, outside the timing
-        policy = DraftPolicy(model, measure_costs(model, opts), opts.draft_len, opts.draft_vocab, opts.verbose)
+        setting = (opts.threshold, str(opts.exit_thresholds), opts.confidence, opts.draft_len, opts.draft_vocab,
+                   opts.draft_context, opts.temperature > 0, len(prompts))
+        memory = model.__dict__.setdefault("_eetune_policy_memory", {}).setdefault(setting, {})
+        policy = DraftPolicy(model, measure_costs(model, opts), opts.draft_len, opts.draft_vocab, opts.verbose,
+                             memory=memory)
     t0 = time.perf_counter()
     ids, _ = _left_pad(prompts, 0, device)
     pad = [ids.shape[1] - len(p) for p in prompts]
@@ -373,6 +377,8 @@ def generate_ids(model, prompts: list[list[int]], opts: DecodeOptions, on_tokens
     result.rounds, result.drafted, result.accepted = stats["rounds"], stats["drafted"], stats["accepted"]
     result.layer_token_passes = stats["layer_token_passes"]
     result.policy = stats["policy"]
+    if policy is not None:
+        policy.remember()  # the next request with this setting starts from what this one learnt
     result.round_log = stats["round_log"]
     result.max_pending = stats["max_pending"]
     result.record_seconds = stats["record_seconds"]

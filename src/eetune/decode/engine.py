@@ -867,6 +867,10 @@ def _run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, p
     capacity = T + opts.max_new_tokens + 2 * opts.draft_len + 4
     eng = Engine(model, opts, B, T, pad, device, capacity)
     eng.replay = opts.replay
+    if opts.mode == "early-exit" and opts.replay is None and opts.exit_thresholds:
+        # An exit whose threshold is above 1 never fires (both confidences are probabilities): it is
+        # not asked, so it costs nothing; with every threshold above 1 the climb is `full`'s.
+        eng.exit_set = {k for k in eng.exit_set if float(opts.exit_thresholds[k]) <= 1.0}
     if opts.mode == "self-spec" and opts.draft_context:
         eng.set_draft_context(ids, policy.candidates() if auto else [draft_exit])
     stats = {"drafted": 0, "accepted": 0, "rounds": 0, "policy": None, "round_log": [], "max_pending": 0}
@@ -906,7 +910,8 @@ def _run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, p
             stats["accepted"] += accepted
             stats["round_log"].append((proposed, accepted))
             if policy is not None:  # the round's host read has synchronised: the clock is honest
-                policy.observe(d, accepted, proposed, n, time.perf_counter() - t_round)
+                reached = sum(min(a + 1, n) for b, a in enumerate(acc) if live[b])
+                policy.observe(d, accepted, proposed, reached, n, time.perf_counter() - t_round)
             tok = emitter.emit_round(emitted, d, L)
         if policy is not None and opts.verbose:
             print(policy.describe(), file=sys.stderr)

@@ -20,7 +20,7 @@ def measure_costs(model, opts) -> dict:
     """Seconds for one token through one decoder layer and through the final norm + LM head, as
     they cost while decoding with this engine: the layer cost is a whole trunk pass (every
     layer's weights streamed from memory, as in a real step) divided by the number of layers,
-    the LM head cost a whole step minus the trunk. Also a 5-token block (verification), each
+    the final norm + LM head cost a whole step minus the trunk, and never less than timed alone. Also a 5-token block (verification), each
     exit's transform, and its projection: the head's own (what `head.project` computes on its
     transform's output: K + 1 rows for a restricted-vocabulary head, the whole vocabulary
     otherwise), timed as the engine's decisions run it (its weights as the engine reads them,
@@ -83,8 +83,12 @@ def _measure(model, opts) -> dict:
 
     t1, t1h = timeit_pair(trunk(1, False), trunk(1, True))
     t5, t5h = timeit_pair(trunk(5, False), trunk(5, True))
-    x1 = bb.embed(ids[:, -1:], torch.zeros(1, 1, dtype=torch.long, device=dev))[:, -1]
-    costs = {"layer": t1 / L, "layer_x5": t5 / L, "final": max(t1h - t1, 0.0), "final_x5": max(t5h - t5, 0.0),
+    x5 = bb.embed(ids[:, -5:], torch.zeros(1, 5, dtype=torch.long, device=dev))
+    x1 = x5[:, -1]
+    # The final norm + LM head is the step with it less the step without; never less than timed alone
+    # (a noisy machine's difference of two timings once came out at 1/70 of the head's own time).
+    f1, f5 = (timeit(lambda x=x: bb.logits(bb.final_norm(x))) for x in (x1, x5))
+    costs = {"layer": t1 / L, "layer_x5": t5 / L, "final": max(t1h - t1, f1), "final_x5": max(t5h - t5, f5),
              "num_layers": L, "heads": {}}
     for head in model.heads:
         # a `layer` exit's block costs about one decoder layer; the others are timed
@@ -154,8 +158,21 @@ class DraftPolicy:
     c_layer(q) and c_final(q) for a block of q tokens are interpolated between the measured
     costs of 1 and 5 tokens. a_d starts from a prior worth 8 drafts (the exit's held-out top-1
     agreement with the final layer when `tune --gates` reported it, else 0.2 + 0.4 d / L), then
-    follows the drafts exit d has had accepted so far in this request. When no draft pays, a
-    plain full step is taken, and every 16 such rounds one token is drafted to keep measuring.
+    follows what exit d's draft positions have given so far in this request: accepted drafts over
+    the positions reached (a round asked for n drafts reaches min(accepted + 1, n) positions). A
+    position whose draft the exit declines to propose (its confidence below the threshold) counts
+    as a miss, as a rejected draft does: the round has paid for that draft segment and emits one
+    token, like a full step that cost more. When no draft pays, a plain full step is taken, and
+    after 16 such rounds one token is drafted to keep measuring; each probe that gets nothing
+    accepted doubles that interval (up to 256), one that does resets it.
+
+    With a `memory` (a dict the caller keeps per model and per decoding setting: threshold,
+    confidence, draft length and vocabulary, sampling, batch size), a request starts where the
+    last one ended: its prior is the last request's final acceptance (still worth 8 drafts), and
+    the clock calibration and probe interval carry over. Without it every request relearns, and
+    a request of a hundred tokens spends a good part of them unlearning a prior the threshold
+    makes optimistic (SmolLM2 on a fast CPU: about 34 rounds per request drafting at an exit
+    that declined almost every draft).
     Candidates are the exits below the last layer (`layer` exits: the deepest only, since
     each would need its own cache filled on every round).
     """
@@ -165,7 +182,8 @@ class DraftPolicy:
     def candidates(self) -> list[int]:
         return list(self.prior)
 
-    def __init__(self, model, costs: dict, draft_len: int, draft_vocab: int | None, verbose: bool = False):
+    def __init__(self, model, costs: dict, draft_len: int, draft_vocab: int | None, verbose: bool = False,
+                 memory: dict | None = None):
         self.model, self.costs, self.draft_len, self.verbose = model, costs, draft_len, verbose
         L = costs["num_layers"]
         self.L = L
@@ -179,19 +197,32 @@ class DraftPolicy:
         report = ((model.config.gates or {}).get("report") or {}).get("exits", {})
         self.prior = {k: float(report.get(str(k), {}).get("agreement", 0.2 + 0.4 * k / L))
                       for k in policy_candidates(model)}
-        self.stats = {k: [0, 0] for k in self.prior}  # accepted, drafted
+        self.stats = {k: [0, 0, 0] for k in self.prior}  # accepted, drafted (proposed), positions reached
         self.rounds_without_drafts = 0
+        self.probe_every, self.probing = self.PROBE_EVERY, False
         # Calibration: measured ÷ modelled seconds of rounds with drafts and of plain full steps
         # (per-round work the model leaves out: embedding, step set-up, host reads, bookkeeping).
         self.scale = {True: 1.0, False: 1.0}
+        self.memory = memory
+        if memory:
+            self.prior.update({k: r for k, r in memory["rate"].items() if k in self.prior})
+            self.scale = dict(memory["scale"])
+            self.probe_every = memory["probe_every"]
+
+    def remember(self) -> None:
+        """Leave this request's final acceptance, clock calibration and probe interval in the
+        memory the next request with the same setting starts from."""
+        if self.memory is not None:
+            self.memory.update(rate={k: self.rate(k) for k in self.prior}, scale=dict(self.scale),
+                               probe_every=self.probe_every)
 
     def _block(self, one: float, five: float, q: int) -> float:
         return one + (five - one) * (q - 1) / 4.0
 
     def rate(self, d: int) -> float:
-        acc, drafted = self.stats[d]
+        acc, _, reached = self.stats[d]
         w = self.PRIOR_WEIGHT
-        return min(0.99, (self.prior[d] * w + acc) / (w + drafted))
+        return min(0.99, (self.prior[d] * w + acc) / (w + reached))
 
     def cost(self, d: int, n: int) -> float:
         c = self.costs
@@ -204,6 +235,7 @@ class DraftPolicy:
         return (1 - a ** (n + 1)) / (1 - a)
 
     PROBE_EVERY = 16  # rounds without drafting after which one draft is tried (acceptance drifts)
+    PROBE_EVERY_MAX = 256  # ... doubled by each probe that gets nothing accepted, up to this
 
     def choose(self, max_n: int) -> tuple[int, int]:
         best, pick = -1.0, (max(self.prior) if self.prior else self.L, 0)
@@ -212,21 +244,28 @@ class DraftPolicy:
                 v = self.emitted(d, n) / (self.cost(d, n) * self.scale[n > 0])
                 if v > best:
                     best, pick = v, (d, n)
+        self.probing = False
         if pick[1] == 0 and max_n >= 1:
             self.rounds_without_drafts += 1
-            if self.rounds_without_drafts >= self.PROBE_EVERY:  # probe the exit closest to paying
-                self.rounds_without_drafts = 0
+            if self.rounds_without_drafts >= self.probe_every:  # probe the exit closest to paying
+                self.rounds_without_drafts, self.probing = 0, True
                 d = max(self.prior, key=lambda e: self.emitted(e, 1) / self.cost(e, 1))
                 return d, 1
         else:
             self.rounds_without_drafts = 0
         return pick
 
-    def observe(self, d: int, accepted: int, drafted: int, n: int | None = None, seconds: float | None = None) -> None:
-        """Record a round: drafts accepted of those proposed by exit d; with `n` (the draft length
-        asked) and `seconds` (its wall time), update the calibration of that kind of round."""
+    def observe(self, d: int, accepted: int, drafted: int, reached: int, n: int | None = None,
+                seconds: float | None = None) -> None:
+        """Record a round of exit d: drafts accepted, drafts proposed, and draft positions reached
+        (summed over the batch's live rows, each min(its accepted + 1, n)); with `n` (the draft
+        length asked) and `seconds` (its wall time), update the calibration of that kind of round."""
         self.stats[d][0] += accepted
         self.stats[d][1] += drafted
+        self.stats[d][2] += reached
+        if self.probing:
+            self.probe_every = self.PROBE_EVERY if accepted else min(2 * self.probe_every, self.PROBE_EVERY_MAX)
+            self.probing = False
         if n is not None and seconds is not None:
             ratio = seconds / self.cost(d, n)
             self.scale[n > 0] = 0.8 * self.scale[n > 0] + 0.2 * ratio
@@ -242,6 +281,7 @@ class DraftPolicy:
             best = max(range(n + 1), key=lambda m: self.emitted(d, m) / (self.cost(d, m) * self.scale[m > 0]))
             speed = (self.emitted(d, best) * full * self.scale[False]) / (self.cost(d, best) * self.scale[best > 0])
             lines.append(f"  exit {d}: head {self.head_cost[d] * 1e3:.3f} ms ({self.head_cost[d] / c['layer']:.1f} "
-                         f"layers), acceptance {self.rate(d):.2f} ({self.stats[d][0]}/{self.stats[d][1]}), best n "
+                         f"layers), acceptance {self.rate(d):.2f} ({self.stats[d][0]} accepted / {self.stats[d][2]} draft "
+                         f"positions, {self.stats[d][1]} proposed), best n "
                          f"{best}: expected speedup {speed:.2f}x")
         return "\n".join(lines)

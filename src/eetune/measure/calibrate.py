@@ -46,7 +46,10 @@ code; this module does it for eetune's exits, behind `eetune calibrate DIR --tar
    boundary, reading the decision back to the host: `decision_overhead_layers`, measured by
    `measured_costs` as what an early-exit decode that never exits costs beyond the layers, the
    heads, the LM head and the step); both 0 when not measured. Full depth costs L + the LM head
-   + the step's own cost; predicted speedup = full cost / mean cost. On a fast CPU, with these
+   + the step's own cost; predicted speedup = full cost / mean cost. An exit whose threshold is
+   above 1 (`NEVER`) can never fire, and the engine does not ask it: it costs nothing, and with
+   every exit at `NEVER` early exit decodes as `full` does (predicted speedup 1.0), so the search
+   below never settles on a setting it predicts to be slower than `full`. On a fast CPU, with these
    two and alternated timings (`eetune.decode.policy.measure_costs`), the prediction for
    Gemma-3-270M went from +17.9% to +4.8% of the realized speedup. With max-prob the costs do
    not change which single threshold is chosen (a lower
@@ -326,30 +329,41 @@ def cost_model(model, confidence: str = "max-prob", costs: dict | None = None) -
             passing.append(float(whole) + decision)
         else:  # the head runs only when the gate fires; a `layer` exit's block always runs (its cache)
             passing.append((float(transform or 0.0) if head.arch == "layer" else 0.0) + decision)
-    outcome, climbed = [], 0.0
-    for j, k in enumerate(model.exit_layers):
-        outcome.append(k + climbed + leave[j] + recompute[j] + step)
-        climbed += passing[j]
-    outcome.append(L + climbed + float(lm) + step)
-    return {"num_layers": L, "exit_layers": list(model.exit_layers), "lm_head_layers": float(lm),
+    cost = {"num_layers": L, "exit_layers": list(model.exit_layers), "lm_head_layers": float(lm),
             "full_layers": L + float(lm) + step, "leave": leave, "pass": passing, "recompute": recompute,
-            "recompute_per_layer": delta, "step_overhead_layers": step, "decision_overhead_layers": decision,
-            "outcome": outcome,
-            "exit_vocab": getattr(model, "exit_vocab", None), "measured": c}
+            "recompute_per_layer": delta, "step_overhead_layers": step, "decision_overhead_layers": decision}
+    cost["outcome"] = outcome_costs(cost, [True] * len(leave))
+    return {**cost, "exit_vocab": getattr(model, "exit_vocab", None), "measured": c}
+
+
+def outcome_costs(cost: dict, asked) -> list[float]:
+    """A token's whole cost in layers when it is emitted at each exit (shallowest first), then at
+    the final layer, when only the exits `asked` (one bool per exit) make a decision: an exit
+    whose threshold is above 1 never fires, and the engine does not ask it (no head, no
+    decision cost); a token emitted at an exit not asked costs nothing here (it cannot happen)."""
+    L, step = cost["num_layers"], cost["step_overhead_layers"]
+    outcome, climbed = [], 0.0
+    for j, k in enumerate(cost["exit_layers"]):
+        outcome.append(k + climbed + cost["leave"][j] + cost["recompute"][j] + step if asked[j] else 0.0)
+        climbed += cost["pass"][j] if asked[j] else 0.0
+    outcome.append(L + climbed + cost["lm_head_layers"] + step)
+    return outcome
 
 
 def decode_token_seconds(model, tokens: int = 16, context: int = 64, mode: str = "full") -> float:
     """Seconds per token of a greedy decode with the engine, after the first token: (a decode of
     `tokens` + 1 new tokens - a decode of 1) / `tokens`, on a `context`-token prompt. `mode`
-    "full", or "early-exit" at threshold `NEVER` (every exit asked, none taken)."""
+    "full", or "early-exit" with every exit asked and none taken."""
     from eetune.decode.api import DecodeOptions, generate_ids
 
-    V = model.backbone.vocab_size
+    V, L = model.backbone.vocab_size, model.backbone.num_layers
     prompt = [(i * 7919 + 11) % V for i in range(context)]
-    threshold = NEVER if mode == "early-exit" else None
 
     def seconds(n):
-        opts = DecodeOptions(mode=mode, max_new_tokens=n, threshold=threshold)
+        # every exit asked and none taken: decisions replayed as "the final layer" (a threshold above
+        # 1 would not ask them at all)
+        kw = {"replay": (L,) * (n + 1)} if mode == "early-exit" else {}
+        opts = DecodeOptions(mode=mode, max_new_tokens=n, **kw)
         return generate_ids(model, [prompt], opts).seconds
 
     seconds(2)  # warm-up
@@ -424,7 +438,8 @@ def simulate(conf: torch.Tensor, agree: torch.Tensor, thresholds, cost: dict) ->
     where = outcomes(conf, t)
     right = torch.cat([agree, torch.ones(1, n, dtype=torch.bool)]).gather(0, where[None]).squeeze(0)
     counts = torch.bincount(where, minlength=E + 1).double()
-    mean_cost = float(counts @ torch.tensor(cost["outcome"], dtype=torch.float64)) / n
+    outcome = outcome_costs(cost, (t <= 1).tolist())  # exits above 1 are not asked (engine.run)
+    mean_cost = float(counts @ torch.tensor(outcome, dtype=torch.float64)) / n
     return {"agreement": int(right.sum()) / n, "speedup": cost["full_layers"] / mean_cost, "mean_cost": mean_cost,
             "exit_share": {int(k): float(c) / n for k, c in zip(cost["exit_layers"], counts[:E])}, "tokens": n}
 
@@ -579,8 +594,9 @@ def format_calibration(cal: dict, directory: str | None = None) -> str:
                  + (f"; KV recomputation {cm['recompute_per_layer']:.3f} per skipped layer"
                     if cm.get("recompute_per_layer") else ""))
     if cal["never_exits"]:
-        lines.append("  no threshold below 1 meets the target on the calibration part: only never exiting (threshold "
-                     f"{NEVER:g}) does, which is slower than --mode full; lower the target or tune better exits")
+        lines.append(f"  every exit at {NEVER:g} (never exits): no threshold below 1 both meets the target and is "
+                     "predicted to beat --mode full on the calibration part; early exit at these thresholds asks no "
+                     "exit and decodes as --mode full; lower the target or tune better exits")
     elif cal["predicted_speedup"] < 1:
         lines.append("  note: at this target early exit is predicted to be slower than --mode full on this machine "
                      "(its heads cost more than the layers it skips)")
