@@ -132,6 +132,9 @@ def main(argv=None):
                     help="write the per-token exit layers and self-spec rounds of every row here (JSON)")
     ap.add_argument("--calibrated", action="store_true",
                     help="add early-exit at the exits directory's calibrated per-exit thresholds (eetune calibrate)")
+    ap.add_argument("--control", action="store_true",
+                    help="time `full` twice per prompt (a second row, \"full (control)\"): its speedup over `full` is "
+                         "this run's own noise, the smallest difference between settings the run resolves")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
@@ -162,6 +165,8 @@ def main(argv=None):
         measure_costs(model, DecodeOptions())
 
     settings = [("hf-generate", "hf-generate", {}), ("full", "full", {})]
+    if args.control:
+        settings.append(("full (control)", "full", {}))
     conf = args.confidence
     settings += [(f"early-exit {conf} threshold={t}", "early-exit", {"threshold": float(t), "confidence": conf})
                  for t in args.thresholds.split(",") if t]
