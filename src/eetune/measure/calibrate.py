@@ -350,10 +350,12 @@ def outcome_costs(cost: dict, asked) -> list[float]:
     return outcome
 
 
-def decode_token_seconds(model, tokens: int = 16, context: int = 64, mode: str = "full") -> float:
+def decode_token_seconds(model, tokens: int = 32, context: int = 64, mode: str = "full", reps: int = 3) -> float:
     """Seconds per token of a greedy decode with the engine, after the first token: (a decode of
-    `tokens` + 1 new tokens - a decode of 1) / `tokens`, on a `context`-token prompt. `mode`
-    "full", or "early-exit" with every exit asked and none taken."""
+    `tokens` + 1 new tokens - a decode of 1) / `tokens`, each the best of `reps` decodes, on a
+    `context`-token prompt. `mode` "full", or "early-exit" with every exit asked and none taken.
+    (Single decodes of 16 tokens put SmolLM2's step anywhere between 27 and 36 layers on a noisy
+    CPU, and the step and decision costs are differences of such figures.)"""
     from eetune.decode.api import DecodeOptions, generate_ids
 
     V, L = model.backbone.vocab_size, model.backbone.num_layers
@@ -367,7 +369,9 @@ def decode_token_seconds(model, tokens: int = 16, context: int = 64, mode: str =
         return generate_ids(model, [prompt], opts).seconds
 
     seconds(2)  # warm-up
-    return max(0.0, (seconds(tokens + 1) - seconds(1)) / tokens)
+    long = min(seconds(tokens + 1) for _ in range(reps))
+    short = min(seconds(1) for _ in range(reps))
+    return max(0.0, (long - short) / tokens)
 
 
 def measured_costs(model, repeats: int = 3) -> dict:
@@ -379,16 +383,21 @@ def measured_costs(model, repeats: int = 3) -> dict:
     and `step_overhead_layers`, what that step costs beyond its L layers and LM head (never
     below 0): the part of every token that early exit does not save; `never_token_layers`, an
     early-exit step that asks every exit and takes none, and `decision_overhead_layers`, what it
-    costs beyond the full step and the exits' heads, per exit asked (never below 0)."""
+    costs beyond the full step and the exits' heads, per exit asked (never below 0). Each repeat
+    times its decodes right after its layer and heads, and these four are the medians of the
+    repeats' own ratios."""
     import statistics
 
     from eetune.measure.evaluate import exit_costs
 
     saved = getattr(model, "_eetune_costs", None)
-    runs = []
+    runs, pairs = [], []
     for _ in range(repeats):
         model._eetune_costs = None  # measure_costs caches on the model: measure afresh
         runs.append(exit_costs(model))
+        # the decode steps right after the layer they are counted in, so that a change of the
+        # machine's speed between repeats does not enter their ratio (each repeat its own ratio)
+        pairs.append((decode_token_seconds(model), decode_token_seconds(model, mode="early-exit")))
     if saved is not None:
         model._eetune_costs = saved
 
@@ -404,16 +413,21 @@ def measured_costs(model, repeats: int = 3) -> dict:
         pr = median([r["exits"][k]["projection_layers"] for r in runs])
         out["exits"][k] = {"transform_layers": tr, "projection_layers": pr,
                            "layers": None if tr is None or pr is None else tr + pr}
-    pairs = [(decode_token_seconds(model), decode_token_seconds(model, mode="early-exit")) for _ in range(repeats)]
-    token, never = median([p[0] for p in pairs]), median([p[1] for p in pairs])  # timed in alternation
-    layer, lm = out["layer_s"], out["lm_head_layers"]
-    heads = [e["layers"] for e in out["exits"].values()]
-    if token is not None and layer and lm is not None:
-        out["decode_token_layers"] = token / layer
-        out["step_overhead_layers"] = max(0.0, token / layer - out["num_layers"] - lm)
-        if never is not None and heads and all(h is not None for h in heads):
-            out["never_token_layers"] = never / layer
-            out["decision_overhead_layers"] = max(0.0, (never - token) / layer - sum(heads)) / len(heads)
+    L = out["num_layers"]
+    per_rep = []  # (full step, never step, step overhead, decision overhead) in layers, per repeat
+    for r, (token, never) in zip(runs, pairs):
+        layer, lm = r["layer_s"], r["lm_head_layers"]
+        if not (token and layer and lm is not None):
+            continue
+        heads = [e["layers"] for e in r["exits"].values()]
+        dec = ((never - token) / layer - sum(heads)) / len(heads) if never and heads and None not in heads else None
+        per_rep.append((token / layer, never / layer if never else None, token / layer - L - lm, dec))
+    if per_rep:
+        out["decode_token_layers"] = median([p[0] for p in per_rep])
+        out["step_overhead_layers"] = max(0.0, median([p[2] for p in per_rep]))
+        if all(p[1] is not None and p[3] is not None for p in per_rep):
+            out["never_token_layers"] = median([p[1] for p in per_rep])
+            out["decision_overhead_layers"] = max(0.0, median([p[3] for p in per_rep]))
     return out
 
 
