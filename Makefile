@@ -47,7 +47,8 @@ demo: setup
 	$(EETUNE) tune $(DEMO)/exits-untuned --data default --out $(DEMO)/exits-tuned $(DEMO_TUNE)
 	@echo "== after tuning =="
 	$(EETUNE) evaluate $(DEMO)/exits-tuned --data default-dev --max-blocks 2 --seq-len 256
-	@echo "== calibration: the max-prob threshold that keeps 90% token agreement with the full model =="
+	@echo "== calibration: the max-prob threshold that keeps 90% token agreement with the full model at the"
+	@echo "   highest predicted speed (where no exit pays on this machine, every exit stays at 1.01: never asked) =="
 	$(EETUNE) calibrate $(DEMO)/exits-tuned --target-agreement 0.9 --calib-blocks 3 --test-blocks 3
 	@echo "== downstream tasks, small limits (said in each table: n=8) =="
 	$(EETUNE) eval $(DEMO)/exits-tuned $(DEMO_EVAL) --out $(DEMO)/eval
