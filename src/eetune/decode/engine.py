@@ -751,12 +751,17 @@ class Engine:
         proposed in total). `live`: the host's copy of which rows are unfinished."""
         opts, B, L, gs = self.opts, self.B, self.L, self.gs
         head = self.model.head(d)
-        if n_draft == 0 and B == 1 and opts.temperature == 0 and self.replay is None and head.arch != "layer":
-            # Nothing to draft: `full`'s step, one segment and its argmax read once. The round below
+        if n_draft == 0 and B == 1 and self.replay is None and head.arch != "layer":
+            # Nothing to draft: `full`'s step, one segment and its token read once. The round below
             # (draft segment, host read, verify segment, slot bookkeeping) leaves the same caches and
-            # token at a cost a fast CPU notices (1.12x a full step). Batches keep it for the slot
-            # bookkeeping, sampling for its RNG order, a `layer` exit for its own cache.
-            return [[int(self.full_step(tok).argmax(-1)[0])]], [0], 0
+            # token at a cost a fast CPU notices (1.12x a full step). Sampling draws the token as the
+            # round's acceptance would (the same draws from the generator). Batches keep the round for
+            # the slot bookkeeping, a `layer` exit for its own cache.
+            logits = self.full_step(tok)
+            if opts.temperature == 0:
+                return [[int(logits.argmax(-1)[0])]], [0], 0
+            emitted, acc_l, _ = self.accept(logits[:, None], None, [], torch.zeros(1, dtype=torch.long), [], None, gen)
+            return emitted, acc_l, 0
         forced = None
         if self.replay is not None:  # benchmarks: (drafted, accepted) of a recorded round
             forced = self.replay[round_index] if round_index < len(self.replay) else (0, 0)
