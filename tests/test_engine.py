@@ -484,6 +484,24 @@ def test_draft_exit_auto_with_k_heads_is_lossless():
     assert ids_of(g) == full and g.drafted > 0
 
 
+def test_draft_exit_auto_may_draft_after_the_last_layer_with_a_restricted_head():
+    """A restricted exit after the last layer (Gemma-3's 16k draft head: the whole trunk, a cheap
+    head) is one of auto's candidates; an unrestricted one is not (its drafts would cost a full
+    step). Decoding stays `full`'s, batched and with --draft-context."""
+    from eetune.decode.policy import policy_candidates
+    assert policy_candidates(kmodel("llama", (1, L))) == [1, L]
+    assert policy_candidates(model_on("llama", (1, L))) == [1]
+    model = kmodel("llama", (1, L))
+    full = ids_of(generate(model, PROMPTS, DecodeOptions(mode="full", max_new_tokens=24)))
+    for kw in ({}, {"draft_context": True}):
+        g = generate(model, PROMPTS, DecodeOptions(mode="self-spec", draft_exit="auto", threshold=0.2,
+                                                   max_new_tokens=24, **kw))
+        assert ids_of(g) == full and g.policy.candidates() == [1, L]
+        one = generate(model, [PROMPTS[0]], DecodeOptions(mode="self-spec", draft_exit="auto", threshold=0.0,
+                                                          max_new_tokens=24, **kw))
+        assert one.rows[0].ids == full[0]
+
+
 def test_draft_vocab_with_restricted_heads_is_refused():
     model = EarlyExitModel.convert(peaky_backbone("llama"), [1, 2], exit_vocab_ids=torch.arange(20))
     model.vocab_by_frequency = torch.arange(V)

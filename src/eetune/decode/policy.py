@@ -128,9 +128,12 @@ def _sync(device) -> None:
 
 
 def policy_candidates(model) -> list[int]:
-    """Exits `--draft-exit auto` may draft with."""
+    """Exits `--draft-exit auto` may draft with: those below the last layer, and an exit after the
+    last layer whose head is restricted (K tokens + OTHER: its drafts run the whole trunk but save
+    the LM head, which pays where the head is a large part of a token, as on Gemma-3)."""
     L = model.backbone.num_layers
-    cands = [k for k in model.exit_layers if k < L] or [max(model.exit_layers)]
+    cands = [k for k in model.exit_layers if k < L or (k == L and model.head(k).restricted)]
+    cands = cands or [max(model.exit_layers)]
     return cands[-1:] if model.config.arch == "layer" else cands
 
 
@@ -173,8 +176,8 @@ class DraftPolicy:
     a request of a hundred tokens spends a good part of them unlearning a prior the threshold
     makes optimistic (SmolLM2 on a fast CPU: about 34 rounds per request drafting at an exit
     that declined almost every draft).
-    Candidates are the exits below the last layer (`layer` exits: the deepest only, since
-    each would need its own cache filled on every round).
+    Candidates are the exits below the last layer and a restricted exit after it (`layer` exits:
+    the deepest only, since each would need its own cache filled on every round).
     """
 
     PRIOR_WEIGHT = 8.0
