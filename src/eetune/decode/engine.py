@@ -251,6 +251,10 @@ class Engine:
         self.pending: list[tuple[int, torch.Tensor]] = []  # (depth, hidden) of exited tokens, oldest first
         self.passes = 0
         self.exit_set = set(model.exit_layers)
+        if opts.mode == "early-exit" and opts.replay is None and opts.exit_thresholds:
+            # An exit whose threshold is above 1 never fires (both confidences are probabilities): it is
+            # not asked, so it costs nothing; with every threshold above 1 the climb is `full`'s.
+            self.exit_set = {k for k in self.exit_set if float(opts.exit_thresholds[k]) <= 1.0}
         self.gate_mode = opts.confidence == "gate"
         self.H = bb.hidden_size
         self.variant = (opts.confidence, opts.draft_vocab, opts.compile)  # what recorded functions depend on
@@ -760,7 +764,8 @@ class Engine:
             logits = self.full_step(tok)
             if opts.temperature == 0:
                 return [[int(logits.argmax(-1)[0])]], [0], 0
-            emitted, acc_l, _ = self.accept(logits[:, None], None, [], torch.zeros(1, dtype=torch.long), [], None, gen)
+            no_drafts = torch.zeros(1, dtype=torch.long, device=self.device)
+            emitted, acc_l, _ = self.accept(logits[:, None], None, [], no_drafts, [], None, gen)
             return emitted, acc_l, 0
         forced = None
         if self.replay is not None:  # benchmarks: (drafted, accepted) of a recorded round
@@ -872,10 +877,6 @@ def _run(model, ids: torch.Tensor, pad: list[int], opts, emitter, gen, device, p
     capacity = T + opts.max_new_tokens + 2 * opts.draft_len + 4
     eng = Engine(model, opts, B, T, pad, device, capacity)
     eng.replay = opts.replay
-    if opts.mode == "early-exit" and opts.replay is None and opts.exit_thresholds:
-        # An exit whose threshold is above 1 never fires (both confidences are probabilities): it is
-        # not asked, so it costs nothing; with every threshold above 1 the climb is `full`'s.
-        eng.exit_set = {k for k in eng.exit_set if float(opts.exit_thresholds[k]) <= 1.0}
     if opts.mode == "self-spec" and opts.draft_context:
         eng.set_draft_context(ids, policy.candidates() if auto else [draft_exit])
     stats = {"drafted": 0, "accepted": 0, "rounds": 0, "policy": None, "round_log": [], "max_pending": 0}

@@ -20,12 +20,12 @@ def measure_costs(model, opts) -> dict:
     """Seconds for one token through one decoder layer and through the final norm + LM head, as
     they cost while decoding with this engine: the layer cost is a whole trunk pass (every
     layer's weights streamed from memory, as in a real step) divided by the number of layers,
-    the final norm + LM head cost a whole step minus the trunk, and never less than timed alone. Also a 5-token block (verification), each
-    exit's transform, and its projection: the head's own (what `head.project` computes on its
-    transform's output: K + 1 rows for a restricted-vocabulary head, the whole vocabulary
-    otherwise), timed as the engine's decisions run it (its weights as the engine reads them,
-    recorded on a GPU), never assumed to be the LM head's. Measured once per model (cached on it) on a
-    64-token context, best of 5 (on a GPU the segments are recorded first, outside the timing).
+    the final norm + LM head cost a whole step minus the trunk, and never less than timed alone.
+    Also a 5-token block (verification), each exit's transform, and its projection: the head's
+    own (what `head.project` computes on its transform's output: K + 1 rows for a
+    restricted-vocabulary head, the whole vocabulary otherwise), timed as the engine's decisions
+    run it (its weights as the engine reads them, recorded on a GPU), never assumed to be the LM
+    head's. Measured once per model (cached on it) on a 64-token context, best of 5 (on a GPU the segments are recorded first, outside the timing).
 
     The projection is timed in place too (a segment ending in the exit's decision against the same
     segment without it): a small head that stays in the caches when timed alone is read from memory
